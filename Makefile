@@ -1,0 +1,35 @@
+# The two commands: `make demo` and `make test`. See README.md.
+SHELL := /bin/bash
+CARGO ?= cargo
+NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+
+.PHONY: test demo deps fmt clippy build unit-tests
+
+## Runs the main job against the local emulator (real Azure when PG*/AZURE_* are set, see README).
+demo: deps
+	$(CARGO) run --locked --quiet -p postgres-entra-examples --example demo
+
+## Formatting, clippy with -D warnings, and every test (isolated to loopback where possible).
+test: deps fmt clippy build unit-tests
+	@scripts/check-leftovers.sh
+
+deps:
+	@scripts/ensure-postgres.sh
+
+fmt:
+	$(CARGO) fmt --all --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+build:
+	$(CARGO) build --workspace --all-targets --locked
+	$(CARGO) bench --workspace --locked --no-run
+
+unit-tests:
+ifeq ($(NEXTEST),yes)
+	scripts/isolated.sh $(CARGO) nextest run --workspace --locked --offline --no-fail-fast
+else
+	scripts/isolated.sh $(CARGO) test --workspace --locked --offline --no-fail-fast --all-targets
+endif
+	scripts/isolated.sh $(CARGO) test --workspace --locked --offline --doc

@@ -1,0 +1,1 @@
+//! Criterion benches live in `benches/`; they start the local emulator themselves.

@@ -1,0 +1,118 @@
+//! `postgres-entra-emulator`: runs the local Azure Database for PostgreSQL emulator until
+//! interrupted, and prints `export NAME=value` lines to point an application at it:
+//!
+//! ```sh
+//! eval "$(postgres-entra-emulator --token-lifetime 60 &)"   # or run it in another terminal
+//! ```
+#![forbid(unsafe_code)]
+
+use postgres_entra_testkit::{Emulator, Endpoint};
+use std::time::Duration;
+
+const USAGE: &str = "usage: postgres-entra-emulator [--token-lifetime SECONDS]
+
+Starts a private PostgreSQL server with Entra ID token login and mock Entra endpoints on loopback,
+prints `export` lines for PG*, IDENTITY_* and AZURE_* variables, and runs until Ctrl-C or SIGTERM,
+then stops the server and removes its files.";
+
+fn parse_args() -> Result<Duration, String> {
+    let mut lifetime = Duration::from_secs(3600);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--token-lifetime" => {
+                let value = args
+                    .next()
+                    .ok_or("--token-lifetime needs a number of seconds")?;
+                let secs: u64 = value.parse().map_err(|_| {
+                    format!("--token-lifetime: `{value}` is not a number of seconds")
+                })?;
+                lifetime = Duration::from_secs(secs);
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    Ok(lifetime)
+}
+
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let lifetime = match parse_args() {
+        Ok(lifetime) => lifetime,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("postgres-entra-emulator: {message}\n");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(if message.is_empty() { 0 } else { 2 });
+        }
+    };
+    let emulator = match Emulator::builder().token_lifetime(lifetime).start() {
+        Ok(emulator) => emulator,
+        Err(e) => {
+            eprintln!("postgres-entra-emulator: could not start: {e}");
+            std::process::exit(1);
+        }
+    };
+    let sp = emulator.service_principal();
+    let mi = emulator.managed_identity();
+    let [endpoint, header] = emulator.app_service_env();
+    let secret = sp.client_secret.clone().unwrap_or_default();
+    let vars = [
+        ("PGHOST", emulator.host().to_owned()),
+        ("PGPORT", emulator.port().to_string()),
+        ("PGDATABASE", emulator.database().to_owned()),
+        ("PGUSER", sp.role_name.clone()),
+        ("PGSSLMODE", "verify-full".to_owned()),
+        (
+            "PGSSLROOTCERT",
+            emulator.ca_cert_path().display().to_string(),
+        ),
+        (endpoint.0, endpoint.1),
+        (header.0, header.1),
+        ("AZURE_TENANT_ID", emulator.tenant_id().to_owned()),
+        ("AZURE_CLIENT_ID", sp.client_id.clone()),
+        ("AZURE_CLIENT_SECRET", secret),
+        ("POSTGRES_ENTRA_TOKEN_URL", emulator.token_url()),
+    ];
+    println!(
+        "# postgres-entra emulator (pid {}), tokens live {}s",
+        std::process::id(),
+        lifetime.as_secs()
+    );
+    println!(
+        "# roles: {} (client secret: AZURE_CLIENT_ID/SECRET), {} (managed identity: IDENTITY_ENDPOINT), {} (workload identity), {} (user)",
+        sp.role_name,
+        mi.role_name,
+        emulator.workload_identity().role_name,
+        emulator.user().role_name
+    );
+    for (name, value) in vars {
+        println!("export {name}={}", shell_quote(&value));
+    }
+
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(e) => {
+                eprintln!("postgres-entra-emulator: cannot listen for SIGTERM: {e}");
+                std::process::exit(1);
+            }
+        };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    eprintln!(
+        "postgres-entra-emulator: stopping; served {} token and {} managed-identity requests, checked {} logins",
+        emulator.requests(Endpoint::Token),
+        emulator.requests(Endpoint::ManagedIdentity),
+        emulator.logins().len()
+    );
+    drop(emulator);
+}

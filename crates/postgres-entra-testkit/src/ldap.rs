@@ -1,0 +1,64 @@
+//! The loopback LDAP responder PostgreSQL's `ldap` login method binds to: it takes the bind password
+//! (the access token) and accepts the bind only if the token is valid for the role.
+
+use futures_util::{SinkExt, StreamExt};
+use ldap3_proto::LdapCodec;
+use ldap3_proto::proto::{
+    LdapBindCred, LdapBindResponse, LdapMsg, LdapOp, LdapResult, LdapResultCode,
+};
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
+
+use crate::emulator::Shared;
+
+/// The bind DN is `cn=<role>,ou=entra`; pg_hba's `ldapprefix` and `ldapsuffix` build it.
+pub(crate) const DN_PREFIX: &str = "cn=";
+pub(crate) const DN_SUFFIX: &str = ",ou=entra";
+
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(handle(stream, shared.clone()));
+    }
+}
+
+async fn handle(stream: TcpStream, shared: Arc<Shared>) {
+    let mut framed = Framed::new(stream, LdapCodec::default());
+    while let Some(Ok(msg)) = framed.next().await {
+        let LdapOp::BindRequest(request) = msg.op else {
+            // PostgreSQL only binds and unbinds; anything else ends the session.
+            break;
+        };
+        let role = request
+            .dn
+            .strip_prefix(DN_PREFIX)
+            .and_then(|dn| dn.strip_suffix(DN_SUFFIX))
+            .unwrap_or(&request.dn);
+        let (code, message) = match &request.cred {
+            LdapBindCred::Simple(password) => match shared.check_login(role, password) {
+                Ok(()) => (LdapResultCode::Success, String::new()),
+                Err(rejection) => (LdapResultCode::InvalidCredentials, rejection.to_string()),
+            },
+            _ => (
+                LdapResultCode::AuthMethodNotSupported,
+                "only simple bind is supported".to_owned(),
+            ),
+        };
+        let response = LdapMsg {
+            msgid: msg.msgid,
+            op: LdapOp::BindResponse(LdapBindResponse {
+                res: LdapResult {
+                    code,
+                    matcheddn: String::new(),
+                    message,
+                    referral: Vec::new(),
+                },
+                saslcreds: None,
+            }),
+            ctrl: Vec::new(),
+        };
+        if framed.send(response).await.is_err() {
+            break;
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! A local emulator of Azure Database for PostgreSQL with Microsoft Entra ID login, for tests,
+//! benches and demos that must run on one machine with no Azure account.
+//!
+//! [`Emulator::start`] brings up, all on loopback:
+//! - a private PostgreSQL cluster (its own directory, port and socket; run as an unprivileged user
+//!   when we are root) that accepts TCP logins over TLS only, with a per-run CA;
+//! - a token check at login: `pg_hba`'s `ldap` method hands the password (the access token) to an
+//!   LDAP responder here that verifies it as Azure does (RS256 signature, audience, issuer, expiry
+//!   with no leeway, and the token's `oid` against the role's registered object id);
+//! - mock Entra endpoints (v2.0 token endpoint for client secrets and client assertions, App Service
+//!   and IMDS managed-identity endpoints, JWKS) with request counters and fault injection.
+//!
+//! azure_identity's real credential types reach the mock through [`LoopbackTransport`], which sends
+//! every request to loopback whatever host it was addressed to.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+// The public interface is:
+pub use crate::emulator::{DATABASE, Emulator, EmulatorBuilder, LoginAttempt, TENANT_ID};
+pub use crate::faults::{Endpoint, Fault};
+pub use crate::identity::{Identity, IdentityKind};
+pub use crate::issuer::{FEDERATED_AUDIENCE, FEDERATED_ISSUER, Rejection, Signer, TokenOptions};
+pub use crate::pg::DIR_PREFIX;
+pub use crate::tls::client_config;
+pub use crate::transport::LoopbackTransport;
+
+mod emulator;
+mod entra;
+mod faults;
+mod identity;
+mod issuer;
+mod ldap;
+mod pg;
+mod tls;
+mod transport;
+
+/// Audience of access tokens for Azure Database for PostgreSQL (public cloud).
+pub const TOKEN_AUDIENCE: &str = "https://ossrdbms-aad.database.windows.net";
+
+/// Why the emulator could not start or do what was asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The machine lacks something the emulator needs, or a setup step failed.
+    #[error("emulator setup: {0}")]
+    Setup(String),
+    /// A file or process operation failed.
+    #[error("emulator I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// Certificate generation failed.
+    #[error("emulator certificates: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// Key generation or token signing failed.
+    #[error("emulator crypto: {0}")]
+    Crypto(String),
+    /// A TLS configuration could not be built.
+    #[error("emulator TLS: {0}")]
+    Tls(String),
+    /// The emulator's own PostgreSQL session failed.
+    #[error("emulator PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// Building an azure_identity credential failed.
+    #[error("emulator credential: {0}")]
+    Azure(#[from] azure_core::Error),
+}

@@ -1,0 +1,357 @@
+//! A private PostgreSQL cluster: initdb into a temporary directory, a free loopback port, its own
+//! socket directory, TLS only for TCP, started as an unprivileged user when we are root, and stopped
+//! and removed on drop, on panic, and (through a watchdog) even when the owning process is killed.
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, User, geteuid};
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{PermissionsExt, chown};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::Error;
+use crate::ldap::{DN_PREFIX, DN_SUFFIX};
+use crate::tls::Pki;
+
+/// Name of the bootstrap superuser, reachable only through the private socket directory.
+pub(crate) const SUPERUSER: &str = "postgres";
+/// Prefix of every emulator directory, so leftovers can be recognised.
+pub const DIR_PREFIX: &str = "pg-entra-emu-";
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The system user the server runs as when we are root (PostgreSQL refuses to run as root).
+#[derive(Debug, Clone, Copy)]
+struct RunAs {
+    uid: u32,
+    gid: u32,
+}
+
+fn run_as() -> Result<Option<RunAs>, Error> {
+    if !geteuid().is_root() {
+        return Ok(None);
+    }
+    let wanted = std::env::var("POSTGRES_ENTRA_PG_USER").unwrap_or_else(|_| "postgres".into());
+    let user = User::from_name(&wanted)
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            Error::Setup(format!(
+                "running as root, and PostgreSQL refuses to run as root, but there is no user `{wanted}` to run it as; \
+                 install the server package (`apt-get install postgresql`, which creates `postgres`) or set \
+                 POSTGRES_ENTRA_PG_USER to an unprivileged user"
+            ))
+        })?;
+    Ok(Some(RunAs {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    }))
+}
+
+/// Finds a PostgreSQL server program on PATH or in Debian's versioned directories.
+pub(crate) fn find_program(name: &str) -> Result<PathBuf, Error> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file());
+    if let Some(path) = on_path {
+        return Ok(path);
+    }
+    let mut versioned: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin").join(name))
+        .filter(|p| p.is_file())
+        .collect();
+    versioned.sort();
+    versioned.pop().ok_or_else(|| {
+        Error::Setup(format!(
+            "PostgreSQL server program `{name}` not found on PATH or under /usr/lib/postgresql; \
+             install the server (Debian/Ubuntu: `apt-get install postgresql`)"
+        ))
+    })
+}
+
+fn free_port() -> Result<u16, Error> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn command(program: &Path, run_as: Option<RunAs>) -> Command {
+    let mut cmd = Command::new(program);
+    if let Some(user) = run_as {
+        cmd.uid(user.uid).gid(user.gid);
+    }
+    cmd.env_remove("PGPASSWORD").env("LC_ALL", "C");
+    cmd
+}
+
+fn give_to(path: &Path, run_as: Option<RunAs>, mode: u32) -> Result<(), Error> {
+    if let Some(user) = run_as {
+        chown(path, Some(user.uid), Some(user.gid))?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+fn write_file(path: &Path, contents: &str, run_as: Option<RunAs>, mode: u32) -> Result<(), Error> {
+    fs::File::create(path)?.write_all(contents.as_bytes())?;
+    give_to(path, run_as, mode)
+}
+
+/// A running private cluster.
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    dir: Option<tempfile::TempDir>,
+    run_as: Option<RunAs>,
+    postgres: PathBuf,
+    port: u16,
+    server: Option<Child>,
+    watchdog: Option<Child>,
+}
+
+impl Cluster {
+    pub(crate) fn start(pki: &Pki, ldap_port: u16) -> Result<Self, Error> {
+        let run_as = run_as()?;
+        let initdb = find_program("initdb")?;
+        let postgres = find_program("postgres")?;
+        let dir = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir()?;
+        let root = dir.path();
+        give_to(root, run_as, 0o755)?;
+        let socket_dir = root.join("socket");
+        fs::create_dir(&socket_dir)?;
+        give_to(&socket_dir, run_as, 0o700)?;
+
+        let data = root.join("data");
+        let output = command(&initdb, run_as)
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", SUPERUSER, "-A", "reject", "-E", "UTF8", "--locale=C"])
+            .args(["--no-sync", "--no-instructions"])
+            .stdin(Stdio::null())
+            .output()?;
+        if !output.status.success() {
+            return Err(Error::Setup(format!(
+                "initdb failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+
+        write_file(&root.join("ca.crt"), &pki.ca_pem, run_as, 0o644)?;
+        write_file(
+            &data.join("server.crt"),
+            &pki.server_cert_pem,
+            run_as,
+            0o644,
+        )?;
+        write_file(&data.join("server.key"), &pki.server_key_pem, run_as, 0o600)?;
+        let ldap = format!(
+            "ldap ldapserver=127.0.0.1 ldapport={ldap_port} ldapprefix=\"{DN_PREFIX}\" ldapsuffix=\"{DN_SUFFIX}\""
+        );
+        // TCP logins are TLS only and checked by the token verifier; a client without TLS is refused
+        // before any password is asked. The superuser exists only behind the private socket.
+        let hba = format!(
+            "local     all {SUPERUSER} trust\n\
+             local     all all     reject\n\
+             hostnossl all all all reject\n\
+             hostssl   all all 127.0.0.1/32 {ldap}\n\
+             hostssl   all all ::1/128 {ldap}\n"
+        );
+        write_file(&data.join("pg_hba.conf"), &hba, run_as, 0o600)?;
+        let conf = format!(
+            "\n# postgres-entra emulator\n\
+             listen_addresses = 'localhost'\n\
+             unix_socket_directories = '{}'\n\
+             ssl = on\n\
+             ssl_cert_file = 'server.crt'\n\
+             ssl_key_file = 'server.key'\n\
+             ssl_min_protocol_version = 'TLSv1.2'\n\
+             max_connections = 300\n\
+             shared_buffers = 32MB\n\
+             fsync = off\n\
+             synchronous_commit = off\n\
+             full_page_writes = off\n\
+             log_min_messages = warning\n\
+             logging_collector = off\n",
+            socket_dir.display()
+        );
+        fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?
+            .write_all(conf.as_bytes())?;
+
+        let mut cluster = Self {
+            dir: Some(dir),
+            run_as,
+            postgres,
+            port: 0,
+            server: None,
+            watchdog: None,
+        };
+        cluster.start_server(None)?;
+        Ok(cluster)
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.as_ref().expect("cluster directory").path()
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub(crate) fn socket_dir(&self) -> PathBuf {
+        self.root().join("socket")
+    }
+
+    pub(crate) fn directory(&self) -> &Path {
+        self.root()
+    }
+
+    pub(crate) fn ca_path(&self) -> PathBuf {
+        self.root().join("ca.crt")
+    }
+
+    pub(crate) fn log(&self) -> String {
+        fs::read_to_string(self.root().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// Process id of the postmaster, while it runs.
+    pub(crate) fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().map(Child::id)
+    }
+
+    /// Starts the server; on a fresh cluster on a free port, after a restart on the same port.
+    pub(crate) fn start_server(&mut self, port: Option<u16>) -> Result<(), Error> {
+        let mut last_error = None;
+        for _ in 0..5 {
+            let port = match port {
+                Some(p) => p,
+                None => free_port()?,
+            };
+            match self.spawn_server(port) {
+                Ok(()) => return Ok(()),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+
+    fn spawn_server(&mut self, port: u16) -> Result<(), Error> {
+        let data = self.root().join("data");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root().join("postgres.log"))?;
+        let mut child = command(&self.postgres, self.run_as)
+            .arg("-D")
+            .arg(&data)
+            .arg("-p")
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let pid_file = data.join("postmaster.pid");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Err(Error::Setup(format!(
+                    "postgres exited during start-up ({status}); its log:\n{}",
+                    self.log()
+                )));
+            }
+            // The postmaster writes "ready" as the last line of its pid file once it accepts connections.
+            let ready = fs::read_to_string(&pid_file)
+                .map(|s| s.lines().nth(7).map(str::trim) == Some("ready"))
+                .unwrap_or(false);
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Setup(format!(
+                    "postgres did not become ready within {START_TIMEOUT:?}; its log:\n{}",
+                    self.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.watchdog = Some(spawn_watchdog(child.id(), self.root())?);
+        self.server = Some(child);
+        self.port = port;
+        Ok(())
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected), keeping the cluster's files.
+    pub(crate) fn stop_server(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            let pid = Pid::from_raw(child.id() as i32);
+            let _ = kill(pid, Signal::SIGINT);
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
+    }
+
+    /// Stops and starts the server on the same port.
+    pub(crate) fn restart_server(&mut self) -> Result<(), Error> {
+        self.stop_server();
+        self.start_server(Some(self.port))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_server();
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.close();
+        }
+    }
+}
+
+/// A detached shell that outlives us only to clean up: if this process dies without dropping the
+/// cluster (SIGKILL, abort), it stops the server and removes the directory. It polls once a second
+/// and exits by itself as soon as either process is gone.
+fn spawn_watchdog(server_pid: u32, dir: &Path) -> Result<Child, Error> {
+    const SCRIPT: &str = r#"
+owner=$1; server=$2; dir=$3
+while kill -0 "$owner" 2>/dev/null; do
+  kill -0 "$server" 2>/dev/null || exit 0
+  sleep 1
+done
+kill -QUIT "$server" 2>/dev/null
+i=0
+while kill -0 "$server" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
+kill -KILL "$server" 2>/dev/null
+rm -rf "$dir"
+"#;
+    Ok(Command::new("sh")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg("postgres-entra-watchdog")
+        .arg(std::process::id().to_string())
+        .arg(server_pid.to_string())
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()?)
+}
