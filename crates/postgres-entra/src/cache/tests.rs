@@ -1,0 +1,396 @@
+//! The cache against a call-counting source on a paused Tokio clock: expiries are crossed without
+//! sleeping for real.
+
+use super::*;
+use crate::clock::TokioClock;
+use crate::token::FnTokenSource;
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use tokio::time::{Instant, advance};
+
+const HOUR: Duration = Duration::from_secs(3600);
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A token source that counts calls and can be made slow, failing, or to return stale tokens.
+#[derive(Debug)]
+struct Provider {
+    clock: TokioClock,
+    calls: AtomicU32,
+    call_times: Mutex<Vec<Instant>>,
+    lifetime: Mutex<Duration>,
+    latency: Mutex<Duration>,
+    failure: Mutex<Option<TokenSourceError>>,
+    expired: Mutex<bool>,
+}
+
+impl Provider {
+    fn new(clock: TokioClock, lifetime: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            clock,
+            calls: AtomicU32::new(0),
+            call_times: Mutex::new(Vec::new()),
+            lifetime: Mutex::new(lifetime),
+            latency: Mutex::new(Duration::ZERO),
+            failure: Mutex::new(None),
+            expired: Mutex::new(false),
+        })
+    }
+    fn calls(&self) -> u32 {
+        self.calls.load(SeqCst)
+    }
+    fn set_latency(&self, latency: Duration) {
+        *self.latency.lock().unwrap() = latency;
+    }
+    fn fail_with(&self, failure: Option<TokenSourceError>) {
+        *self.failure.lock().unwrap() = failure;
+    }
+    fn source(self: &Arc<Self>, identity: &str) -> Arc<dyn TokenSource> {
+        let provider = self.clone();
+        FnTokenSource::new(identity, move |_scope| {
+            let provider = provider.clone();
+            async move {
+                let n = provider.calls.fetch_add(1, SeqCst) + 1;
+                provider.call_times.lock().unwrap().push(Instant::now());
+                let latency = *provider.latency.lock().unwrap();
+                tokio::time::sleep(latency).await;
+                if let Some(failure) = provider.failure.lock().unwrap().clone() {
+                    return Err(failure);
+                }
+                let now = provider.clock.now();
+                let expires_on = if *provider.expired.lock().unwrap() {
+                    now - Duration::from_secs(1)
+                } else {
+                    now + *provider.lifetime.lock().unwrap()
+                };
+                Ok(AccessToken::new(format!("secret-token-{n}"), expires_on))
+            }
+        })
+    }
+}
+
+fn cache(provider: &Arc<Provider>, options: CacheOptions) -> TokenCache {
+    TokenCache::builder(provider.source("test-identity"))
+        .options(options)
+        .clock(Arc::new(provider.clock))
+        .build()
+        .unwrap()
+}
+
+fn setup(lifetime: Duration) -> (Arc<Provider>, TokenCache) {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), lifetime);
+    let cache = cache(&provider, CacheOptions::default());
+    (provider, cache)
+}
+
+/// Lets spawned tasks woken by a time advance run.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn sixty_four_concurrent_cold_callers_cause_one_request() {
+    let (provider, cache) = setup(HOUR);
+    provider.set_latency(Duration::from_millis(200));
+
+    let callers: Vec<_> = (0..64)
+        .map(|_| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.get().await.map(|t| t.secret().to_owned()) })
+        })
+        .collect();
+    let mut secrets = Vec::new();
+    for caller in callers {
+        secrets.push(caller.await.unwrap().unwrap());
+    }
+
+    assert_eq!(provider.calls(), 1);
+    assert!(secrets.iter().all(|s| s == "secret-token-1"));
+    let stats = cache.stats();
+    assert_eq!((stats.requests, stats.successes, stats.waits), (1, 1, 64));
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_are_refreshed_in_the_background_and_no_caller_waits() {
+    let (provider, cache) = setup(HOUR);
+    provider.set_latency(Duration::from_secs(10));
+    let first = cache.get().await.unwrap();
+    assert_eq!(cache.stats().waits, 1);
+    // Default margin: refresh 15 minutes before expiry.
+    let refresh_in = first
+        .refresh_at()
+        .duration_since(provider.clock.now())
+        .unwrap();
+    assert_eq!(refresh_in, 45 * MINUTE);
+
+    advance(refresh_in + Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(
+        provider.calls(),
+        2,
+        "the background refresh started on time"
+    );
+    // While the (slow) refresh runs, callers get the still-valid token at once.
+    let before = Instant::now();
+    for _ in 0..100 {
+        assert_eq!(cache.get().await.unwrap().secret(), "secret-token-1");
+    }
+    assert_eq!(Instant::now(), before, "no caller waited");
+
+    advance(Duration::from_secs(10)).await;
+    settle().await;
+    assert_eq!(cache.get().await.unwrap().secret(), "secret-token-2");
+    let stats = cache.stats();
+    assert_eq!((stats.requests, stats.waits, stats.hits), (2, 1, 101));
+}
+
+#[tokio::test(start_paused = true)]
+async fn short_lived_tokens_refresh_at_three_quarters_of_their_life() {
+    let (provider, cache) = setup(Duration::from_secs(4));
+    let first = cache.get().await.unwrap();
+    let now = provider.clock.now();
+    assert_eq!(
+        first.refresh_at().duration_since(now).unwrap(),
+        Duration::from_secs(3)
+    );
+    // The expiry buffer is a tenth of the lifetime for short tokens.
+    assert_eq!(
+        first.usable_until().duration_since(now).unwrap(),
+        Duration::from_millis(3600)
+    );
+
+    // Across ten lifetimes, one request per three seconds and never a waiting caller after the first.
+    for _ in 0..40 {
+        advance(Duration::from_secs(1)).await;
+        settle().await;
+        let token = cache.get().await.unwrap();
+        assert!(provider.clock.now() < token.usable_until());
+    }
+    assert_eq!(cache.stats().waits, 1);
+    assert!(
+        (13..=14).contains(&provider.calls()),
+        "{} requests",
+        provider.calls()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_back_off_exponentially_with_jitter_up_to_the_cap() {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
+    let cache = cache(
+        &provider,
+        CacheOptions::default().backoff(Duration::from_secs(1), Duration::from_secs(8)),
+    );
+    provider.fail_with(Some(TokenSourceError::new(
+        "AADSTS7000215: invalid client secret",
+    )));
+
+    let error = cache.get().await.unwrap_err();
+    assert_eq!(error.kind(), TokenErrorKind::Provider);
+    assert!(error.to_string().contains("AADSTS7000215"), "{error}");
+    // Callers during the backoff get the error at once, without new requests.
+    for _ in 0..50 {
+        let error = cache.get().await.unwrap_err();
+        assert!(error.retry_in().unwrap() <= Duration::from_secs(1));
+    }
+    assert_eq!(provider.calls(), 1);
+
+    // Background retries continue on their own, further and further apart.
+    for _ in 0..600 {
+        advance(Duration::from_millis(100)).await;
+        settle().await;
+    }
+    let times = provider.call_times.lock().unwrap().clone();
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    let expected = [(0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, 8.0), (4.0, 8.0)];
+    for (gap, (low, high)) in gaps.iter().zip(expected) {
+        let secs = gap.as_secs_f64();
+        // Time moves in 100 ms steps, which adds up to that much slack.
+        assert!(secs >= low && secs <= high + 0.1, "gaps {gaps:?}");
+    }
+    assert!(gaps.len() >= 8, "retries kept going: {gaps:?}");
+    assert!(
+        gaps.iter().all(|g| *g <= Duration::from_millis(8100)),
+        "capped: {gaps:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_from_the_provider_is_honoured() {
+    let (provider, cache) = setup(HOUR);
+    provider.fail_with(Some(
+        TokenSourceError::new("throttled").with_retry_after(Duration::from_secs(30)),
+    ));
+    let error = cache.get().await.unwrap_err();
+    assert_eq!(error.provider_retry_after(), Some(Duration::from_secs(30)));
+    assert!(error.to_string().contains("throttled"));
+
+    advance(Duration::from_secs(29)).await;
+    settle().await;
+    assert_eq!(provider.calls(), 1, "no request before Retry-After");
+    advance(Duration::from_secs(2)).await;
+    settle().await;
+    assert_eq!(provider.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_valid_token_is_served_through_an_outage_and_an_expired_one_never() {
+    let (provider, cache) = setup(HOUR);
+    let first = cache.get().await.unwrap();
+    provider.fail_with(Some(TokenSourceError::new("connection refused")));
+
+    // From the refresh point to just before the end of the usable life: failing refreshes, and
+    // every caller still served the valid token without waiting.
+    advance(45 * MINUTE).await;
+    let mut served = 0;
+    while provider.clock.now() + Duration::from_secs(2) < first.usable_until() {
+        advance(Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(cache.get().await.unwrap().secret(), "secret-token-1");
+        served += 1;
+    }
+    assert!(served > 800);
+    assert!(provider.calls() > 10, "kept retrying: {}", provider.calls());
+    assert!(cache.stats().failures > 10);
+    assert_eq!(cache.stats().waits, 1);
+
+    // Past its usable life the token is never handed out, even though nothing else is available.
+    advance(Duration::from_secs(3)).await;
+    settle().await;
+    let error = cache.get().await.unwrap_err();
+    assert!(error.to_string().contains("connection refused"), "{error}");
+
+    // The provider recovers: within one backoff step (at most 60 s) a token is there again.
+    provider.fail_with(None);
+    advance(Duration::from_secs(61)).await;
+    settle().await;
+    let token = cache.get().await.unwrap();
+    assert!(token.secret() != "secret-token-1");
+    assert!(provider.clock.now() < token.usable_until());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_expired_on_arrival_is_not_served() {
+    let (provider, cache) = setup(HOUR);
+    *provider.expired.lock().unwrap() = true;
+
+    let error = cache.get().await.unwrap_err();
+
+    assert_eq!(error.kind(), TokenErrorKind::ExpiredOnArrival);
+    assert!(error.to_string().contains("clock"), "{error}");
+    assert!(cache.stats().expires_in.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_provider_times_out_with_a_typed_error() {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
+    let cache = cache(
+        &provider,
+        CacheOptions::default().fetch_timeout(Duration::from_secs(5)),
+    );
+    provider.set_latency(Duration::from_secs(600));
+
+    let started = Instant::now();
+    let error = cache.get().await.unwrap_err();
+
+    assert_eq!(error.kind(), TokenErrorKind::Timeout);
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalidate_drops_the_rejected_token_once() {
+    let (provider, cache) = setup(HOUR);
+    let first = cache.get().await.unwrap();
+
+    cache.invalidate(&first);
+    cache.invalidate(&first);
+    let second = cache.get().await.unwrap();
+    assert_eq!(second.secret(), "secret-token-2");
+    // A late invalidation of the old token does not drop the new one.
+    cache.invalidate(&first);
+    assert_eq!(cache.get().await.unwrap().secret(), "secret-token-2");
+
+    assert_eq!(provider.calls(), 2);
+    assert_eq!(cache.stats().invalidations, 1);
+}
+
+#[tokio::test]
+async fn caches_are_shared_by_identity_and_scope_and_nothing_else() {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
+    let shared = |identity: &str, scope: &str| {
+        TokenCache::builder(provider.source(identity))
+            .scope(scope)
+            .shared()
+            .unwrap()
+    };
+    let public = Cloud::Public.scope();
+    let gov = Cloud::UsGovernment.scope();
+
+    let a = shared("registry-test-a", public);
+    let a_again = shared("registry-test-a", public);
+    let b = shared("registry-test-b", public);
+    let a_gov = shared("registry-test-a", gov);
+    assert!(a.ptr_eq(&a_again));
+    assert!(!a.ptr_eq(&b));
+    assert!(!a.ptr_eq(&a_gov));
+
+    // Two pools with the same identity share one token; different identities never do.
+    let ta = a.get().await.unwrap();
+    assert_eq!(a_again.get().await.unwrap().secret(), ta.secret());
+    assert_ne!(b.get().await.unwrap().secret(), ta.secret());
+    assert_eq!(provider.calls(), 2);
+
+    // Once nobody holds it, the next user starts afresh.
+    drop((a, a_again, ta));
+    let fresh = shared("registry-test-a", public);
+    assert_eq!(fresh.stats().requests, 0);
+}
+
+#[test]
+fn an_invalid_scope_is_refused_at_build_time() {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
+    for scope in ["", "https://ossrdbms-aad.database.windows.net"] {
+        let error = TokenCache::builder(provider.source("x"))
+            .scope(scope)
+            .build()
+            .unwrap_err();
+        assert!(matches!(error, Error::Config { .. }), "{error}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn debug_output_never_contains_the_token() {
+    let (provider, cache) = setup(HOUR);
+    let token = cache.get().await.unwrap();
+    provider.fail_with(Some(TokenSourceError::new("boom")));
+    cache.invalidate(&token);
+    let error = cache.get().await.unwrap_err();
+    let access = AccessToken::new("secret-token-1", SystemTime::now());
+
+    let rendered = [
+        format!("{token:?}"),
+        format!("{cache:?}"),
+        format!("{access:?}"),
+        format!("{error:?} {error}"),
+        format!("{:?}", cache.stats()),
+        format!("{:?}", provider.source("x")),
+    ];
+    for text in rendered {
+        assert!(!text.contains("secret-token"), "leaked in {text}");
+    }
+    assert_eq!(token.secret(), "secret-token-1");
+}
+
+#[test]
+fn backoff_delay_grows_and_is_capped() {
+    let options =
+        CacheOptions::default().backoff(Duration::from_millis(500), Duration::from_secs(60));
+    assert_eq!(options.backoff_delay(1, 1.0), Duration::from_millis(500));
+    assert_eq!(options.backoff_delay(1, 0.0), Duration::from_millis(250));
+    assert_eq!(options.backoff_delay(4, 1.0), Duration::from_secs(4));
+    assert_eq!(options.backoff_delay(30, 1.0), Duration::from_secs(60));
+    assert_eq!(
+        options.backoff_delay(u32::MAX, 0.0),
+        Duration::from_secs(30)
+    );
+}

@@ -1,0 +1,112 @@
+//! Which token scope a server needs: one per Azure cloud, inferred from the host name.
+
+use crate::Error;
+
+/// An Azure cloud, which decides the token audience of its PostgreSQL servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Cloud {
+    /// Azure public cloud (`*.postgres.database.azure.com`).
+    #[default]
+    Public,
+    /// Azure US Government (`*.postgres.database.usgovcloudapi.net`).
+    UsGovernment,
+    /// Azure operated by 21Vianet, China (`*.postgres.database.chinacloudapi.cn`).
+    China,
+}
+
+impl Cloud {
+    /// The scope to request tokens for on this cloud.
+    pub fn scope(self) -> &'static str {
+        match self {
+            Cloud::Public => "https://ossrdbms-aad.database.windows.net/.default",
+            Cloud::UsGovernment => "https://ossrdbms-aad.database.usgovcloudapi.net/.default",
+            Cloud::China => "https://ossrdbms-aad.database.chinacloudapi.cn/.default",
+        }
+    }
+
+    /// The cloud a server host name belongs to; anything not recognised is the public cloud.
+    pub fn from_host(host: &str) -> Self {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if host.ends_with(".usgovcloudapi.net") {
+            Cloud::UsGovernment
+        } else if host.ends_with(".chinacloudapi.cn") {
+            Cloud::China
+        } else {
+            Cloud::Public
+        }
+    }
+}
+
+/// Checks that `scope` is one `<resource>/.default` scope, as the client-credentials and
+/// managed-identity flows require.
+pub fn validate_scope(scope: &str) -> Result<(), Error> {
+    let problem = if scope.is_empty() {
+        Some("is empty")
+    } else if scope.chars().any(char::is_whitespace) {
+        Some("contains whitespace (exactly one scope is needed)")
+    } else if !scope.ends_with("/.default") {
+        Some("does not end in `/.default`")
+    } else if !(scope.starts_with("https://") || scope.starts_with("api://"))
+        || scope.len() <= "https:///.default".len()
+    {
+        Some("is not a `https://` or `api://` resource URI")
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => Err(Error::config(format!(
+            "token scope `{scope}` {problem}; use e.g. `{}` or leave it unset to infer it from the host",
+            Cloud::Public.scope()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cloud_follows_the_host_suffix() {
+        assert_eq!(
+            Cloud::from_host("db1.postgres.database.azure.com"),
+            Cloud::Public
+        );
+        assert_eq!(
+            Cloud::from_host("db1.postgres.database.usgovcloudapi.net"),
+            Cloud::UsGovernment
+        );
+        assert_eq!(
+            Cloud::from_host("DB1.postgres.database.chinacloudapi.cn."),
+            Cloud::China
+        );
+        assert_eq!(Cloud::from_host("localhost"), Cloud::Public);
+        assert_eq!(
+            Cloud::China.scope(),
+            "https://ossrdbms-aad.database.chinacloudapi.cn/.default"
+        );
+    }
+
+    #[test]
+    fn malformed_scopes_are_configuration_errors() {
+        for bad in [
+            "",
+            " ",
+            "https://ossrdbms-aad.database.windows.net",
+            "a b/.default",
+            "https:///.default",
+            "ossrdbms/.default",
+        ] {
+            let error = validate_scope(bad).unwrap_err();
+            assert!(matches!(error, Error::Config { .. }), "{bad:?}: {error}");
+        }
+        for good in [
+            Cloud::Public.scope(),
+            Cloud::UsGovernment.scope(),
+            "api://my-app/.default",
+        ] {
+            validate_scope(good).unwrap();
+        }
+    }
+}
