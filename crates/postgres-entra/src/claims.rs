@@ -85,10 +85,10 @@ pub fn role_name_from_token(token: &str) -> Result<String, RoleNameError> {
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
     };
-    if let Some(mirid) = non_empty(&claims.xms_mirid) {
-        if let Some(name) = mirid.rsplit('/').next().filter(|n| !n.is_empty()) {
-            return Ok(name.to_owned());
-        }
+    if let Some(mirid) = non_empty(&claims.xms_mirid)
+        && let Some(name) = mirid.rsplit('/').next().filter(|n| !n.is_empty())
+    {
+        return Ok(name.to_owned());
     }
     for name in [&claims.upn, &claims.preferred_username, &claims.unique_name] {
         if let Some(name) = non_empty(name) {

@@ -129,12 +129,10 @@ impl EntraConnectorBuilder {
 
     /// Builds the connector, joining (or creating) the shared token cache.
     pub fn build(self) -> Result<EntraConnector, Error> {
-        if let Some(role) = &self.role_name {
-            if role.trim().is_empty() {
-                return Err(Error::config(
-                    "the role name is empty; leave it unset to take it from the token or the connection's user",
-                ));
-            }
+        if self.role_name.as_ref().is_some_and(|r| r.trim().is_empty()) {
+            return Err(Error::config(
+                "the role name is empty; leave it unset to take it from the token or the connection's user",
+            ));
         }
         let tls = MakeRustlsConnect::new(tls_config(&self.tls_roots)?);
         let mut cache = TokenCache::builder(self.source.clone())

@@ -209,9 +209,11 @@ impl fmt::Debug for TokenCache {
     }
 }
 
+/// (identity, scope) → the cache shared for them.
+type Registry = HashMap<(String, String), Weak<Inner>>;
+
 /// Caches shared process-wide, per identity and scope.
-static REGISTRY: LazyLock<Mutex<HashMap<(String, String), Weak<Inner>>>> =
-    LazyLock::new(Default::default);
+static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(Default::default);
 
 /// Builds a [`TokenCache`].
 #[derive(Debug)]
@@ -297,16 +299,16 @@ impl TokenCache {
     /// shared by all concurrent callers. Never returns a token past its usable lifetime.
     pub async fn get(&self) -> Result<Arc<Token>, TokenError> {
         let now = self.inner.clock.now();
-        if let Some(token) = self.inner.current.load().as_ref() {
-            if now < token.usable_until {
-                self.inner.counters.hits.fetch_add(1, Relaxed);
-                if now >= token.refresh_at {
-                    // The background timer should be doing this; make sure it happens even if
-                    // the runtime that owned the timer is gone.
-                    self.inner.refresh_if_due(false);
-                }
-                return Ok(token.clone());
+        if let Some(token) = self.inner.current.load().as_ref()
+            && now < token.usable_until
+        {
+            self.inner.counters.hits.fetch_add(1, Relaxed);
+            if now >= token.refresh_at {
+                // The background timer should be doing this; make sure it happens even if the
+                // runtime that owned the timer is gone.
+                self.inner.refresh_if_due(false);
             }
+            return Ok(token.clone());
         }
         self.inner.counters.waits.fetch_add(1, Relaxed);
         self.inner.fetch_or_wait().await
@@ -387,10 +389,10 @@ impl Inner {
                 match state.inflight.clone().filter(|r| r.has_changed().is_ok()) {
                     Some(receiver) => receiver,
                     None => {
-                        if let (Some(error), Some(retry_at)) = (&state.last_error, state.retry_at) {
-                            if let Ok(wait) = retry_at.duration_since(now) {
-                                return Err(error.clone().with_retry_in(wait));
-                            }
+                        if let (Some(error), Some(retry_at)) = (&state.last_error, state.retry_at)
+                            && let Ok(wait) = retry_at.duration_since(now)
+                        {
+                            return Err(error.clone().with_retry_in(wait));
                         }
                         self.start_fetch(&mut state, "caller")
                     }
