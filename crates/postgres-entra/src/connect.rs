@@ -187,7 +187,13 @@ fn classify(error: tokio_postgres::Error, role: &str) -> Error {
             message: db.message().to_owned(),
         };
     }
-    let text = error.to_string();
+    // tokio-postgres's Display omits the cause; the chain says what happened.
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text = format!("{text}: {e}");
+        cause = e.source();
+    }
     let message = if let Some(tls) = rustls_cause(&error) {
         Some(format!(
             "{tls}; the server's certificate must chain to a trusted root (TlsRoots) and name the host you connect to"
