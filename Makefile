@@ -21,6 +21,7 @@ fmt:
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy -p postgres-entra --all-targets --all-features --locked -- -D warnings
 
 build:
 	$(CARGO) build --workspace --all-targets --locked

@@ -98,6 +98,12 @@ mod tests {
         assert_eq!(azure_roots().len(), AZURE_ROOT_SUBJECTS.len());
     }
 
+    #[cfg(feature = "platform-verifier")]
+    #[test]
+    fn the_platform_verifier_builds_a_config() {
+        tls_config(&TlsRoots::Platform).unwrap();
+    }
+
     #[test]
     fn a_missing_or_empty_ca_file_is_a_configuration_error() {
         let missing = tls_config(&TlsRoots::CaFile("/nonexistent/ca.pem".into())).unwrap_err();

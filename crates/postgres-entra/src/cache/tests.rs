@@ -394,3 +394,43 @@ fn backoff_delay_grows_and_is_capped() {
         Duration::from_secs(30)
     );
 }
+
+/// Collects everything a `fmt` subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn trace_output_of_fetch_refresh_and_failure_never_contains_the_token() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let (provider, cache) = setup(Duration::from_secs(8));
+    let first = cache.get().await.unwrap();
+    advance(Duration::from_secs(7)).await;
+    settle().await;
+    provider.fail_with(Some(TokenSourceError::new("provider down")));
+    cache.invalidate(&cache.get().await.unwrap());
+    let _ = cache.get().await;
+    drop(first);
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("token fetched"), "{text}");
+    assert!(text.contains("token fetch failed"), "{text}");
+    assert!(text.contains("invalidated"), "{text}");
+    assert!(!text.contains("secret-token"), "a token leaked into the trace: {text}");
+}
