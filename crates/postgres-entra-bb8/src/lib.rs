@@ -1,5 +1,61 @@
-//! Entra ID token login for bb8 pools.
-//!
-//! Work in progress: built on the `postgres-entra` core once it lands.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+use tokio_postgres::Client;
+
+// The public interface is:
+pub use bb8;
+pub use postgres_entra;
+#[cfg(feature = "azure")]
+pub use postgres_entra::AzureTokenSource;
+pub use postgres_entra::tokio_postgres;
+pub use postgres_entra::{CacheOptions, Cloud, EntraConnector, Error, TlsRoots, TokenCache};
+
+/// A bb8 connection manager whose connections log in with Entra ID access tokens.
+///
+/// `bb8_postgres::PostgresConnectionManager` cannot be wrapped (its fields are private), so this
+/// is a small manager of its own; every bb8 builder option (`max_lifetime`, `idle_timeout`,
+/// `test_on_check_out`, ...) works with it.
+#[derive(Debug, Clone)]
+pub struct EntraConnectionManager {
+    config: tokio_postgres::Config,
+    connector: EntraConnector,
+}
+
+impl EntraConnectionManager {
+    /// A manager connecting with `config` (host, port, database, optionally user) through
+    /// `connector` (tokens, TLS, role name).
+    pub fn new(config: tokio_postgres::Config, connector: EntraConnector) -> Self {
+        Self { config, connector }
+    }
+
+    /// The connector, e.g. to read its token cache's counters.
+    pub fn connector(&self) -> &EntraConnector {
+        &self.connector
+    }
+}
+
+impl bb8::ManageConnection for EntraConnectionManager {
+    type Connection = Client;
+    type Error = Error;
+
+    async fn connect(&self) -> Result<Client, Error> {
+        let (client, connection) = self.connector.connect(&self.config).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "PostgreSQL connection ended with an error");
+            }
+        });
+        Ok(client)
+    }
+
+    async fn is_valid(&self, client: &mut Client) -> Result<(), Error> {
+        client.simple_query("").await?;
+        Ok(())
+    }
+
+    fn has_broken(&self, client: &mut Client) -> bool {
+        client.is_closed()
+    }
+}

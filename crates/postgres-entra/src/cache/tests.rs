@@ -432,5 +432,8 @@ async fn trace_output_of_fetch_refresh_and_failure_never_contains_the_token() {
     assert!(text.contains("token fetched"), "{text}");
     assert!(text.contains("token fetch failed"), "{text}");
     assert!(text.contains("invalidated"), "{text}");
-    assert!(!text.contains("secret-token"), "a token leaked into the trace: {text}");
+    assert!(
+        !text.contains("secret-token"),
+        "a token leaked into the trace: {text}"
+    );
 }
