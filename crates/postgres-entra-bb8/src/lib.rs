@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+use std::sync::{Arc, Mutex};
 use tokio_postgres::Client;
 
 // The public interface is:
@@ -57,5 +58,38 @@ impl bb8::ManageConnection for EntraConnectionManager {
 
     fn has_broken(&self, client: &mut Client) -> bool {
         client.is_closed()
+    }
+}
+
+/// A bb8 error sink that keeps the last connection error and logs each one (without secrets).
+///
+/// bb8's `Pool::get` retries failed connects until `connection_timeout` and then reports only
+/// `RunError::TimedOut`, passing each connect error to the error sink; install this sink with
+/// `Builder::error_sink` to learn why (for example that no token could be fetched).
+#[derive(Debug, Clone, Default)]
+pub struct LastErrorSink {
+    last: Arc<Mutex<Option<Arc<Error>>>>,
+}
+
+impl LastErrorSink {
+    /// A new, empty sink.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The most recent connection error, if any.
+    pub fn last_error(&self) -> Option<Arc<Error>> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl bb8::ErrorSink<Error> for LastErrorSink {
+    fn sink(&self, error: Error) {
+        tracing::warn!(%error, "bb8 could not open a connection");
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(error));
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<Error>> {
+        Box::new(self.clone())
     }
 }

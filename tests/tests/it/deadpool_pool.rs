@@ -1,0 +1,262 @@
+//! deadpool-postgres with Entra ID login: the user's `Config` and `Pool` type, unchanged.
+
+use deadpool_postgres::{Config, ManagerConfig, PoolConfig, RecyclingMethod, Timeouts};
+use postgres_entra_deadpool::{Error, create_pool, entra_error, max_age, pool_builder};
+use postgres_entra_testkit::{Emulator, Endpoint, Fault};
+use std::time::Duration;
+
+use crate::{chain, connector, expected_requests, hammer};
+
+/// The kind of `deadpool_postgres::Config` a user loads from env or serde.
+fn user_config(emulator: &Emulator, max_size: usize) -> Config {
+    let mut config = Config::new();
+    config.host = Some(emulator.host().into());
+    config.port = Some(emulator.port());
+    config.dbname = Some(emulator.database().into());
+    config.manager = Some(ManagerConfig {
+        recycling_method: RecyclingMethod::Verified,
+    });
+    let mut pool = PoolConfig::new(max_size);
+    pool.timeouts = Timeouts {
+        wait: Some(Duration::from_secs(10)),
+        create: Some(Duration::from_secs(10)),
+        recycle: Some(Duration::from_secs(5)),
+    };
+    config.pool = Some(pool);
+    config
+}
+
+async fn checkout(pool: &deadpool_postgres::Pool) -> Result<(), String> {
+    let client = pool.get().await.map_err(|e| chain(&e))?;
+    let row = client
+        .query_one("select current_user", &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    let user: String = row.get(0);
+    if user == "orders-api" {
+        Ok(())
+    } else {
+        Err(format!("logged in as {user}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_tasks_on_a_pool_of_eight_across_token_lifetimes_never_fail() {
+    const LIFETIME: Duration = Duration::from_secs(3);
+    const RUN: Duration = Duration::from_secs(10);
+    let emulator = Emulator::builder()
+        .token_lifetime(LIFETIME)
+        .start()
+        .unwrap();
+    let pool = pool_builder(&user_config(&emulator, 8), connector(&emulator))
+        .unwrap()
+        .pre_recycle(max_age(
+            Duration::from_millis(800),
+            Duration::from_millis(200),
+        ))
+        .build()
+        .unwrap();
+
+    let pool2 = pool.clone();
+    let load = hammer(32, RUN, move || {
+        let pool = pool2.clone();
+        async move { checkout(&pool).await }
+    })
+    .await;
+
+    let requests = emulator.requests(Endpoint::Token);
+    let logins = emulator.logins().len() as u64;
+    println!(
+        "deadpool: {} checkouts, {} logins, {requests} token requests",
+        load.ok, logins
+    );
+    assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
+    assert!(load.ok > 500, "{} checkouts", load.ok);
+    assert!(
+        logins > 3 * 8,
+        "connections were retired and replaced: {logins} logins"
+    );
+    assert!(
+        expected_requests(RUN, LIFETIME).contains(&requests),
+        "{requests} token requests"
+    );
+    assert!(
+        emulator.logins().iter().all(|l| l.outcome.is_ok()),
+        "never an expired token"
+    );
+    assert!(pool.status().size <= 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_with_thirty_two_checkouts_makes_one_token_request() {
+    let emulator = Emulator::start().unwrap();
+    emulator.set_latency(Endpoint::Token, Duration::from_millis(300));
+    let pool = create_pool(&user_config(&emulator, 32), connector(&emulator)).unwrap();
+
+    let checkouts: Vec<_> = (0..32)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.get().await.map_err(|e| chain(&e)) })
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for checkout in checkouts {
+        clients.push(checkout.await.unwrap().unwrap());
+    }
+
+    assert_eq!(clients.len(), 32);
+    assert_eq!(emulator.requests(Endpoint::Token), 1);
+    assert_eq!(emulator.logins().len(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_their_maximum_age_are_retired_on_recycle() {
+    let emulator = Emulator::start().unwrap();
+    let pool = pool_builder(&user_config(&emulator, 1), connector(&emulator))
+        .unwrap()
+        .pre_recycle(max_age(Duration::from_millis(500), Duration::ZERO))
+        .build()
+        .unwrap();
+    let backend_pid = || async {
+        let client = pool.get().await.unwrap();
+        client
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+    };
+
+    let first = backend_pid().await;
+    assert_eq!(backend_pid().await, first, "a young connection is reused");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let second = backend_pid().await;
+
+    assert_ne!(second, first, "the old connection was retired");
+    assert_eq!(emulator.logins().len(), 2);
+    assert_eq!(
+        emulator.requests(Endpoint::Token),
+        1,
+        "the new connection reused the cached token"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_provider_outage_shorter_than_the_token_life_fails_no_checkout() {
+    const LIFETIME: Duration = Duration::from_secs(8);
+    let emulator = Emulator::builder()
+        .token_lifetime(LIFETIME)
+        .start()
+        .unwrap();
+    let pool = pool_builder(&user_config(&emulator, 8), connector(&emulator))
+        .unwrap()
+        .pre_recycle(max_age(
+            Duration::from_millis(500),
+            Duration::from_millis(100),
+        ))
+        .build()
+        .unwrap();
+    checkout(&pool).await.unwrap();
+    // The outage covers the refresh point (6 s) and ends before the token expires (8 s).
+    emulator.set_fault_for(
+        Endpoint::Token,
+        Fault::ServerError,
+        Duration::from_millis(7200),
+    );
+
+    let pool2 = pool.clone();
+    let load = hammer(16, Duration::from_secs(7), move || {
+        let pool = pool2.clone();
+        async move { checkout(&pool).await }
+    })
+    .await;
+
+    assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
+    assert!(
+        emulator.faulted_requests(Endpoint::Token) >= 1,
+        "the refresh met the outage"
+    );
+    assert!(
+        emulator.logins().len() > 16,
+        "new connections were made during the outage"
+    );
+    // After the outage the cache recovers.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    checkout(&pool).await.unwrap();
+    assert!(emulator.tokens_issued(Endpoint::Token) >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_recovers_when_the_server_restarts_mid_run() {
+    let emulator = std::sync::Arc::new(Emulator::start().unwrap());
+    let pool = create_pool(&user_config(&emulator, 8), connector(&emulator)).unwrap();
+    let restarter = {
+        let emulator = emulator.clone();
+        tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_secs(2));
+            emulator.restart_server().unwrap();
+        })
+    };
+
+    let pool2 = pool.clone();
+    let during = hammer(16, Duration::from_secs(5), move || {
+        let pool = pool2.clone();
+        async move { checkout(&pool).await }
+    })
+    .await;
+    restarter.await.unwrap();
+    let pool2 = pool.clone();
+    let after = hammer(16, Duration::from_secs(2), move || {
+        let pool = pool2.clone();
+        async move { checkout(&pool).await }
+    })
+    .await;
+
+    println!(
+        "during restart: {} ok, {} failed; after: {} ok, {} failed",
+        during.ok, during.failed, after.ok, after.failed
+    );
+    assert!(during.ok > 0);
+    assert!(after.ok > 100);
+    assert_eq!(
+        after.failed, 0,
+        "first failure after the restart: {:?}",
+        after.first_error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_failure_reaches_the_caller_as_our_typed_error() {
+    let emulator = Emulator::start().unwrap();
+    let mut sp = emulator.service_principal();
+    sp.client_secret = Some("wrong-secret".into());
+    let credential = emulator.client_secret_credential(&sp).unwrap();
+    let connector =
+        postgres_entra::EntraConnector::builder(postgres_entra::AzureTokenSource::new(credential))
+            .role_name(sp.role_name)
+            .tls_roots(postgres_entra::TlsRoots::CaPem(
+                emulator.ca_pem().to_owned(),
+            ))
+            .private_cache()
+            .build()
+            .unwrap();
+    let pool = create_pool(&user_config(&emulator, 2), connector).unwrap();
+
+    let error = pool.get().await.unwrap_err();
+
+    match entra_error(&error) {
+        Some(Error::Token(token_error)) => {
+            assert!(
+                token_error.message().contains("AADSTS7000215"),
+                "{token_error}"
+            );
+        }
+        other => panic!("expected our token error, got {other:?} from {error:?}"),
+    }
+    let reported = chain(&error);
+    assert!(
+        reported.contains("no valid Entra ID access token"),
+        "{reported}"
+    );
+    assert!(reported.contains("AADSTS7000215"), "{reported}");
+    assert!(emulator.logins().is_empty());
+}
