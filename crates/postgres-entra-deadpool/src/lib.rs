@@ -10,7 +10,7 @@ use deadpool_postgres::{
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -201,9 +201,7 @@ pub fn max_age(max_age: Duration, jitter: Duration) -> Hook {
     let jitter = jitter.min(max_age);
     let hasher = std::collections::hash_map::RandomState::new();
     Hook::sync_fn(move |_client, metrics| {
-        let mut h = hasher.build_hasher();
-        metrics.created.hash(&mut h);
-        let fraction = (h.finish() % 10_000) as f64 / 10_000.0;
+        let fraction = (hasher.hash_one(metrics.created) % 10_000) as f64 / 10_000.0;
         let limit = max_age - jitter.mul_f64(fraction);
         if metrics.age() >= limit {
             tracing::debug!(
