@@ -3,14 +3,14 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: test demo deps fmt clippy build unit-tests
+.PHONY: test demo deps fmt clippy build unit-tests examples
 
 ## Runs the main job against the local emulator (real Azure when PG*/AZURE_* are set, see README).
 demo: deps
 	$(CARGO) run --locked --quiet -p postgres-entra-examples --example demo
 
 ## Formatting, clippy with -D warnings, and every test (isolated to loopback where possible).
-test: deps fmt clippy build unit-tests
+test: deps fmt clippy build unit-tests examples
 	@scripts/check-leftovers.sh
 
 deps:
@@ -34,3 +34,10 @@ else
 	scripts/isolated.sh $(CARGO) test --workspace --locked --offline --no-fail-fast --all-targets
 endif
 	scripts/isolated.sh $(CARGO) test --workspace --locked --offline --doc
+	scripts/isolated.sh $(CARGO) test -p postgres-entra --all-features --locked --offline --lib
+
+## The examples run against the emulator (each exits by itself).
+examples:
+	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example deadpool_quickstart
+	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example bb8_quickstart
+	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example web_service -- --check

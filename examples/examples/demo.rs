@@ -1,72 +1,209 @@
-//! The demo behind `make demo`: starts the local Azure PostgreSQL emulator, gets an access token
-//! with azure_identity's real `ClientSecretCredential` (pointed at the emulator's mock Entra), logs
-//! in over verified TLS with the token as password, and reports what happened.
+//! The demo behind `make demo`: a deadpool pool and a bb8 pool, sharing one token cache, churn
+//! connections (each retired after about a second) for 20 seconds across several short token
+//! lifetimes, printing progress and then a summary: connections made, tokens fetched, failures,
+//! and checkout latency.
 //!
-//! Run: `make demo` (or `cargo run -p postgres-entra-examples --example demo`).
+//! Run against the local emulator:   make demo   (or cargo run -p postgres-entra-examples --example demo)
+//! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
+//! examples/src/lib.rs, then run the same command.
 
-use azure_core::credentials::TokenCredential;
-use postgres_entra_testkit::{Emulator, Endpoint};
-use std::time::Instant;
+use deadpool_postgres::Hook;
+use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink};
+use postgres_entra_deadpool::{max_age, pool_builder};
+use postgres_entra_examples::{BoxError, Target};
+use postgres_entra_testkit::Endpoint;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-const SCOPE: &str = "https://ossrdbms-aad.database.windows.net/.default";
+const RUN: Duration = Duration::from_secs(20);
+const TOKEN_LIFETIME: Duration = Duration::from_secs(5);
+const TASKS_PER_POOL: usize = 16;
+const POOL_SIZE: usize = 8;
+const MAX_AGE: Duration = Duration::from_millis(1000);
+
+/// Checkouts, failures and checkout latencies of one pool.
+#[derive(Default)]
+struct Tally {
+    checkouts: AtomicU64,
+    failures: AtomicU64,
+    latencies: Mutex<Vec<Duration>>,
+    first_failure: Mutex<Option<String>>,
+}
+
+impl Tally {
+    fn percentile(&self, p: f64) -> Duration {
+        let mut latencies = self.latencies.lock().unwrap().clone();
+        latencies.sort();
+        let index = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies.get(index).copied().unwrap_or_default()
+    }
+}
+
+/// Runs `checkout` in a loop on several tasks until the run ends, timing each checkout.
+fn churn<F, Fut>(
+    tally: Arc<Tally>,
+    started: Instant,
+    checkout: F,
+) -> Vec<tokio::task::JoinHandle<()>>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Duration, String>> + Send,
+{
+    (0..TASKS_PER_POOL)
+        .map(|_| {
+            let (tally, checkout) = (tally.clone(), checkout.clone());
+            tokio::spawn(async move {
+                while started.elapsed() < RUN {
+                    match checkout().await {
+                        Ok(latency) => {
+                            tally.checkouts.fetch_add(1, Relaxed);
+                            tally.latencies.lock().unwrap().push(latency);
+                        }
+                        Err(error) => {
+                            tally.failures.fetch_add(1, Relaxed);
+                            tally.first_failure.lock().unwrap().get_or_insert(error);
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let started = Instant::now();
+async fn main() -> Result<(), BoxError> {
+    println!("postgres-entra demo: Entra ID token login for deadpool and bb8 pools");
+    let started_up = Instant::now();
+    let target = Target::from_env(TOKEN_LIFETIME)?;
     println!(
-        "starting the local emulator (PostgreSQL with Entra ID login + mock Entra endpoints)..."
+        "  target: {}  [ready in {:.1?}]",
+        target.description,
+        started_up.elapsed()
     );
-    let emulator = Emulator::start()?;
     println!(
-        "  PostgreSQL on {}:{} (TLS only, CA {}), mock Entra on {}  [{:.1?}]",
-        emulator.host(),
-        emulator.port(),
-        emulator.ca_cert_path().display(),
-        emulator.entra_url(),
-        started.elapsed()
+        "  two pools of {POOL_SIZE}, {TASKS_PER_POOL} tasks each, connections retired after ~{MAX_AGE:?}, for {RUN:?}\n"
     );
 
-    let sp = emulator.service_principal();
-    let credential = emulator.client_secret_credential(&sp)?;
-    let fetch = Instant::now();
-    let token = credential.get_token(&[SCOPE], None).await?;
-    println!(
-        "got an access token for service principal `{}` from the token endpoint: {} bytes, expires {}  [{:.1?}]",
-        sp.role_name,
-        token.token.secret().len(),
-        token.expires_on,
-        fetch.elapsed()
-    );
-
-    let mut config = emulator.pg_config(&sp.role_name);
-    config.password(token.token.secret());
-    let connect = Instant::now();
-    let (client, connection) = config.connect(emulator.tls()?).await?;
-    let driver = tokio::spawn(connection);
-    let row = client
-        .query_one(
-            "select current_user, version(), ssl from pg_stat_ssl where pid = pg_backend_pid()",
-            &[],
-        )
+    let deadpool_created = Arc::new(AtomicU64::new(0));
+    let created = deadpool_created.clone();
+    let deadpool = pool_builder(&target.deadpool_config(POOL_SIZE), target.connector.clone())?
+        .pre_recycle(max_age(MAX_AGE, MAX_AGE / 4))
+        .post_create(Hook::sync_fn(move |_, _| {
+            created.fetch_add(1, Relaxed);
+            Ok(())
+        }))
+        .build()?;
+    let bb8_errors = LastErrorSink::new();
+    let bb8 = bb8::Pool::builder()
+        .max_size(POOL_SIZE as u32)
+        .max_lifetime(Some(MAX_AGE))
+        .connection_timeout(Duration::from_secs(20))
+        .error_sink(Box::new(bb8_errors.clone()))
+        .build(EntraConnectionManager::new(
+            target.pg_config.clone(),
+            target.connector.clone(),
+        ))
         .await?;
-    let (user, version, ssl): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
-    println!(
-        "logged in over TLS={ssl} as `{user}` in {:.1?}: {}",
-        connect.elapsed(),
-        version.split(" on ").next().unwrap_or(&version)
-    );
-    drop(client);
-    let _ = driver.await;
 
-    let logins = emulator.logins();
+    let started = Instant::now();
+    let (dp_tally, bb_tally) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    let mut tasks = churn(dp_tally.clone(), started, move || {
+        let pool = deadpool.clone();
+        async move {
+            let t = Instant::now();
+            let client = pool
+                .get()
+                .await
+                .map_err(|e| format!("{e}: {:?}", postgres_entra_deadpool::entra_error(&e)))?;
+            let latency = t.elapsed();
+            client
+                .query_one("select 1", &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(latency)
+        }
+    });
+    let bb8_pool = bb8.clone();
+    tasks.extend(churn(bb_tally.clone(), started, move || {
+        let pool = bb8_pool.clone();
+        async move {
+            let t = Instant::now();
+            let client = pool.get().await.map_err(|e| format!("{e}"))?;
+            let latency = t.elapsed();
+            client
+                .query_one("select 1", &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(latency)
+        }
+    }));
+
+    let cache = target.connector.cache().clone();
+    let connections =
+        || deadpool_created.load(Relaxed) + bb8.state().statistics.connections_created;
+    while started.elapsed() < RUN {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let stats = cache.stats();
+        println!(
+            "  t={:>4.1}s  checkouts deadpool {:>6} bb8 {:>6} | connections made {:>4} | tokens fetched {:>2} (next expiry in {:.1}s) | failures {}",
+            started.elapsed().as_secs_f64(),
+            dp_tally.checkouts.load(Relaxed),
+            bb_tally.checkouts.load(Relaxed),
+            connections(),
+            stats.requests,
+            stats.expires_in.unwrap_or_default().as_secs_f64(),
+            dp_tally.failures.load(Relaxed) + bb_tally.failures.load(Relaxed),
+        );
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let elapsed = started.elapsed();
+
+    let stats = cache.stats();
+    let failures = dp_tally.failures.load(Relaxed) + bb_tally.failures.load(Relaxed);
+    println!("\nsummary after {elapsed:.1?}:");
+    println!("  pool      checkouts  failures  p50 checkout  p99 checkout");
+    for (name, tally) in [("deadpool", &dp_tally), ("bb8", &bb_tally)] {
+        println!(
+            "  {name:<8}  {:>9}  {:>8}  {:>12.2?}  {:>12.2?}",
+            tally.checkouts.load(Relaxed),
+            tally.failures.load(Relaxed),
+            tally.percentile(0.50),
+            tally.percentile(0.99),
+        );
+    }
     println!(
-        "summary: token requests {}, logins checked {} ({} accepted), total {:.1?}",
-        emulator.requests(Endpoint::Token),
-        logins.len(),
-        logins.iter().filter(|l| l.outcome.is_ok()).count(),
-        started.elapsed()
+        "  connections made: {} (each logged in with a token)",
+        connections()
     );
-    drop(emulator);
-    println!("emulator stopped and removed");
+    println!(
+        "  tokens fetched: {} for both pools (one shared cache), failed fetches: {}",
+        stats.requests, stats.failures
+    );
+    if let Some(emulator) = &target.emulator {
+        let logins = emulator.logins();
+        println!(
+            "  emulator: {} token requests over {:.1} token lifetimes; {} logins checked, {} refused",
+            emulator.requests(Endpoint::Token),
+            elapsed.as_secs_f64() / TOKEN_LIFETIME.as_secs_f64(),
+            logins.len(),
+            logins.iter().filter(|l| l.outcome.is_err()).count()
+        );
+    }
+    println!("  failures: {failures}");
+    for tally in [&dp_tally, &bb_tally] {
+        if let Some(first) = tally.first_failure.lock().unwrap().as_ref() {
+            println!("  first failure: {first}");
+        }
+    }
+    if let Some(error) = bb8_errors.last_error() {
+        println!("  last bb8 connect error: {error}");
+    }
+    if failures > 0 {
+        return Err(format!("{failures} checkouts failed").into());
+    }
     Ok(())
 }

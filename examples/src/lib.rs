@@ -1,1 +1,164 @@
-//! Runnable examples live in `examples/`; run one with `cargo run -p postgres-entra-examples --example NAME`.
+//! Shared set-up for the examples: where to connect and with which credential.
+//!
+//! With `PGHOST` set, the examples run against that server (real Azure Database for PostgreSQL),
+//! with a credential chosen from the usual variables:
+//!
+//! | variables set | credential |
+//! |---|---|
+//! | `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET` | `ClientSecretCredential` |
+//! | `AZURE_FEDERATED_TOKEN_FILE` (+ tenant, client id) | `WorkloadIdentityCredential` (AKS) |
+//! | `IDENTITY_ENDPOINT` + `IDENTITY_HEADER`, or `AZURE_MANAGED_IDENTITY=1` | `ManagedIdentityCredential` (`AZURE_CLIENT_ID` picks a user-assigned one) |
+//! | none of these | `DeveloperToolsCredential` (`az login` / `azd auth login`) |
+//!
+//! plus `PGPORT` (5432), `PGDATABASE` (postgres), `PGUSER` (the role; needed for service
+//! principals) and `PGSSLROOTCERT` (a CA file instead of the Azure roots).
+//!
+//! Without `PGHOST`, they start the local emulator and log in as its service principal.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+use azure_core::credentials::TokenCredential;
+use azure_identity::{
+    ClientSecretCredential, DeveloperToolsCredential, ManagedIdentityCredential,
+    ManagedIdentityCredentialOptions, UserAssignedId, WorkloadIdentityCredential,
+};
+use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots};
+use postgres_entra_testkit::Emulator;
+use std::env::var;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A boxed error for the examples' `main`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where the examples connect, and how they log in.
+#[derive(Debug)]
+pub struct Target {
+    /// Host, port, database and (optionally) user.
+    pub pg_config: tokio_postgres::Config,
+    /// Tokens, TLS and role name.
+    pub connector: EntraConnector,
+    /// The emulator, when running locally (stopped and removed when dropped).
+    pub emulator: Option<Emulator>,
+    /// One line saying what this is, for the example's output.
+    pub description: String,
+}
+
+fn azure_credential() -> Result<(Arc<dyn TokenCredential>, &'static str), BoxError> {
+    let set = |name: &str| var(name).is_ok_and(|v| !v.is_empty());
+    if set("AZURE_CLIENT_SECRET") {
+        let credential = ClientSecretCredential::new(
+            &var("AZURE_TENANT_ID")
+                .map_err(|_| "AZURE_CLIENT_SECRET is set, so AZURE_TENANT_ID must be too")?,
+            var("AZURE_CLIENT_ID")
+                .map_err(|_| "AZURE_CLIENT_SECRET is set, so AZURE_CLIENT_ID must be too")?,
+            var("AZURE_CLIENT_SECRET")?.into(),
+            None,
+        )?;
+        return Ok((credential, "client secret (AZURE_CLIENT_SECRET)"));
+    }
+    if set("AZURE_FEDERATED_TOKEN_FILE") {
+        return Ok((
+            WorkloadIdentityCredential::new(None)?,
+            "workload identity (AZURE_FEDERATED_TOKEN_FILE)",
+        ));
+    }
+    if set("IDENTITY_ENDPOINT") || set("AZURE_MANAGED_IDENTITY") {
+        let options = ManagedIdentityCredentialOptions {
+            user_assigned_id: var("AZURE_CLIENT_ID").ok().map(UserAssignedId::ClientId),
+            ..Default::default()
+        };
+        return Ok((
+            ManagedIdentityCredential::new(Some(options))?,
+            "managed identity",
+        ));
+    }
+    Ok((
+        DeveloperToolsCredential::new(None)?,
+        "developer tools (az login / azd auth login)",
+    ))
+}
+
+impl Target {
+    /// Real Azure when `PGHOST` is set, otherwise a fresh local emulator whose tokens live
+    /// `emulator_token_lifetime`.
+    pub fn from_env(emulator_token_lifetime: Duration) -> Result<Self, BoxError> {
+        match var("PGHOST") {
+            Ok(host) if !host.is_empty() => Self::azure(host),
+            _ => Self::emulator(emulator_token_lifetime),
+        }
+    }
+
+    fn azure(host: String) -> Result<Self, BoxError> {
+        let (credential, how) = azure_credential()?;
+        let mut pg_config = tokio_postgres::Config::new();
+        pg_config
+            .host(&host)
+            .port(
+                var("PGPORT")
+                    .ok()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(5432),
+            )
+            .dbname(var("PGDATABASE").unwrap_or_else(|_| "postgres".into()))
+            .connect_timeout(Duration::from_secs(15));
+        if let Ok(user) = var("PGUSER") {
+            pg_config.user(user);
+        }
+        let roots = match var("PGSSLROOTCERT") {
+            Ok(path) if !path.is_empty() => TlsRoots::CaFile(path.into()),
+            _ => TlsRoots::Azure,
+        };
+        let connector = EntraConnector::builder(AzureTokenSource::new(credential))
+            .host(&host)
+            .tls_roots(roots)
+            .build()?;
+        Ok(Self {
+            pg_config,
+            connector,
+            emulator: None,
+            description: format!("Azure server {host}, credential: {how}"),
+        })
+    }
+
+    fn emulator(token_lifetime: Duration) -> Result<Self, BoxError> {
+        let emulator = Emulator::builder().token_lifetime(token_lifetime).start()?;
+        let sp = emulator.service_principal();
+        let credential = emulator.client_secret_credential(&sp)?;
+        let connector = EntraConnector::builder(AzureTokenSource::new(credential))
+            .role_name(&sp.role_name)
+            .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+            .build()?;
+        let mut pg_config = tokio_postgres::Config::new();
+        pg_config
+            .host(emulator.host())
+            .port(emulator.port())
+            .dbname(emulator.database());
+        let description = format!(
+            "local emulator on {}:{} (service principal `{}`, tokens live {}s; set PGHOST to use Azure)",
+            emulator.host(),
+            emulator.port(),
+            sp.role_name,
+            token_lifetime.as_secs()
+        );
+        Ok(Self {
+            pg_config,
+            connector,
+            emulator: Some(emulator),
+            description,
+        })
+    }
+
+    /// The same settings as a `deadpool_postgres::Config`, as a user would load from env or serde.
+    pub fn deadpool_config(&self, max_size: usize) -> deadpool_postgres::Config {
+        let mut config = deadpool_postgres::Config::new();
+        if let Some(tokio_postgres::config::Host::Tcp(host)) = self.pg_config.get_hosts().first() {
+            config.host = Some(host.clone());
+        }
+        config.port = self.pg_config.get_ports().first().copied();
+        config.dbname = self.pg_config.get_dbname().map(str::to_owned);
+        config.user = self.pg_config.get_user().map(str::to_owned);
+        config.pool = Some(deadpool_postgres::PoolConfig::new(max_size));
+        config
+    }
+}

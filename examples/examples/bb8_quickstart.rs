@@ -1,0 +1,43 @@
+//! bb8 with Entra ID login: a connection manager whose connections log in with access tokens,
+//! with bb8's own max_lifetime, idle_timeout and test_on_check_out.
+//!
+//! Run against the local emulator:   cargo run -p postgres-entra-examples --example bb8_quickstart
+//! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
+//! examples/src/lib.rs, then run the same command.
+
+use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink};
+use postgres_entra_examples::{BoxError, Target};
+use std::time::Duration;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let target = Target::from_env(Duration::from_secs(3600))?;
+    println!("connecting to {}", target.description);
+
+    let errors = LastErrorSink::new();
+    let manager = EntraConnectionManager::new(target.pg_config.clone(), target.connector.clone());
+    let pool = bb8::Pool::builder()
+        .max_size(8)
+        .max_lifetime(Some(Duration::from_secs(30 * 60)))
+        .idle_timeout(Some(Duration::from_secs(10 * 60)))
+        .test_on_check_out(true)
+        .connection_timeout(Duration::from_secs(20))
+        .error_sink(Box::new(errors.clone()))
+        .build(manager)
+        .await?;
+
+    let client = match pool.get().await {
+        Ok(client) => client,
+        Err(error) => {
+            let why = errors
+                .last_error()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            return Err(format!("no connection ({error}): {why}").into());
+        }
+    };
+    let row = client.query_one("select current_user", &[]).await?;
+    println!("logged in as `{}`", row.get::<_, String>(0));
+    println!("token cache: {:?}", target.connector.cache().stats());
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! A small axum web service with a deadpool pool whose connections log in with Entra ID tokens.
+//! `GET /whoami` answers with the database role and the token cache's counters.
+//!
+//! Run against the local emulator:   cargo run -p postgres-entra-examples --example web_service
+//!   then: curl http://127.0.0.1:3000/whoami   (PORT changes the port; --check serves one request
+//!   to itself and exits)
+//! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
+//! examples/src/lib.rs, then run the same command.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use postgres_entra::TokenCache;
+use postgres_entra_deadpool::{create_pool, entra_error};
+use postgres_entra_examples::{BoxError, Target};
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Clone)]
+struct App {
+    pool: deadpool_postgres::Pool,
+    cache: TokenCache,
+}
+
+async fn whoami(State(app): State<App>) -> Result<Json<Value>, (StatusCode, String)> {
+    let client = app.pool.get().await.map_err(|e| {
+        let message = match entra_error(&e) {
+            Some(entra) => format!("database login failed: {entra}"),
+            None => format!("database unavailable: {e}"),
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, message)
+    })?;
+    let row = client
+        .query_one("select current_user", &[])
+        .await
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let stats = app.cache.stats();
+    Ok(Json(json!({
+        "role": row.get::<_, String>(0),
+        "token_requests": stats.requests,
+        "token_expires_in_secs": stats.expires_in.map(|d| d.as_secs()),
+    })))
+}
+
+/// One plain HTTP/1.0 request to ourselves, for `--check`.
+async fn get_self(port: u16, path: &str) -> Result<String, BoxError> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let target = Target::from_env(Duration::from_secs(3600))?;
+    let pool = create_pool(&target.deadpool_config(16), target.connector.clone())?;
+    let app = App {
+        pool,
+        cache: target.connector.cache().clone(),
+    };
+    let router = Router::new()
+        .route("/whoami", get(whoami))
+        .route("/health", get(|| async { "ok" }))
+        .with_state(app);
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(3000);
+    let check = std::env::args().any(|a| a == "--check");
+    let listener =
+        tokio::net::TcpListener::bind(("127.0.0.1", if check { 0 } else { port })).await?;
+    let port = listener.local_addr()?.port();
+    println!("database: {}", target.description);
+    println!("serving on http://127.0.0.1:{port}/whoami");
+
+    if check {
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let response = get_self(port, "/whoami").await?;
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        println!("GET /whoami -> {body}");
+        if !response.starts_with("HTTP/1.0 200") && !response.starts_with("HTTP/1.1 200") {
+            return Err(format!("unexpected answer: {response}").into());
+        }
+        return Ok(());
+    }
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
