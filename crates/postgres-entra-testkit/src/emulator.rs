@@ -6,6 +6,7 @@ use azure_identity::{
     ManagedIdentityCredential, ManagedIdentityCredentialOptions, WorkloadIdentityCredential,
     WorkloadIdentityCredentialOptions,
 };
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +44,8 @@ pub(crate) struct Shared {
     pub(crate) faults: Faults,
     pub(crate) identity_header: String,
     identities: RwLock<Vec<Identity>>,
+    /// Roles that log in with a fixed password instead of a token (benchmark baselines).
+    static_passwords: RwLock<HashMap<String, String>>,
     lifetime_secs: AtomicU64,
     issued: Mutex<Vec<String>>,
     logins: Mutex<Vec<LoginAttempt>>,
@@ -85,7 +88,26 @@ impl Shared {
 
     /// The server-side login check, recorded for tests to inspect.
     pub(crate) fn check_login(&self, role: &str, token: &str) -> Result<(), Rejection> {
-        let outcome = self.issuer.verify_access_token(token).and_then(|claims| {
+        let static_password = self
+            .static_passwords
+            .read()
+            .expect("passwords lock")
+            .get(role)
+            .cloned();
+        let outcome = match static_password {
+            Some(password) if password == token => Ok(()),
+            Some(_) => Err(Rejection::WrongPassword),
+            None => self.check_token(role, token),
+        };
+        self.logins.lock().expect("logins lock").push(LoginAttempt {
+            role: role.to_owned(),
+            outcome: outcome.clone(),
+        });
+        outcome
+    }
+
+    fn check_token(&self, role: &str, token: &str) -> Result<(), Rejection> {
+        self.issuer.verify_access_token(token).and_then(|claims| {
             let identity = self
                 .identities()
                 .into_iter()
@@ -95,12 +117,7 @@ impl Shared {
                 Some(oid) if oid == identity.object_id => Ok(()),
                 _ => Err(Rejection::WrongIdentity),
             }
-        });
-        self.logins.lock().expect("logins lock").push(LoginAttempt {
-            role: role.to_owned(),
-            outcome: outcome.clone(),
-        });
-        outcome
+        })
     }
 }
 
@@ -146,6 +163,7 @@ impl EmulatorBuilder {
             faults: Faults::default(),
             identity_header: uuid::Uuid::new_v4().simple().to_string(),
             identities: RwLock::new(identities.clone()),
+            static_passwords: RwLock::new(HashMap::new()),
             lifetime_secs: AtomicU64::new(self.token_lifetime.as_secs()),
             issued: Mutex::new(Vec::new()),
             logins: Mutex::new(Vec::new()),
@@ -282,6 +300,24 @@ impl Emulator {
             .write()
             .expect("identities lock")
             .push(identity);
+        Ok(())
+    }
+
+    /// Creates a role that logs in with a fixed `password` over the same TLS and LDAP path as
+    /// tokens: the baseline for benchmarks ("what if there were no token to fetch").
+    pub fn add_password_role(&self, role: &str, password: &str) -> Result<(), Error> {
+        let config = self.superuser_config();
+        let sql = format!("CREATE ROLE {} LOGIN", quote_ident(role));
+        self.run(async move {
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            client.batch_execute(&sql).await
+        })?;
+        self.shared
+            .static_passwords
+            .write()
+            .expect("passwords lock")
+            .insert(role.to_owned(), password.to_owned());
         Ok(())
     }
 

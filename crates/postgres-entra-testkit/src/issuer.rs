@@ -178,6 +178,8 @@ pub enum Rejection {
     UnknownRole,
     /// The token's `oid` is not the object id registered for the role.
     WrongIdentity,
+    /// A password role (see `Emulator::add_password_role`) got the wrong password.
+    WrongPassword,
 }
 
 impl fmt::Display for Rejection {
@@ -193,6 +195,7 @@ impl fmt::Display for Rejection {
             Rejection::NotYetValid => "token is not valid yet",
             Rejection::UnknownRole => "role is not an Entra principal",
             Rejection::WrongIdentity => "token belongs to another identity than the role",
+            Rejection::WrongPassword => "wrong password",
         })
     }
 }

@@ -184,3 +184,18 @@ async fn a_token_over_two_kilobytes_is_accepted() {
         user.role_name
     );
 }
+
+#[tokio::test]
+async fn a_password_role_logs_in_with_its_password_only() {
+    let emulator = Emulator::start().unwrap();
+    emulator
+        .add_password_role("baseline", "correct horse")
+        .unwrap();
+
+    assert_eq!(
+        login(&emulator, "baseline", "correct horse").await.unwrap(),
+        "baseline"
+    );
+    assert_refused(login(&emulator, "baseline", "wrong").await);
+    assert_eq!(last_outcome(&emulator), Err(Rejection::WrongPassword));
+}
