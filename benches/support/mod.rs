@@ -1,0 +1,159 @@
+//! Per-operation samples recorded during the criterion runs, and the summary table printed (and
+//! written as Markdown under `target/`) at the end of `cargo bench`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// One row of the summary: a strategy for an operation.
+#[derive(Debug, Default)]
+struct Row {
+    samples: Vec<Duration>,
+    provider_requests: u64,
+    ops: u64,
+}
+
+/// Samples by (operation, strategy), kept in the order they were first recorded.
+#[derive(Debug, Default)]
+pub(crate) struct Recorder {
+    rows: Mutex<BTreeMap<(usize, String, String), Row>>,
+    order: Mutex<Vec<(String, String)>>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn format_duration(d: Duration) -> String {
+    let ns = d.as_nanos();
+    if ns < 10_000 {
+        format!("{ns} ns")
+    } else if ns < 10_000_000 {
+        format!("{:.1} µs", ns as f64 / 1e3)
+    } else {
+        format!("{:.2} ms", ns as f64 / 1e6)
+    }
+}
+
+/// The medians and p99s of a row, for the targets.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Figures {
+    pub(crate) median: Duration,
+    pub(crate) p99: Duration,
+}
+
+impl Recorder {
+    fn key(&self, operation: &str, strategy: &str) -> (usize, String, String) {
+        let mut order = self.order.lock().unwrap();
+        let pair = (operation.to_owned(), strategy.to_owned());
+        let index = order.iter().position(|p| *p == pair).unwrap_or_else(|| {
+            order.push(pair);
+            order.len() - 1
+        });
+        (index, operation.to_owned(), strategy.to_owned())
+    }
+
+    /// Adds per-operation latencies.
+    pub(crate) fn record(
+        &self,
+        operation: &str,
+        strategy: &str,
+        samples: impl IntoIterator<Item = Duration>,
+    ) {
+        let key = self.key(operation, strategy);
+        let mut rows = self.rows.lock().unwrap();
+        let row = rows.entry(key).or_default();
+        let before = row.samples.len();
+        row.samples.extend(samples);
+        row.ops += (row.samples.len() - before) as u64;
+    }
+
+    /// Adds identity-provider requests made during `ops` operations.
+    pub(crate) fn record_requests(&self, operation: &str, strategy: &str, requests: u64) {
+        let key = self.key(operation, strategy);
+        self.rows
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_default()
+            .provider_requests += requests;
+    }
+
+    /// Median and p99 of a row, if it ran.
+    pub(crate) fn figures(&self, operation: &str, strategy: &str) -> Option<Figures> {
+        let rows = self.rows.lock().unwrap();
+        let row = rows
+            .iter()
+            .find(|((_, o, s), _)| o == operation && s == strategy)
+            .map(|(_, row)| row)?;
+        let mut sorted = row.samples.clone();
+        sorted.sort();
+        (!sorted.is_empty()).then(|| Figures {
+            median: percentile(&sorted, 0.5),
+            p99: percentile(&sorted, 0.99),
+        })
+    }
+
+    /// The summary as Markdown: one row per strategy, with ratios to `baseline` (the strategy
+    /// measured as the physical limit in the same run) where the operation has one.
+    pub(crate) fn markdown(&self, baseline: &str, machine: &str) -> String {
+        let rows = self.rows.lock().unwrap();
+        let mut out = String::new();
+        let _ = writeln!(out, "Measured on {machine}.\n");
+        let _ = writeln!(
+            out,
+            "| operation | strategy | median | p99 | ops/s | median ÷ {baseline} | p99 ÷ {baseline} | provider requests per 1,000 ops |"
+        );
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
+        for ((_, operation, strategy), row) in rows.iter() {
+            let mut sorted = row.samples.clone();
+            sorted.sort();
+            let (median, p99) = (percentile(&sorted, 0.5), percentile(&sorted, 0.99));
+            let mean_secs =
+                sorted.iter().map(Duration::as_secs_f64).sum::<f64>() / sorted.len().max(1) as f64;
+            let base = rows
+                .iter()
+                .find(|((_, o, s), _)| o == operation && s == baseline)
+                .map(|(_, r)| {
+                    let mut s = r.samples.clone();
+                    s.sort();
+                    (percentile(&s, 0.5), percentile(&s, 0.99))
+                });
+            let ratio = |ours: Duration, theirs: Duration| {
+                if theirs.is_zero() {
+                    "–".to_owned()
+                } else {
+                    format!("{:.3}", ours.as_secs_f64() / theirs.as_secs_f64())
+                }
+            };
+            let (median_ratio, p99_ratio) = match base {
+                Some((bm, bp)) => (ratio(median, bm), ratio(p99, bp)),
+                None => ("–".to_owned(), "–".to_owned()),
+            };
+            let requests = if row.ops == 0 {
+                "–".to_owned()
+            } else {
+                format!(
+                    "{:.1}",
+                    row.provider_requests as f64 * 1000.0 / row.ops as f64
+                )
+            };
+            let _ = writeln!(
+                out,
+                "| {operation} | {strategy} | {} | {} | {:.0} | {median_ratio} | {p99_ratio} | {requests} |",
+                format_duration(median),
+                format_duration(p99),
+                if mean_secs > 0.0 {
+                    1.0 / mean_secs
+                } else {
+                    0.0
+                },
+            );
+        }
+        out
+    }
+}
