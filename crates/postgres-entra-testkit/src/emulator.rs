@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     /// Roles that log in with a fixed password instead of a token (benchmark baselines).
     static_passwords: RwLock<HashMap<String, String>>,
     lifetime_secs: AtomicU64,
+    /// How far the mock identity provider's clock is behind ours, in seconds.
+    idp_clock_behind_secs: AtomicU64,
     issued: Mutex<Vec<String>>,
     logins: Mutex<Vec<LoginAttempt>>,
 }
@@ -63,6 +65,12 @@ impl fmt::Debug for Shared {
 impl Shared {
     pub(crate) fn token_lifetime(&self) -> Duration {
         Duration::from_secs(self.lifetime_secs.load(Ordering::SeqCst))
+    }
+
+    /// How far the identity provider's clock is behind: absolute times it issues (`exp`, and the
+    /// managed-identity endpoints' `expires_on`) are that much earlier.
+    pub(crate) fn idp_clock_behind(&self) -> Duration {
+        Duration::from_secs(self.idp_clock_behind_secs.load(Ordering::SeqCst))
     }
 
     pub(crate) fn record_issued(&self, token: &str) {
@@ -165,6 +173,7 @@ impl EmulatorBuilder {
             identities: RwLock::new(identities.clone()),
             static_passwords: RwLock::new(HashMap::new()),
             lifetime_secs: AtomicU64::new(self.token_lifetime.as_secs()),
+            idp_clock_behind_secs: AtomicU64::new(0),
             issued: Mutex::new(Vec::new()),
             logins: Mutex::new(Vec::new()),
         });
@@ -553,6 +562,15 @@ impl Emulator {
                 ..Default::default()
             },
         ))?)
+    }
+
+    /// Makes the mock identity provider's clock run `behind` ours from now on: the `exp` of the
+    /// tokens it issues, and the `expires_on` the managed-identity endpoints report, move that much
+    /// earlier (a token whose lifetime is shorter than the skew arrives already expired).
+    pub fn set_idp_clock_behind(&self, behind: Duration) {
+        self.shared
+            .idp_clock_behind_secs
+            .store(behind.as_secs(), Ordering::SeqCst);
     }
 
     /// Lifetime of tokens issued from now on.

@@ -98,7 +98,10 @@ fn issue(
     resource: &str,
 ) -> Result<(String, u64), crate::Error> {
     let lifetime = shared.token_lifetime();
-    let options = TokenOptions::default().audience(resource);
+    let skewed_exp = lifetime.as_secs() as i64 - shared.idp_clock_behind().as_secs() as i64;
+    let options = TokenOptions::default()
+        .audience(resource)
+        .expires_in(skewed_exp);
     let token = shared.issuer.mint(identity, &options, lifetime)?;
     shared.record_issued(&token);
     shared.faults.on_token_issued(endpoint);
@@ -215,7 +218,7 @@ fn managed_identity_token(shared: &Shared, query: &HashMap<String, String>) -> R
     match issue(shared, Endpoint::ManagedIdentity, &identity, resource) {
         Ok((access_token, expires_in)) => axum::Json(json!({
             "access_token": access_token,
-            "expires_on": (now_secs() + expires_in as i64).to_string(),
+            "expires_on": (now_secs() + expires_in as i64 - shared.idp_clock_behind().as_secs() as i64).to_string(),
             "expires_in": expires_in.to_string(),
             "resource": resource,
             "token_type": "Bearer",

@@ -1,6 +1,7 @@
 //! The loopback LDAP responder PostgreSQL's `ldap` login method binds to: it takes the bind password
 //! (the access token) and accepts the bind only if the token is valid for the role.
 
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use ldap3_proto::LdapCodec;
 use ldap3_proto::proto::{
@@ -8,7 +9,8 @@ use ldap3_proto::proto::{
 };
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Decoder, Encoder, Framed};
+use tracing::Dispatch;
 
 use crate::emulator::Shared;
 
@@ -22,8 +24,30 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// `LdapCodec` with its logging silenced: it traces every decoded message, bind password (the
+/// access token) included, and the emulated server must not put tokens in the process's logs.
+#[derive(Default)]
+struct QuietLdapCodec(LdapCodec);
+
+impl Decoder for QuietLdapCodec {
+    type Item = LdapMsg;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<LdapMsg>, std::io::Error> {
+        tracing::dispatcher::with_default(&Dispatch::none(), || self.0.decode(buf))
+    }
+}
+
+impl Encoder<LdapMsg> for QuietLdapCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, msg: LdapMsg, buf: &mut BytesMut) -> Result<(), std::io::Error> {
+        tracing::dispatcher::with_default(&Dispatch::none(), || self.0.encode(msg, buf))
+    }
+}
+
 async fn handle(stream: TcpStream, shared: Arc<Shared>) {
-    let mut framed = Framed::new(stream, LdapCodec::default());
+    let mut framed = Framed::new(stream, QuietLdapCodec::default());
     while let Some(Ok(msg)) = framed.next().await {
         let LdapOp::BindRequest(request) = msg.op else {
             // PostgreSQL only binds and unbinds; anything else ends the session.

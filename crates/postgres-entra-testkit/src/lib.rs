@@ -21,6 +21,8 @@ pub use crate::faults::{Endpoint, Fault};
 pub use crate::identity::{Identity, IdentityKind};
 pub use crate::issuer::{FEDERATED_AUDIENCE, FEDERATED_ISSUER, Rejection, Signer, TokenOptions};
 pub use crate::pg::DIR_PREFIX;
+pub use crate::plaintext::PlaintextListener;
+pub use crate::relay::Relay;
 pub use crate::tls::client_config;
 pub use crate::transport::LoopbackTransport;
 
@@ -31,6 +33,8 @@ mod identity;
 mod issuer;
 mod ldap;
 mod pg;
+mod plaintext;
+mod relay;
 mod tls;
 mod transport;
 

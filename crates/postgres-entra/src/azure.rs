@@ -54,19 +54,26 @@ impl fmt::Debug for AzureTokenSource {
     }
 }
 
-/// `Retry-After` in seconds from a throttled or failed HTTP answer, if the error carries one.
+/// `Retry-After` in seconds from a throttled or failed HTTP answer, if the error (or one it wraps:
+/// credentials wrap the HTTP error in an authentication error) carries one.
 fn retry_after(error: &azure_core::Error) -> Option<Duration> {
-    let ErrorKind::HttpResponse {
-        raw_response: Some(response),
-        ..
-    } = error.kind()
-    else {
-        return None;
-    };
-    let value = response
-        .headers()
-        .get_optional_str(&azure_core::http::headers::RETRY_AFTER)?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = next {
+        if let Some(ErrorKind::HttpResponse {
+            raw_response: Some(response),
+            ..
+        }) = e
+            .downcast_ref::<azure_core::Error>()
+            .map(azure_core::Error::kind)
+            && let Some(value) = response
+                .headers()
+                .get_optional_str(&azure_core::http::headers::RETRY_AFTER)
+        {
+            return value.trim().parse::<u64>().ok().map(Duration::from_secs);
+        }
+        next = e.source();
+    }
+    None
 }
 
 #[async_trait]

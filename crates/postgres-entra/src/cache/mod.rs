@@ -28,7 +28,9 @@ pub struct CacheOptions {
     /// Never hand out a token expiring within this margin (capped at a tenth of its lifetime),
     /// so a login never races the expiry. Default 30 seconds.
     pub expiry_buffer: Duration,
-    /// Give up on one request to the identity provider after this long. Default 30 seconds.
+    /// Give up on one request to the identity provider after this long (azure_core credentials
+    /// retry internally for up to a minute; this bounds how long a caller without a valid token
+    /// can wait). Default 10 seconds.
     pub fetch_timeout: Duration,
     /// First delay after a failed fetch; doubles with each consecutive failure. Default 500 ms.
     pub backoff_initial: Duration,
@@ -41,7 +43,7 @@ impl Default for CacheOptions {
         Self {
             refresh_margin: Duration::from_secs(15 * 60),
             expiry_buffer: Duration::from_secs(30),
-            fetch_timeout: Duration::from_secs(30),
+            fetch_timeout: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
         }

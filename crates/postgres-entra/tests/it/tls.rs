@@ -2,10 +2,9 @@
 
 use postgres_entra::{AccessToken, EntraConnector, Error, FnTokenSource, TlsRoots};
 use postgres_entra_testkit::Emulator;
-use std::sync::{Arc, Mutex};
+use postgres_entra_testkit::PlaintextListener;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 use crate::{config, current_user};
 
@@ -19,46 +18,9 @@ fn fixed_source() -> Arc<FnTokenSource> {
     )
 }
 
-/// A plaintext "server" that declines TLS, then plays along asking for a cleartext password, and
-/// records every byte it receives.
-async fn plaintext_listener() -> (u16, Arc<Mutex<Vec<u8>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let received = Arc::new(Mutex::new(Vec::new()));
-    let record = received.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let record = record.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-                let mut answered_ssl = false;
-                while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.read(&mut buf)).await
-                {
-                    if n == 0 {
-                        break;
-                    }
-                    record.lock().unwrap().extend_from_slice(&buf[..n]);
-                    let reply: &[u8] = if !answered_ssl {
-                        answered_ssl = true;
-                        b"N"
-                    } else {
-                        // AuthenticationCleartextPassword
-                        &[b'R', 0, 0, 0, 8, 0, 0, 0, 3]
-                    };
-                    if stream.write_all(reply).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (port, received)
-}
-
 #[tokio::test]
 async fn a_server_that_declines_tls_never_receives_the_token() {
-    let (port, received) = plaintext_listener().await;
+    let trap = PlaintextListener::start().await.unwrap();
     let connector = EntraConnector::builder(fixed_source())
         .role_name("orders-api")
         .tls_roots(TlsRoots::Azure)
@@ -73,7 +35,7 @@ async fn a_server_that_declines_tls_never_receives_the_token() {
         let mut config = tokio_postgres::Config::new();
         config
             .host("localhost")
-            .port(port)
+            .port(trap.port())
             .dbname("postgres")
             .ssl_mode(mode);
         let error = current_user(&connector, &config).await.unwrap_err();
@@ -81,15 +43,13 @@ async fn a_server_that_declines_tls_never_receives_the_token() {
         assert!(error.to_string().contains("declined TLS"), "{error}");
     }
 
-    let received = received.lock().unwrap().clone();
-    assert!(!received.is_empty(), "the client did reach the listener");
-    let needle = &TOKEN.as_bytes()[..24];
+    assert_eq!(trap.connections(), 2, "the client did reach the listener");
     assert!(
-        !received.windows(needle.len()).any(|w| w == needle),
+        !trap.received_contains(&TOKEN.as_bytes()[..24]),
         "token bytes reached a plaintext server"
     );
     // Only SSL requests were sent: 8 bytes each, nothing after the refusal.
-    assert_eq!(received.len(), 16, "received {received:?}");
+    assert_eq!(trap.received().len(), 16, "received {:?}", trap.received());
 }
 
 #[tokio::test]
