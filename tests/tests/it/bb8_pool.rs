@@ -5,7 +5,7 @@ use postgres_entra_bb8::{EntraConnectionManager, Error, LastErrorSink};
 use postgres_entra_testkit::{Emulator, Endpoint, Fault};
 use std::time::Duration;
 
-use crate::{connector, expected_requests, hammer};
+use crate::{Suite, connector, expected_requests, hammer};
 
 fn config(emulator: &Emulator) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
@@ -52,10 +52,7 @@ async fn checkout(pool: &Pool<EntraConnectionManager>) -> Result<(), String> {
 async fn thirty_two_tasks_on_a_pool_of_eight_across_token_lifetimes_never_fail() {
     const LIFETIME: Duration = Duration::from_secs(3);
     const RUN: Duration = Duration::from_secs(10);
-    let emulator = Emulator::builder()
-        .token_lifetime(LIFETIME)
-        .start()
-        .unwrap();
+    let emulator = Suite::start(LIFETIME);
     let pool = pool(&emulator, 8, Some(Duration::from_millis(800))).await;
 
     let pool2 = pool.clone();
@@ -90,7 +87,7 @@ async fn thirty_two_tasks_on_a_pool_of_eight_across_token_lifetimes_never_fail()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_start_with_thirty_two_checkouts_makes_one_token_request() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Suite::start(Duration::from_secs(3600));
     emulator.set_latency(Endpoint::Token, Duration::from_millis(300));
     let pool = Pool::builder()
         .max_size(32)
@@ -120,7 +117,7 @@ async fn a_cold_start_with_thirty_two_checkouts_makes_one_token_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_max_lifetime_are_replaced() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Suite::start(Duration::from_secs(3600));
     let pool = pool(&emulator, 1, Some(Duration::from_millis(500))).await;
     let backend_pid = || async {
         let client = pool.get().await.unwrap();
@@ -147,10 +144,7 @@ async fn connections_past_max_lifetime_are_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_provider_outage_shorter_than_the_token_life_fails_no_checkout() {
-    let emulator = Emulator::builder()
-        .token_lifetime(Duration::from_secs(8))
-        .start()
-        .unwrap();
+    let emulator = Suite::start(Duration::from_secs(8));
     let pool = pool(&emulator, 8, Some(Duration::from_millis(500))).await;
     checkout(&pool).await.unwrap();
     emulator.set_fault_for(
@@ -179,7 +173,7 @@ async fn an_identity_provider_outage_shorter_than_the_token_life_fails_no_checko
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_recovers_when_the_server_restarts_mid_run() {
-    let emulator = std::sync::Arc::new(Emulator::start().unwrap());
+    let emulator = std::sync::Arc::new(Suite::start(Duration::from_secs(3600)));
     let pool = pool(&emulator, 8, None).await;
     let restarter = {
         let emulator = emulator.clone();
@@ -218,7 +212,7 @@ async fn the_pool_recovers_when_the_server_restarts_mid_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_failure_reaches_the_caller_as_our_typed_error() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Suite::start(Duration::from_secs(3600));
     let mut sp = emulator.service_principal();
     sp.client_secret = Some("wrong-secret".into());
     let credential = emulator.client_secret_credential(&sp).unwrap();

@@ -5,10 +5,10 @@ use postgres_entra_deadpool::{Error, create_pool, entra_error, max_age, pool_bui
 use postgres_entra_testkit::{Emulator, Endpoint, Fault};
 use std::time::Duration;
 
-use crate::{chain, connector, expected_requests, hammer};
+use crate::{Suite, chain, connector, expected_requests, hammer};
 
 /// The kind of `deadpool_postgres::Config` a user loads from env or serde.
-fn user_config(emulator: &Emulator, max_size: usize) -> Config {
+pub(crate) fn user_config(emulator: &Emulator, max_size: usize) -> Config {
     let mut config = Config::new();
     config.host = Some(emulator.host().into());
     config.port = Some(emulator.port());
@@ -26,7 +26,7 @@ fn user_config(emulator: &Emulator, max_size: usize) -> Config {
     config
 }
 
-async fn checkout(pool: &deadpool_postgres::Pool) -> Result<(), String> {
+pub(crate) async fn checkout(pool: &deadpool_postgres::Pool) -> Result<(), String> {
     let client = pool.get().await.map_err(|e| chain(&e))?;
     let row = client
         .query_one("select current_user", &[])
@@ -44,10 +44,7 @@ async fn checkout(pool: &deadpool_postgres::Pool) -> Result<(), String> {
 async fn thirty_two_tasks_on_a_pool_of_eight_across_token_lifetimes_never_fail() {
     const LIFETIME: Duration = Duration::from_secs(3);
     const RUN: Duration = Duration::from_secs(10);
-    let emulator = Emulator::builder()
-        .token_lifetime(LIFETIME)
-        .start()
-        .unwrap();
+    let emulator = Suite::start(LIFETIME);
     let pool = pool_builder(&user_config(&emulator, 8), connector(&emulator))
         .unwrap()
         .pre_recycle(max_age(
@@ -89,7 +86,7 @@ async fn thirty_two_tasks_on_a_pool_of_eight_across_token_lifetimes_never_fail()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_start_with_thirty_two_checkouts_makes_one_token_request() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Suite::start(Duration::from_secs(3600));
     emulator.set_latency(Endpoint::Token, Duration::from_millis(300));
     let pool = create_pool(&user_config(&emulator, 32), connector(&emulator)).unwrap();
 
@@ -111,7 +108,7 @@ async fn a_cold_start_with_thirty_two_checkouts_makes_one_token_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_their_maximum_age_are_retired_on_recycle() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Suite::start(Duration::from_secs(3600));
     let pool = pool_builder(&user_config(&emulator, 1), connector(&emulator))
         .unwrap()
         .pre_recycle(max_age(Duration::from_millis(500), Duration::ZERO))
@@ -143,10 +140,7 @@ async fn connections_past_their_maximum_age_are_retired_on_recycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_provider_outage_shorter_than_the_token_life_fails_no_checkout() {
     const LIFETIME: Duration = Duration::from_secs(8);
-    let emulator = Emulator::builder()
-        .token_lifetime(LIFETIME)
-        .start()
-        .unwrap();
+    let emulator = Suite::start(LIFETIME);
     let pool = pool_builder(&user_config(&emulator, 8), connector(&emulator))
         .unwrap()
         .pre_recycle(max_age(
@@ -187,7 +181,7 @@ async fn an_identity_provider_outage_shorter_than_the_token_life_fails_no_checko
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_recovers_when_the_server_restarts_mid_run() {
-    let emulator = std::sync::Arc::new(Emulator::start().unwrap());
+    let emulator = std::sync::Arc::new(Suite::start(Duration::from_secs(3600)));
     let pool = create_pool(&user_config(&emulator, 8), connector(&emulator)).unwrap();
     let restarter = {
         let emulator = emulator.clone();
@@ -226,7 +220,7 @@ async fn the_pool_recovers_when_the_server_restarts_mid_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_failure_reaches_the_caller_as_our_typed_error() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Suite::start(Duration::from_secs(3600));
     let mut sp = emulator.service_principal();
     sp.client_secret = Some("wrong-secret".into());
     let credential = emulator.client_secret_credential(&sp).unwrap();

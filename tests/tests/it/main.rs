@@ -1,27 +1,158 @@
 //! End-to-end tests: each pool adapter against the local emulator, with azure_identity's real
-//! credentials, short token lifetimes, identity-provider faults and server restarts.
+//! credentials, short token lifetimes, identity-provider, server and network faults, bad input,
+//! and load. Every test runs with tracing at TRACE captured (log records included), and ends by
+//! searching the capture for every token the emulator issued.
 
 mod bb8_pool;
 mod deadpool_pool;
+mod faults;
+mod load;
+mod network;
+mod secrecy;
 
 use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots};
-use postgres_entra_testkit::Emulator;
+use postgres_entra_testkit::{Emulator, EmulatorBuilder};
 use std::future::Future;
-use std::sync::Arc;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// Everything written by the process-wide TRACE subscriber.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture() -> &'static Captured {
+    static CAPTURE: OnceLock<Captured> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let captured = Captured::default();
+        let writer = captured.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
+            .with_writer(move || writer.clone())
+            .finish()
+            .try_init()
+            .expect("the capture is the only subscriber");
+        captured
+    })
+}
+
+/// Bytes captured so far.
+pub fn captured_len() -> usize {
+    capture().0.lock().unwrap().len()
+}
+
+/// An emulator for one test, with the TRACE capture on. When the test ends (without panicking)
+/// the capture is searched for every token the emulator issued: a hit fails the test.
+#[derive(Debug)]
+pub struct Suite {
+    emulator: Emulator,
+}
+
+impl Suite {
+    /// An emulator issuing tokens that live `lifetime`.
+    pub fn start(lifetime: Duration) -> Self {
+        Self::with(Emulator::builder().token_lifetime(lifetime))
+    }
+
+    /// An emulator from `builder`.
+    pub fn with(builder: EmulatorBuilder) -> Self {
+        capture();
+        tracing::info!("suite: starting an emulator");
+        Self {
+            emulator: builder.start().unwrap(),
+        }
+    }
+
+    /// Searches the capture for every issued token; returns how many tokens were searched for.
+    pub fn assert_no_token_in_traces(&self) -> usize {
+        let text = String::from_utf8_lossy(&capture().0.lock().unwrap()).into_owned();
+        assert!(
+            text.contains("suite: starting an emulator"),
+            "the TRACE capture is live"
+        );
+        let tokens = self.emulator.issued_tokens();
+        for token in &tokens {
+            let signature = token.rsplit('.').next().unwrap_or(token);
+            assert!(
+                !text.contains(token.as_str()),
+                "a token appeared in the traces"
+            );
+            assert!(
+                !text.contains(signature),
+                "a token's signature appeared in the traces"
+            );
+        }
+        tokens.len()
+    }
+}
+
+impl Deref for Suite {
+    type Target = Emulator;
+    fn deref(&self) -> &Emulator {
+        &self.emulator
+    }
+}
+
+impl Drop for Suite {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.assert_no_token_in_traces();
+        }
+    }
+}
 
 /// A connector for the service principal of `emulator`, through azure_identity's
 /// `ClientSecretCredential`, trusting the emulator's CA, with a cache of its own.
 pub fn connector(emulator: &Emulator) -> EntraConnector {
+    connector_with(emulator, postgres_entra::CacheOptions::default())
+}
+
+/// [`connector`] with cache `options`.
+pub fn connector_with(
+    emulator: &Emulator,
+    options: postgres_entra::CacheOptions,
+) -> EntraConnector {
     let sp = emulator.service_principal();
     let credential = emulator.client_secret_credential(&sp).unwrap();
     EntraConnector::builder(AzureTokenSource::new(credential))
         .role_name(sp.role_name)
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+        .cache_options(options)
         .private_cache()
         .build()
         .unwrap()
+}
+
+/// The service principal's `ClientSecretCredential` without azure_core's own retries, to see
+/// what the cache alone does with each answer of the identity provider.
+pub fn credential_without_retries(
+    emulator: &Emulator,
+) -> Arc<dyn azure_core::credentials::TokenCredential> {
+    let sp = emulator.service_principal();
+    azure_identity::ClientSecretCredential::new(
+        emulator.tenant_id(),
+        sp.client_id.clone(),
+        sp.client_secret.clone().unwrap().into(),
+        Some(azure_identity::ClientSecretCredentialOptions {
+            client_options: azure_core::http::ClientOptions {
+                retry: azure_core::http::RetryOptions::none(),
+                ..emulator.transport().client_options()
+            },
+        }),
+    )
+    .unwrap()
 }
 
 /// Outcome of a load run.
