@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: test demo deps fmt clippy build unit-tests examples
+.PHONY: test demo deps fmt clippy build unit-tests examples fuzz bench
 
 ## Runs the main job against the local emulator (real Azure when PG*/AZURE_* are set, see README).
 demo: deps
@@ -41,3 +41,16 @@ examples:
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example deadpool_quickstart
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example bb8_quickstart
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example web_service -- --check
+
+## Criterion benches with the summary table (target/postgres-entra-bench.md).
+bench: deps
+	$(CARGO) bench --locked -p postgres-entra-benches
+
+## Coverage-guided fuzzing of the claims parser for FUZZ_SECONDS (cargo-fuzz; `make test` replays
+## the corpus instead). cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP lets the stable toolchain
+## accept them.
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	mkdir -p fuzz/target/corpus-work
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run claims target/corpus-work corpus/claims -- -max_total_time=$(FUZZ_SECONDS)

@@ -1,0 +1,14 @@
+//! The claims parser on arbitrary input: as a whole token, and as the JSON payload of one.
+//! Run with `make fuzz` (cargo-fuzz); `make test` replays the corpus in `corpus/claims`.
+#![no_main]
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = postgres_entra::role_name_from_token(text);
+    }
+    let token = format!("eyJhbGciOiJSUzI1NiJ9.{}.c2ln", URL_SAFE_NO_PAD.encode(data));
+    let _ = postgres_entra::role_name_from_token(&token);
+});
