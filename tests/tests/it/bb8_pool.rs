@@ -5,16 +5,11 @@ use postgres_entra_bb8::{EntraConnectionManager, Error, LastErrorSink};
 use postgres_entra_testkit::{Emulator, Endpoint, Fault};
 use std::time::Duration;
 
-use crate::{Suite, connector, expected_requests, hammer};
-
-fn config(emulator: &Emulator) -> tokio_postgres::Config {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(emulator.host())
-        .port(emulator.port())
-        .dbname(emulator.database());
-    config
-}
+use crate::{
+    Suite, connector, expected_requests, hammer, restart_during_churn, server_config,
+    wrong_secret_connector,
+};
+use std::sync::Arc;
 
 async fn pool(
     emulator: &Emulator,
@@ -27,7 +22,7 @@ async fn pool(
         .connection_timeout(Duration::from_secs(10))
         .test_on_check_out(true)
         .build(EntraConnectionManager::new(
-            config(emulator),
+            server_config(emulator),
             connector(emulator),
         ))
         .await
@@ -94,7 +89,7 @@ async fn a_cold_start_with_thirty_two_checkouts_makes_one_token_request() {
         .min_idle(Some(0))
         .connection_timeout(Duration::from_secs(10))
         .build(EntraConnectionManager::new(
-            config(&emulator),
+            server_config(&emulator),
             connector(&emulator),
         ))
         .await
@@ -173,59 +168,21 @@ async fn an_identity_provider_outage_shorter_than_the_token_life_fails_no_checko
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_recovers_when_the_server_restarts_mid_run() {
-    let emulator = std::sync::Arc::new(Suite::start(Duration::from_secs(3600)));
+    let emulator = Arc::new(Suite::start(Duration::from_secs(3600)));
     let pool = pool(&emulator, 8, None).await;
-    let restarter = {
-        let emulator = emulator.clone();
-        tokio::task::spawn_blocking(move || {
-            std::thread::sleep(Duration::from_secs(2));
-            emulator.restart_server().unwrap();
-        })
-    };
 
-    let pool2 = pool.clone();
-    let during = hammer(16, Duration::from_secs(5), move || {
-        let pool = pool2.clone();
+    restart_during_churn(&emulator, move || {
+        let pool = pool.clone();
         async move { checkout(&pool).await }
     })
     .await;
-    restarter.await.unwrap();
-    let pool2 = pool.clone();
-    let after = hammer(16, Duration::from_secs(2), move || {
-        let pool = pool2.clone();
-        async move { checkout(&pool).await }
-    })
-    .await;
-
-    println!(
-        "during restart: {} ok, {} failed; after: {} ok, {} failed",
-        during.ok, during.failed, after.ok, after.failed
-    );
-    assert!(during.ok > 0);
-    assert!(after.ok > 100);
-    assert_eq!(
-        after.failed, 0,
-        "first failure after the restart: {:?}",
-        after.first_error
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_failure_reaches_the_caller_as_our_typed_error() {
     let emulator = Suite::start(Duration::from_secs(3600));
-    let mut sp = emulator.service_principal();
-    sp.client_secret = Some("wrong-secret".into());
-    let credential = emulator.client_secret_credential(&sp).unwrap();
-    let connector =
-        postgres_entra::EntraConnector::builder(postgres_entra::AzureTokenSource::new(credential))
-            .role_name(sp.role_name)
-            .tls_roots(postgres_entra::TlsRoots::CaPem(
-                emulator.ca_pem().to_owned(),
-            ))
-            .private_cache()
-            .build()
-            .unwrap();
-    let manager = EntraConnectionManager::new(config(&emulator), connector);
+    let connector = wrong_secret_connector(&emulator);
+    let manager = EntraConnectionManager::new(server_config(&emulator), connector);
 
     // A connection opened directly reports our error as it is.
     let pool = Pool::builder().max_size(2).build_unchecked(manager.clone());

@@ -5,7 +5,11 @@ use postgres_entra_deadpool::{Error, create_pool, entra_error, max_age, pool_bui
 use postgres_entra_testkit::{Emulator, Endpoint, Fault};
 use std::time::Duration;
 
-use crate::{Suite, chain, connector, expected_requests, hammer};
+use crate::{
+    Suite, chain, connector, expected_requests, hammer, restart_during_churn,
+    wrong_secret_connector,
+};
+use std::sync::Arc;
 
 /// The kind of `deadpool_postgres::Config` a user loads from env or serde.
 pub(crate) fn user_config(emulator: &Emulator, max_size: usize) -> Config {
@@ -181,58 +185,20 @@ async fn an_identity_provider_outage_shorter_than_the_token_life_fails_no_checko
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_recovers_when_the_server_restarts_mid_run() {
-    let emulator = std::sync::Arc::new(Suite::start(Duration::from_secs(3600)));
+    let emulator = Arc::new(Suite::start(Duration::from_secs(3600)));
     let pool = create_pool(&user_config(&emulator, 8), connector(&emulator)).unwrap();
-    let restarter = {
-        let emulator = emulator.clone();
-        tokio::task::spawn_blocking(move || {
-            std::thread::sleep(Duration::from_secs(2));
-            emulator.restart_server().unwrap();
-        })
-    };
 
-    let pool2 = pool.clone();
-    let during = hammer(16, Duration::from_secs(5), move || {
-        let pool = pool2.clone();
+    restart_during_churn(&emulator, move || {
+        let pool = pool.clone();
         async move { checkout(&pool).await }
     })
     .await;
-    restarter.await.unwrap();
-    let pool2 = pool.clone();
-    let after = hammer(16, Duration::from_secs(2), move || {
-        let pool = pool2.clone();
-        async move { checkout(&pool).await }
-    })
-    .await;
-
-    println!(
-        "during restart: {} ok, {} failed; after: {} ok, {} failed",
-        during.ok, during.failed, after.ok, after.failed
-    );
-    assert!(during.ok > 0);
-    assert!(after.ok > 100);
-    assert_eq!(
-        after.failed, 0,
-        "first failure after the restart: {:?}",
-        after.first_error
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_failure_reaches_the_caller_as_our_typed_error() {
     let emulator = Suite::start(Duration::from_secs(3600));
-    let mut sp = emulator.service_principal();
-    sp.client_secret = Some("wrong-secret".into());
-    let credential = emulator.client_secret_credential(&sp).unwrap();
-    let connector =
-        postgres_entra::EntraConnector::builder(postgres_entra::AzureTokenSource::new(credential))
-            .role_name(sp.role_name)
-            .tls_roots(postgres_entra::TlsRoots::CaPem(
-                emulator.ca_pem().to_owned(),
-            ))
-            .private_cache()
-            .build()
-            .unwrap();
+    let connector = wrong_secret_connector(&emulator);
     let pool = create_pool(&user_config(&emulator, 2), connector).unwrap();
 
     let error = pool.get().await.unwrap_err();

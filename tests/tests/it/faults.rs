@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::deadpool_pool::{checkout, user_config};
-use crate::{Suite, connector, connector_with, credential_without_retries, hammer};
+use crate::{Suite, connector, connector_with, credential_without_retries, hammer, server_config};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -255,13 +255,7 @@ async fn connections_killed_server_side_while_idle_are_replaced() {
         .max_size(4)
         .test_on_check_out(true)
         .build(postgres_entra_bb8::EntraConnectionManager::new(
-            {
-                let mut c = tokio_postgres::Config::new();
-                c.host(emulator.host())
-                    .port(emulator.port())
-                    .dbname(emulator.database());
-                c
-            },
+            server_config(&emulator),
             connector(&emulator),
         ))
         .await

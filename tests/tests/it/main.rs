@@ -135,6 +135,58 @@ pub fn connector_with(
         .unwrap()
 }
 
+/// The emulator's host, port and database, without a user: the connector decides the role.
+pub fn server_config(emulator: &Emulator) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(emulator.host())
+        .port(emulator.port())
+        .dbname(emulator.database());
+    config
+}
+
+/// A connector whose credential has the wrong client secret: no token can be had.
+pub fn wrong_secret_connector(emulator: &Emulator) -> EntraConnector {
+    let mut sp = emulator.service_principal();
+    sp.client_secret = Some("wrong-secret".into());
+    let credential = emulator.client_secret_credential(&sp).unwrap();
+    EntraConnector::builder(AzureTokenSource::new(credential))
+        .role_name(sp.role_name)
+        .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+        .private_cache()
+        .build()
+        .unwrap()
+}
+
+/// Churns `checkout` on 16 tasks while the server restarts, then for two more seconds: the pool
+/// must serve some checkouts during the restart and every one after it.
+pub async fn restart_during_churn<F, Fut>(emulator: &Arc<Suite>, checkout: F)
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    let emulator = emulator.clone();
+    let restarter = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        emulator.restart_server().unwrap();
+    });
+    let during = hammer(16, Duration::from_secs(5), checkout.clone()).await;
+    restarter.await.unwrap();
+    let after = hammer(16, Duration::from_secs(2), checkout).await;
+
+    println!(
+        "during restart: {} ok, {} failed; after: {} ok, {} failed",
+        during.ok, during.failed, after.ok, after.failed
+    );
+    assert!(during.ok > 0);
+    assert!(after.ok > 100);
+    assert_eq!(
+        after.failed, 0,
+        "first failure after the restart: {:?}",
+        after.first_error
+    );
+}
+
 /// The service principal's `ClientSecretCredential` without azure_core's own retries, to see
 /// what the cache alone does with each answer of the identity provider.
 pub fn credential_without_retries(

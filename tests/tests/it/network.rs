@@ -106,6 +106,7 @@ async fn deadpool_checkouts_fail_fast_when_connections_are_cut_and_the_pool_heal
 async fn bb8_checkouts_fail_fast_when_connections_are_cut_and_the_pool_heals() {
     let emulator = Suite::start(HOUR);
     let relay = Arc::new(relay_to(&emulator).await);
+    // The relay's port instead of the server's.
     let mut config = tokio_postgres::Config::new();
     config
         .host(emulator.host())

@@ -8,7 +8,7 @@ use postgres_entra_testkit::{Endpoint, PlaintextListener};
 use std::time::Duration;
 
 use crate::deadpool_pool::user_config;
-use crate::{Suite, chain, connector};
+use crate::{Suite, chain, connector, server_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plaintext_server_receives_no_token_byte_whatever_the_configuration() {
@@ -81,10 +81,7 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
         .unwrap();
     let pool_error = pool.get().await.unwrap_err();
     let sink = LastErrorSink::new();
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(emulator.host())
-        .port(emulator.port())
-        .dbname(emulator.database());
+    let pg = server_config(&emulator);
     let manager = EntraConnectionManager::new(pg, wrong_role.clone());
     let bb8_pool = bb8::Pool::builder()
         .max_size(1)
