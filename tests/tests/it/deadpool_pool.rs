@@ -220,3 +220,33 @@ async fn a_token_failure_reaches_the_caller_as_our_typed_error() {
     assert!(reported.contains("AADSTS7000215"), "{reported}");
     assert!(emulator.logins().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_recycling_method_still_runs() {
+    let emulator = Suite::start(Duration::from_secs(3600));
+    let mut config = user_config(&emulator, 1);
+    config.manager = Some(ManagerConfig {
+        recycling_method: RecyclingMethod::Custom(
+            "SET application_name = 'recycled by the user''s method'".into(),
+        ),
+    });
+    let pool = create_pool(&config, connector(&emulator)).unwrap();
+
+    let first = pool.get().await.unwrap();
+    let name: String = first
+        .query_one("show application_name", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(name, "recycled by the user's method");
+    drop(first);
+    let recycled = pool.get().await.unwrap();
+    let name: String = recycled
+        .query_one("show application_name", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    assert_eq!(name, "recycled by the user's method");
+    assert_eq!(emulator.logins().len(), 1, "the same connection, recycled");
+}
