@@ -145,11 +145,11 @@ async fn an_identity_provider_outage_shorter_than_the_token_life_fails_no_checko
     emulator.set_fault_for(
         Endpoint::Token,
         Fault::DropConnection,
-        Duration::from_millis(7200),
+        Duration::from_millis(7000),
     );
 
     let pool2 = pool.clone();
-    let load = hammer(16, Duration::from_secs(7), move || {
+    let load = hammer(16, Duration::from_millis(6500), move || {
         let pool = pool2.clone();
         async move { checkout(&pool).await }
     })

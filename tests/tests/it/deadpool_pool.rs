@@ -154,15 +154,16 @@ async fn an_identity_provider_outage_shorter_than_the_token_life_fails_no_checko
         .build()
         .unwrap();
     checkout(&pool).await.unwrap();
-    // The outage covers the refresh point (6 s) and ends before the token expires (8 s).
+    // The outage covers the refresh point (6 s) and ends before the token expires (8 s); the
+    // load stops before the token leaves its usable life (7.2 s).
     emulator.set_fault_for(
         Endpoint::Token,
         Fault::ServerError,
-        Duration::from_millis(7200),
+        Duration::from_millis(7000),
     );
 
     let pool2 = pool.clone();
-    let load = hammer(16, Duration::from_secs(7), move || {
+    let load = hammer(16, Duration::from_millis(6500), move || {
         let pool = pool2.clone();
         async move { checkout(&pool).await }
     })

@@ -114,7 +114,7 @@ async fn throttling_with_retry_after_is_honoured_without_a_request_storm() {
     let error = cache.get().await.unwrap_err();
     assert_eq!(error.provider_retry_after(), Some(Duration::from_secs(3)));
     emulator.clear_fault(Endpoint::Token);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         emulator.requests(Endpoint::Token),
         2,

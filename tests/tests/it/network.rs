@@ -167,7 +167,7 @@ async fn a_stalled_network_fails_checkouts_within_the_pool_timeouts_and_heals() 
     let error = checkout(&pool).await.unwrap_err();
     let waited = started.elapsed();
     assert!(
-        waited < Duration::from_secs(4),
+        waited < Duration::from_secs(6),
         "a stalled checkout ends with the pool's timeouts, not a hang: {waited:?}"
     );
     println!("stalled checkout failed after {waited:?}: {error}");
