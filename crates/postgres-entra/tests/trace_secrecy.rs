@@ -1,0 +1,80 @@
+//! The cache's tracing output at TRACE, over a fetch, a background refresh, an invalidation and a
+//! failure, never contains a token. A test binary of its own: the capture is the process-wide
+//! subscriber, so no other test's threads can race its registration.
+
+use postgres_entra::{AccessToken, FnTokenSource, TokenCache, TokenSourceError, TokioClock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// Collects everything the subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn trace_output_of_fetch_refresh_invalidation_and_failure_never_contains_the_token() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish(),
+    )
+    .unwrap();
+    let clock = TokioClock::new(SystemTime::now());
+    let calls = Arc::new(AtomicU32::new(0));
+    let failing = Arc::new(Mutex::new(false));
+    let (counter, fail) = (calls.clone(), failing.clone());
+    let source = FnTokenSource::new("trace-test", move |_| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let result = if *fail.lock().unwrap() {
+            Err(TokenSourceError::new("provider down"))
+        } else {
+            Ok(AccessToken::new(
+                format!("secret-token-{n}"),
+                SystemTime::now() + Duration::from_secs(8),
+            ))
+        };
+        async move { result }
+    });
+    let cache = TokenCache::builder(source)
+        .clock(Arc::new(clock))
+        .build()
+        .unwrap();
+
+    let first = cache.get().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(7)).await; // the background refresh runs at 6 s
+    *failing.lock().unwrap() = true;
+    cache.invalidate(&cache.get().await.unwrap());
+    let _ = cache.get().await;
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        calls.load(Ordering::SeqCst) >= 3,
+        "fetch, refresh and a failed fetch happened"
+    );
+    for expected in [
+        "token fetched",
+        "token fetch failed",
+        "invalidated",
+        "entra_token_fetch",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in {text}");
+    }
+    assert!(
+        !text.contains("secret-token"),
+        "a token leaked into the trace: {text}"
+    );
+    assert_eq!(first.secret(), "secret-token-1");
+}
