@@ -1,17 +1,4 @@
-//! A local emulator of Azure Database for PostgreSQL with Microsoft Entra ID login, for tests,
-//! benches and demos that must run on one machine with no Azure account.
-//!
-//! [`Emulator::start`] brings up, all on loopback:
-//! - a private PostgreSQL cluster (its own directory, port and socket; run as an unprivileged user
-//!   when we are root) that accepts TCP logins over TLS only, with a per-run CA;
-//! - a token check at login: `pg_hba`'s `ldap` method hands the password (the access token) to an
-//!   LDAP responder here that verifies it as Azure does (RS256 signature, audience, issuer, expiry
-//!   with no leeway, and the token's `oid` against the role's registered object id);
-//! - mock Entra endpoints (v2.0 token endpoint for client secrets and client assertions, App Service
-//!   and IMDS managed-identity endpoints, JWKS) with request counters and fault injection.
-//!
-//! azure_identity's real credential types reach the mock through [`LoopbackTransport`], which sends
-//! every request to loopback whatever host it was addressed to.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
