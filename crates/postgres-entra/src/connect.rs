@@ -12,7 +12,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::cache::{CacheOptions, Token, TokenCache};
 use crate::clock::Clock;
 use crate::error::Error;
-use crate::scope::Cloud;
+use crate::scope::{Cloud, check_cloud};
 use crate::tls::{TlsRoots, tls_config};
 use crate::token::TokenSource;
 
@@ -292,6 +292,11 @@ impl EntraConnector {
         config: &Config,
     ) -> Result<(Client, Connection<Socket, TlsStream>), Error> {
         let mut config = Self::secure_config(config)?;
+        for host in config.get_hosts() {
+            if let Host::Tcp(name) = host {
+                check_cloud(name, self.cache.scope())?;
+            }
+        }
         let token = self.cache.get().await?;
         let role = self.role_for(&config, &token)?;
         config.user(&role).password(token.secret());

@@ -27,14 +27,43 @@ impl Cloud {
 
     /// The cloud a server host name belongs to; anything not recognised is the public cloud.
     pub fn from_host(host: &str) -> Self {
+        Self::from_server_name(host).unwrap_or_default()
+    }
+
+    /// The cloud of an Azure Database for PostgreSQL server name (`*.postgres.database.<cloud
+    /// suffix>`), or `None` for any other name (a custom domain, `localhost`, an address).
+    pub fn from_server_name(host: &str) -> Option<Self> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        if host.ends_with(".usgovcloudapi.net") {
-            Cloud::UsGovernment
-        } else if host.ends_with(".chinacloudapi.cn") {
-            Cloud::China
-        } else {
-            Cloud::Public
+        [Cloud::Public, Cloud::UsGovernment, Cloud::China]
+            .into_iter()
+            .find(|cloud| host.ends_with(cloud.server_suffix()))
+    }
+
+    /// The cloud whose scope `scope` is, if it is one of theirs.
+    pub fn from_scope(scope: &str) -> Option<Self> {
+        [Cloud::Public, Cloud::UsGovernment, Cloud::China]
+            .into_iter()
+            .find(|cloud| cloud.scope() == scope)
+    }
+
+    fn server_suffix(self) -> &'static str {
+        match self {
+            Cloud::Public => ".postgres.database.azure.com",
+            Cloud::UsGovernment => ".postgres.database.usgovcloudapi.net",
+            Cloud::China => ".postgres.database.chinacloudapi.cn",
         }
+    }
+}
+
+/// Refuses to send a token for one cloud to a server that is plainly in another: the server would
+/// reject it, and the rejection would not say why.
+pub(crate) fn check_cloud(host: &str, scope: &str) -> Result<(), Error> {
+    match (Cloud::from_server_name(host), Cloud::from_scope(scope)) {
+        (Some(server), Some(token)) if server != token => Err(Error::config(format!(
+            "`{host}` is a {server:?} server but tokens are requested for the {token:?} cloud ({scope}); \
+             build the connector with `.host(\"{host}\")` or `.cloud(Cloud::{server:?})`"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -86,6 +115,23 @@ mod tests {
             Cloud::China.scope(),
             "https://ossrdbms-aad.database.chinacloudapi.cn/.default"
         );
+    }
+
+    #[test]
+    fn a_token_for_another_cloud_is_refused_only_when_both_sides_are_plain() {
+        let gov = "db1.postgres.database.usgovcloudapi.net";
+        let error = check_cloud(gov, Cloud::Public.scope()).unwrap_err();
+        assert!(error.to_string().contains("Cloud::UsGovernment"), "{error}");
+        check_cloud(gov, Cloud::UsGovernment.scope()).unwrap();
+        // A custom domain, localhost, or a custom scope: nothing to compare.
+        check_cloud("db.example.com", Cloud::China.scope()).unwrap();
+        check_cloud("localhost", Cloud::UsGovernment.scope()).unwrap();
+        check_cloud(gov, "api://my-app/.default").unwrap();
+        assert_eq!(
+            Cloud::from_server_name("x.postgres.database.azure.com."),
+            Some(Cloud::Public)
+        );
+        assert_eq!(Cloud::from_server_name("localhost"), None);
     }
 
     #[test]

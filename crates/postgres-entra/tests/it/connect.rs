@@ -188,6 +188,15 @@ async fn plaintext_and_unix_socket_configurations_are_refused_before_connecting(
         Error::Config { .. }
     ));
 
+    // A public-cloud token for a server plainly in US Government.
+    let mut gov = tokio_postgres::Config::new();
+    gov.host("db1.postgres.database.usgovcloudapi.net")
+        .hostaddr([127, 0, 0, 1].into())
+        .port(emulator.port())
+        .dbname("postgres");
+    let error = current_user(&connector, &gov).await.unwrap_err();
+    assert!(error.to_string().contains("Cloud::UsGovernment"), "{error}");
+
     assert_eq!(calls.load(Ordering::SeqCst), 0, "no token was even fetched");
     assert!(emulator.logins().is_empty());
 }
