@@ -8,7 +8,12 @@
 //! - `naive, IdP +N ms`: a fresh token from the credential on every connect, as the seeds do,
 //!   with the mock identity provider answering after N ms.
 //!
-//! `cargo bench -p postgres-entra-benches -- --quick` gives a quick look (about two minutes).
+//! Criterion measures each strategy on its own; the summary's connect and pool rows come from a
+//! second, paired pass in which every strategy alternates in chunks with the static-password
+//! baseline, so that slow drift over the run (a shared machine, sockets in TIME_WAIT) cannot
+//! favour whichever ran first. Each ratio compares with the baseline samples taken beside it.
+//!
+//! `cargo bench -p postgres-entra-benches -- --quick` gives a quick look.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -49,7 +54,29 @@ struct Bench {
     credential: Arc<dyn TokenCredential>,
     connector: EntraConnector,
     tls: MakeRustlsConnect,
+    static_config: tokio_postgres::Config,
+    token_config: tokio_postgres::Config,
     recorder: Recorder,
+}
+
+/// The pools of the pool-churn benchmark: each library with a static password and with tokens.
+struct Pools {
+    deadpool_static: deadpool_postgres::Pool,
+    deadpool_token: deadpool_postgres::Pool,
+    bb8_static: bb8::Pool<bb8_postgres::PostgresConnectionManager<MakeRustlsConnect>>,
+    bb8_token: bb8::Pool<EntraConnectionManager>,
+}
+
+/// The operations measured, so that criterion's runs and the paired runs do the same thing.
+#[derive(Clone, Copy)]
+enum Op {
+    ConnectStatic,
+    ConnectCached,
+    ConnectNaive,
+    DeadpoolStatic,
+    DeadpoolToken,
+    Bb8Static,
+    Bb8Token,
 }
 
 impl Bench {
@@ -75,49 +102,193 @@ impl Bench {
             .build()
             .unwrap();
         let tls = emulator.tls().unwrap();
+        let mut static_config = emulator.pg_config(STATIC_ROLE);
+        static_config.password(STATIC_PASSWORD);
+        let token_config = emulator.pg_config(&sp.role_name);
         Self {
             runtime,
             emulator,
             credential,
             connector,
             tls,
+            static_config,
+            token_config,
             recorder: Recorder::default(),
         }
     }
 
-    fn config(&self, role: &str) -> tokio_postgres::Config {
-        let mut config = self.emulator.pg_config(role);
-        if role == STATIC_ROLE {
-            config.password(STATIC_PASSWORD);
+    fn pools(&self) -> Pools {
+        let _guard = self.runtime.enter();
+        let deadpool_config = |role: &str| {
+            let mut config = deadpool_postgres::Config::new();
+            config.host = Some(self.emulator.host().into());
+            config.port = Some(self.emulator.port());
+            config.dbname = Some(self.emulator.database().into());
+            config.user = Some(role.into());
+            if role == STATIC_ROLE {
+                config.password = Some(STATIC_PASSWORD.into());
+            }
+            config.pool = Some(deadpool_postgres::PoolConfig::new(4));
+            config
+        };
+        let deadpool_static = deadpool_config(STATIC_ROLE)
+            .builder(self.tls.clone())
+            .unwrap()
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .pre_recycle(max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5))
+            .build()
+            .unwrap();
+        let deadpool_token = pool_builder(&deadpool_config("orders-api"), self.connector.clone())
+            .unwrap()
+            .pre_recycle(max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5))
+            .build()
+            .unwrap();
+        fn bb8_builder<M: bb8::ManageConnection>() -> bb8::Builder<M> {
+            bb8::Pool::builder()
+                .max_size(4)
+                .max_lifetime(Some(POOL_MAX_AGE))
         }
-        config
+        let bb8_static = self
+            .runtime
+            .block_on(
+                bb8_builder().build(bb8_postgres::PostgresConnectionManager::new(
+                    self.static_config.clone(),
+                    self.tls.clone(),
+                )),
+            )
+            .unwrap();
+        let bb8_token = self
+            .runtime
+            .block_on(bb8_builder().build(EntraConnectionManager::new(
+                self.token_config.clone(),
+                self.connector.clone(),
+            )))
+            .unwrap();
+        Pools {
+            deadpool_static,
+            deadpool_token,
+            bb8_static,
+            bb8_token,
+        }
     }
 
-    /// Runs `iters` operations one after another, recording each one's latency and the identity
-    /// provider requests they caused; returns the total time, for criterion.
-    fn sequential<F, Fut>(&self, operation: &str, strategy: &str, iters: u64, op: F) -> Duration
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = ()>,
-    {
-        let requests_before = self.emulator.requests(Endpoint::Token);
-        let mut samples = Vec::with_capacity(iters as usize);
-        let total = self.runtime.block_on(async {
+    async fn run(&self, op: Op, pools: &Pools) {
+        match op {
+            Op::ConnectStatic => {
+                let (client, connection) =
+                    self.static_config.connect(self.tls.clone()).await.unwrap();
+                use_and_close(client, connection).await;
+            }
+            Op::ConnectCached => {
+                let (client, connection) =
+                    self.connector.connect(&self.token_config).await.unwrap();
+                use_and_close(client, connection).await;
+            }
+            Op::ConnectNaive => {
+                let token = self.credential.get_token(&[SCOPE], None).await.unwrap();
+                let mut config = self.token_config.clone();
+                config.password(token.token.secret());
+                let (client, connection) = config.connect(self.tls.clone()).await.unwrap();
+                use_and_close(client, connection).await;
+            }
+            Op::DeadpoolStatic | Op::DeadpoolToken => {
+                let pool = if matches!(op, Op::DeadpoolStatic) {
+                    &pools.deadpool_static
+                } else {
+                    &pools.deadpool_token
+                };
+                pool.get()
+                    .await
+                    .unwrap()
+                    .simple_query("select 1")
+                    .await
+                    .unwrap();
+            }
+            Op::Bb8Static => {
+                pools
+                    .bb8_static
+                    .get()
+                    .await
+                    .unwrap()
+                    .simple_query("select 1")
+                    .await
+                    .unwrap();
+            }
+            Op::Bb8Token => {
+                pools
+                    .bb8_token
+                    .get()
+                    .await
+                    .unwrap()
+                    .simple_query("select 1")
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Runs `op` `iters` times for criterion; returns the total time.
+    fn timed(&self, op: Op, pools: &Pools, iters: u64) -> Duration {
+        self.runtime.block_on(async {
             let start = Instant::now();
             for _ in 0..iters {
-                let t = Instant::now();
-                op().await;
-                samples.push(t.elapsed());
+                self.run(op, pools).await;
             }
             start.elapsed()
-        });
-        self.recorder.record(operation, strategy, samples);
-        self.recorder.record_requests(
-            operation,
-            strategy,
+        })
+    }
+
+    /// `n` runs of `op`, each timed; and the identity-provider requests they made.
+    async fn samples(&self, op: Op, pools: &Pools, n: usize) -> (Vec<Duration>, u64) {
+        let requests_before = self.emulator.requests(Endpoint::Token);
+        let mut samples = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            self.run(op, pools).await;
+            samples.push(t.elapsed());
+        }
+        (
+            samples,
             self.emulator.requests(Endpoint::Token) - requests_before,
-        );
-        total
+        )
+    }
+
+    /// Measures `candidate` against `baseline` in alternating chunks, so that drift over the run
+    /// (a shared machine, sockets piling up in TIME_WAIT) weighs on both alike, and records both
+    /// for the summary: the candidate's ratios compare with the baseline samples taken beside it.
+    fn paired(
+        &self,
+        pools: &Pools,
+        operation: &str,
+        baseline: Op,
+        candidate: (&str, Op),
+        rounds: usize,
+        chunk: usize,
+    ) {
+        let (strategy, op) = candidate;
+        let (mut base, mut ours, mut requests, mut base_requests) = (Vec::new(), Vec::new(), 0, 0);
+        self.runtime.block_on(async {
+            // Baseline first in even rounds, candidate first in odd ones: neither always follows
+            // the other.
+            for round in 0..rounds {
+                for candidate_turn in [round % 2 == 1, round % 2 == 0] {
+                    if candidate_turn {
+                        let (s, r) = self.samples(op, pools, chunk).await;
+                        ours.extend(s);
+                        requests += r;
+                    } else {
+                        let (s, r) = self.samples(baseline, pools, chunk).await;
+                        base.extend(s);
+                        base_requests += r;
+                    }
+                }
+            }
+        });
+        self.recorder.record(operation, BASELINE, base.clone());
+        self.recorder
+            .record_requests(operation, BASELINE, base_requests);
+        self.recorder.record_paired(operation, strategy, ours, base);
+        self.recorder.record_requests(operation, strategy, requests);
     }
 }
 
@@ -134,143 +305,93 @@ async fn use_and_close<S>(
     let _ = task.await;
 }
 
-fn connect_churn(c: &mut Criterion, bench: &Bench) {
+fn connect_churn(c: &mut Criterion, bench: &Bench, pools: &Pools) {
     let mut group = c.benchmark_group("connect");
-    let static_config = bench.config(STATIC_ROLE);
-    let token_config = bench.config("orders-api");
     bench
         .runtime
         .block_on(bench.connector.cache().get())
         .unwrap();
-
     group.bench_function(BASELINE, |b| {
-        b.iter_custom(|iters| {
-            bench.sequential(CONNECT, BASELINE, iters, || async {
-                let (client, connection) = static_config.connect(bench.tls.clone()).await.unwrap();
-                use_and_close(client, connection).await;
-            })
-        })
+        b.iter_custom(|iters| bench.timed(Op::ConnectStatic, pools, iters))
     });
-    for latency_ms in [0u64, 200] {
-        let strategy = if latency_ms == 0 {
-            "cached token".to_owned()
-        } else {
-            format!("cached token, IdP +{latency_ms} ms")
-        };
-        bench
-            .emulator
-            .set_latency(Endpoint::Token, Duration::from_millis(latency_ms));
-        group.bench_function(BenchmarkId::new("cached token", latency_ms), |b| {
-            b.iter_custom(|iters| {
-                bench.sequential(CONNECT, &strategy, iters, || async {
-                    let (client, connection) =
-                        bench.connector.connect(&token_config).await.unwrap();
-                    use_and_close(client, connection).await;
-                })
-            })
-        });
-    }
-    for latency_ms in [0u64, 50, 200] {
-        let strategy = format!("naive, IdP +{latency_ms} ms");
-        bench
-            .emulator
-            .set_latency(Endpoint::Token, Duration::from_millis(latency_ms));
-        group.bench_function(
-            BenchmarkId::new("naive token per connect", latency_ms),
-            |b| {
-                b.iter_custom(|iters| {
-                    bench.sequential(CONNECT, &strategy, iters, || async {
-                        let token = bench.credential.get_token(&[SCOPE], None).await.unwrap();
-                        let mut config = token_config.clone();
-                        config.user("orders-api").password(token.token.secret());
-                        let (client, connection) = config.connect(bench.tls.clone()).await.unwrap();
-                        use_and_close(client, connection).await;
-                    })
-                })
-            },
-        );
+    for (name, op, latencies) in [
+        ("cached token", Op::ConnectCached, &[0u64, 200][..]),
+        (
+            "naive token per connect",
+            Op::ConnectNaive,
+            &[0, 50, 200][..],
+        ),
+    ] {
+        for &latency_ms in latencies {
+            bench
+                .emulator
+                .set_latency(Endpoint::Token, Duration::from_millis(latency_ms));
+            group.bench_function(BenchmarkId::new(name, latency_ms), |b| {
+                b.iter_custom(|iters| bench.timed(op, pools, iters))
+            });
+        }
     }
     bench.emulator.set_latency(Endpoint::Token, Duration::ZERO);
     group.finish();
 }
 
-fn pool_churn(c: &mut Criterion, bench: &Bench) {
+fn pool_churn(c: &mut Criterion, bench: &Bench, pools: &Pools) {
     let mut group = c.benchmark_group("pool");
-    let _guard = bench.runtime.enter();
-
-    let deadpool_config = |role: &str| {
-        let mut config = deadpool_postgres::Config::new();
-        config.host = Some(bench.emulator.host().into());
-        config.port = Some(bench.emulator.port());
-        config.dbname = Some(bench.emulator.database().into());
-        config.user = Some(role.into());
-        if role == STATIC_ROLE {
-            config.password = Some(STATIC_PASSWORD.into());
-        }
-        config.pool = Some(deadpool_postgres::PoolConfig::new(4));
-        config
-    };
-    let dp_static = deadpool_config(STATIC_ROLE)
-        .builder(bench.tls.clone())
-        .unwrap()
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .pre_recycle(max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5))
-        .build()
-        .unwrap();
-    let dp_token = pool_builder(&deadpool_config("orders-api"), bench.connector.clone())
-        .unwrap()
-        .pre_recycle(max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5))
-        .build()
-        .unwrap();
-    for (strategy, pool) in [(BASELINE, &dp_static), ("cached token", &dp_token)] {
-        group.bench_function(BenchmarkId::new("deadpool", strategy), |b| {
-            b.iter_custom(|iters| {
-                bench.sequential(DEADPOOL, strategy, iters, || async {
-                    let client = pool.get().await.unwrap();
-                    client.simple_query("select 1").await.unwrap();
-                })
-            })
-        });
+    for (id, op) in [
+        (BenchmarkId::new("deadpool", BASELINE), Op::DeadpoolStatic),
+        (
+            BenchmarkId::new("deadpool", "cached token"),
+            Op::DeadpoolToken,
+        ),
+        (BenchmarkId::new("bb8", BASELINE), Op::Bb8Static),
+        (BenchmarkId::new("bb8", "cached token"), Op::Bb8Token),
+    ] {
+        group.bench_function(id, |b| b.iter_custom(|iters| bench.timed(op, pools, iters)));
     }
-
-    fn bb8_builder<M: bb8::ManageConnection>() -> bb8::Builder<M> {
-        bb8::Pool::builder()
-            .max_size(4)
-            .max_lifetime(Some(POOL_MAX_AGE))
-    }
-    let bb8_static = bench
-        .runtime
-        .block_on(
-            bb8_builder().build(bb8_postgres::PostgresConnectionManager::new(
-                bench.config(STATIC_ROLE),
-                bench.tls.clone(),
-            )),
-        )
-        .unwrap();
-    let bb8_token = bench
-        .runtime
-        .block_on(bb8_builder().build(EntraConnectionManager::new(
-            bench.config("orders-api"),
-            bench.connector.clone(),
-        )))
-        .unwrap();
-    group.bench_function(BenchmarkId::new("bb8", BASELINE), |b| {
-        b.iter_custom(|iters| {
-            bench.sequential(BB8, BASELINE, iters, || async {
-                let client = bb8_static.get().await.unwrap();
-                client.simple_query("select 1").await.unwrap();
-            })
-        })
-    });
-    group.bench_function(BenchmarkId::new("bb8", "cached token"), |b| {
-        b.iter_custom(|iters| {
-            bench.sequential(BB8, "cached token", iters, || async {
-                let client = bb8_token.get().await.unwrap();
-                client.simple_query("select 1").await.unwrap();
-            })
-        })
-    });
     group.finish();
+}
+
+/// The summary's connect and pool rows: each strategy measured in alternation with its baseline.
+/// `scale` shrinks the rounds for `--quick`.
+fn paired_runs(bench: &Bench, pools: &Pools, scale: usize) {
+    eprintln!("paired runs: each strategy alternating with its static-password baseline...");
+    let rounds = |n: usize| (n / scale).max(2);
+    for (strategy, op, latency_ms, n, chunk) in [
+        ("cached token", Op::ConnectCached, 0, 40, 20),
+        ("cached token, IdP +200 ms", Op::ConnectCached, 200, 40, 20),
+        ("naive, IdP +0 ms", Op::ConnectNaive, 0, 40, 20),
+        ("naive, IdP +50 ms", Op::ConnectNaive, 50, 8, 8),
+        ("naive, IdP +200 ms", Op::ConnectNaive, 200, 6, 5),
+    ] {
+        bench
+            .emulator
+            .set_latency(Endpoint::Token, Duration::from_millis(latency_ms));
+        bench.paired(
+            pools,
+            CONNECT,
+            Op::ConnectStatic,
+            (strategy, op),
+            rounds(n),
+            chunk,
+        );
+    }
+    bench.emulator.set_latency(Endpoint::Token, Duration::ZERO);
+    bench.paired(
+        pools,
+        DEADPOOL,
+        Op::DeadpoolStatic,
+        ("cached token", Op::DeadpoolToken),
+        rounds(20),
+        250,
+    );
+    bench.paired(
+        pools,
+        BB8,
+        Op::Bb8Static,
+        ("cached token", Op::Bb8Token),
+        rounds(20),
+        250,
+    );
 }
 
 /// Calls timed together, so the clock's own cost stays out of a ~50 ns measurement.
@@ -322,7 +443,7 @@ fn token_cache(c: &mut Criterion, bench: &Bench) {
 
     group.bench_function("cold start, 64 callers", |b| {
         b.iter_custom(|iters| {
-            bench.sequential(COLD_START, "cached token", iters, || async {
+            bench.cold_starts(iters, || async {
                 let cold = TokenCache::builder(AzureTokenSource::new(bench.credential.clone()))
                     .build()
                     .unwrap();
@@ -344,6 +465,32 @@ fn token_cache(c: &mut Criterion, bench: &Bench) {
         })
     });
     group.finish();
+}
+
+impl Bench {
+    /// Runs `iters` cold starts, recording each one's time and the requests they made.
+    fn cold_starts<F, Fut>(&self, iters: u64, cold_start: F) -> Duration
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let requests_before = self.emulator.requests(Endpoint::Token);
+        let mut samples = Vec::with_capacity(iters as usize);
+        let total = self.runtime.block_on(async {
+            let start = Instant::now();
+            for _ in 0..iters {
+                let t = Instant::now();
+                cold_start().await;
+                samples.push(t.elapsed());
+            }
+            start.elapsed()
+        });
+        self.recorder.record(COLD_START, "cached token", samples);
+        let requests = self.emulator.requests(Endpoint::Token) - requests_before;
+        self.recorder
+            .record_requests(COLD_START, "cached token", requests);
+        total
+    }
 }
 
 fn machine() -> String {
@@ -368,19 +515,20 @@ fn machine() -> String {
 fn targets(recorder: &Recorder) -> Vec<String> {
     let mut lines = Vec::new();
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
-    if let (Some(base), Some(cached)) = (
-        recorder.figures(CONNECT, BASELINE),
-        recorder.figures(CONNECT, "cached token"),
-    ) {
+    let paired = |strategy: &str| {
+        recorder
+            .figures(CONNECT, strategy)
+            .zip(recorder.paired_baseline(CONNECT, strategy))
+    };
+    if let Some((cached, base)) = paired("cached token") {
         let r = ratio(cached.median, base.median);
         lines.push(format!(
             "cached-token connect ÷ static connect (median): {r:.3} (target ≤ 1.03: {})",
             if r <= 1.03 { "met" } else { "missed" }
         ));
     }
-    if let (Some(base), Some(cached), Some(naive)) = (
-        recorder.figures(CONNECT, BASELINE),
-        recorder.figures(CONNECT, "cached token, IdP +200 ms"),
+    if let (Some((cached, base)), Some(naive)) = (
+        paired("cached token, IdP +200 ms"),
         recorder.figures(CONNECT, "naive, IdP +200 ms"),
     ) {
         let r = ratio(cached.p99, base.p99);
@@ -421,9 +569,21 @@ fn main() {
         TOKEN_LIFETIME.as_secs()
     );
     let bench = Bench::new();
+    let pools = bench.pools();
+    let quick = std::env::args().any(|a| a == "--quick");
 
-    connect_churn(&mut criterion, &bench);
-    pool_churn(&mut criterion, &bench);
+    connect_churn(&mut criterion, &bench, &pools);
+    pool_churn(&mut criterion, &bench, &pools);
+    // A criterion filter (`cargo bench -- token`) that names neither connects nor pools skips
+    // the paired pass too.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if filter.is_none_or(|f| {
+        ["connect", "pool"]
+            .iter()
+            .any(|g| g.contains(f.as_str()) || f.contains(g))
+    }) {
+        paired_runs(&bench, &pools, if quick { 4 } else { 1 });
+    }
     token_cache(&mut criterion, &bench);
     criterion.final_summary();
 

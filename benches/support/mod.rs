@@ -10,6 +10,8 @@ use std::time::Duration;
 #[derive(Debug, Default)]
 struct Row {
     samples: Vec<Duration>,
+    /// Baseline samples taken alternately with this row's, for its ratios.
+    paired_baseline: Vec<Duration>,
     provider_requests: u64,
     ops: u64,
 }
@@ -72,6 +74,24 @@ impl Recorder {
         row.ops += (row.samples.len() - before) as u64;
     }
 
+    /// Adds latencies measured alternately with `baseline` ones (in chunks, so that drift over
+    /// the run weighs on both alike); the row's ratios compare with those.
+    pub(crate) fn record_paired(
+        &self,
+        operation: &str,
+        strategy: &str,
+        samples: Vec<Duration>,
+        baseline: Vec<Duration>,
+    ) {
+        self.record(operation, strategy, samples);
+        let key = self.key(operation, strategy);
+        let mut rows = self.rows.lock().unwrap();
+        rows.entry(key)
+            .or_default()
+            .paired_baseline
+            .extend(baseline);
+    }
+
     /// Adds identity-provider requests made during `ops` operations.
     pub(crate) fn record_requests(&self, operation: &str, strategy: &str, requests: u64) {
         let key = self.key(operation, strategy);
@@ -81,6 +101,21 @@ impl Recorder {
             .entry(key)
             .or_default()
             .provider_requests += requests;
+    }
+
+    /// Median and p99 of the baseline samples paired with a row, if it has them.
+    pub(crate) fn paired_baseline(&self, operation: &str, strategy: &str) -> Option<Figures> {
+        let rows = self.rows.lock().unwrap();
+        let row = rows
+            .iter()
+            .find(|((_, o, s), _)| o == operation && s == strategy)
+            .map(|(_, row)| row)?;
+        let mut sorted = row.paired_baseline.clone();
+        sorted.sort();
+        (!sorted.is_empty()).then(|| Figures {
+            median: percentile(&sorted, 0.5),
+            p99: percentile(&sorted, 0.99),
+        })
     }
 
     /// Median and p99 of a row, if it ran.
@@ -115,14 +150,18 @@ impl Recorder {
             let (median, p99) = (percentile(&sorted, 0.5), percentile(&sorted, 0.99));
             let mean_secs =
                 sorted.iter().map(Duration::as_secs_f64).sum::<f64>() / sorted.len().max(1) as f64;
-            let base = rows
-                .iter()
-                .find(|((_, o, s), _)| o == operation && s == baseline)
-                .map(|(_, r)| {
-                    let mut s = r.samples.clone();
-                    s.sort();
-                    (percentile(&s, 0.5), percentile(&s, 0.99))
-                });
+            let sorted_figures = |samples: &[Duration]| {
+                let mut s = samples.to_vec();
+                s.sort();
+                (percentile(&s, 0.5), percentile(&s, 0.99))
+            };
+            let base = if !row.paired_baseline.is_empty() {
+                Some(sorted_figures(&row.paired_baseline))
+            } else {
+                rows.iter()
+                    .find(|((_, o, s), _)| o == operation && s == baseline)
+                    .map(|(_, r)| sorted_figures(&r.samples))
+            };
             let ratio = |ours: Duration, theirs: Duration| {
                 if theirs.is_zero() {
                     "–".to_owned()
