@@ -129,11 +129,7 @@ impl Target {
             .role_name(&sp.role_name)
             .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
             .build()?;
-        let mut pg_config = tokio_postgres::Config::new();
-        pg_config
-            .host(emulator.host())
-            .port(emulator.port())
-            .dbname(emulator.database());
+        let pg_config = emulator.server_config();
         let description = format!(
             "local emulator on {}:{} (service principal `{}`, tokens live {}s; set PGHOST to use Azure)",
             emulator.host(),

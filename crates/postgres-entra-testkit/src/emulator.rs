@@ -380,12 +380,18 @@ impl Emulator {
 
     /// Connection settings for `role`, TLS required; the caller adds the token as password.
     pub fn pg_config(&self, role: &str) -> tokio_postgres::Config {
+        let mut config = self.server_config();
+        config.user(role);
+        config
+    }
+
+    /// Connection settings without a user, for a connector that decides the role; TLS required.
+    pub fn server_config(&self) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
         config
             .host(self.host())
             .port(self.port())
             .dbname(DATABASE)
-            .user(role)
             .ssl_mode(tokio_postgres::config::SslMode::Require)
             .connect_timeout(Duration::from_secs(10));
         config

@@ -6,7 +6,7 @@ use postgres_entra_testkit::{Emulator, Endpoint, Fault};
 use std::time::Duration;
 
 use crate::{
-    Suite, connector, expected_requests, hammer, restart_during_churn, server_config,
+    Suite, connector, expected_requests, hammer, outage_during_churn, restart_during_churn,
     wrong_secret_connector,
 };
 use std::sync::Arc;
@@ -22,7 +22,7 @@ async fn pool(
         .connection_timeout(Duration::from_secs(10))
         .test_on_check_out(true)
         .build(EntraConnectionManager::new(
-            server_config(emulator),
+            emulator.server_config(),
             connector(emulator),
         ))
         .await
@@ -89,7 +89,7 @@ async fn a_cold_start_with_thirty_two_checkouts_makes_one_token_request() {
         .min_idle(Some(0))
         .connection_timeout(Duration::from_secs(10))
         .build(EntraConnectionManager::new(
-            server_config(&emulator),
+            emulator.server_config(),
             connector(&emulator),
         ))
         .await
@@ -142,28 +142,12 @@ async fn an_identity_provider_outage_shorter_than_the_token_life_fails_no_checko
     let emulator = Suite::start(Duration::from_secs(8));
     let pool = pool(&emulator, 8, Some(Duration::from_millis(500))).await;
     checkout(&pool).await.unwrap();
-    emulator.set_fault_for(
-        Endpoint::Token,
-        Fault::DropConnection,
-        Duration::from_millis(7000),
-    );
-
-    let pool2 = pool.clone();
-    let load = hammer(16, Duration::from_millis(6500), move || {
-        let pool = pool2.clone();
+    let churn = pool.clone();
+    outage_during_churn(&emulator, Fault::DropConnection, move || {
+        let pool = churn.clone();
         async move { checkout(&pool).await }
     })
     .await;
-
-    assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
-    assert!(
-        emulator.faulted_requests(Endpoint::Token) >= 1,
-        "the refresh met the outage"
-    );
-    assert!(
-        emulator.logins().len() > 16,
-        "new connections were made during the outage"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +166,7 @@ async fn the_pool_recovers_when_the_server_restarts_mid_run() {
 async fn a_token_failure_reaches_the_caller_as_our_typed_error() {
     let emulator = Suite::start(Duration::from_secs(3600));
     let connector = wrong_secret_connector(&emulator);
-    let manager = EntraConnectionManager::new(server_config(&emulator), connector);
+    let manager = EntraConnectionManager::new(emulator.server_config(), connector);
 
     // A connection opened directly reports our error as it is.
     let pool = Pool::builder().max_size(2).build_unchecked(manager.clone());

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::deadpool_pool::{checkout, user_config};
-use crate::{Suite, connector, connector_with, credential_without_retries, hammer, server_config};
+use crate::{Suite, cache_without_retries, connector, connector_with, hammer};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -90,12 +90,10 @@ async fn hammer_cache(cache: &TokenCache, window: Duration) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_with_retry_after_is_honoured_without_a_request_storm() {
     let emulator = Suite::start(HOUR);
-    let cache = TokenCache::builder(AzureTokenSource::new(credential_without_retries(&emulator)))
-        .options(
-            CacheOptions::default().backoff(Duration::from_millis(100), Duration::from_secs(1)),
-        )
-        .build()
-        .unwrap();
+    let cache = cache_without_retries(
+        &emulator,
+        CacheOptions::default().backoff(Duration::from_millis(100), Duration::from_secs(1)),
+    );
     emulator.set_fault(
         Endpoint::Token,
         Fault::TooManyRequests {
@@ -126,12 +124,10 @@ async fn throttling_with_retry_after_is_honoured_without_a_request_storm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_back_off_exponentially_without_a_request_storm() {
     let emulator = Suite::start(HOUR);
-    let cache = TokenCache::builder(AzureTokenSource::new(credential_without_retries(&emulator)))
-        .options(
-            CacheOptions::default().backoff(Duration::from_millis(100), Duration::from_secs(1)),
-        )
-        .build()
-        .unwrap();
+    let cache = cache_without_retries(
+        &emulator,
+        CacheOptions::default().backoff(Duration::from_millis(100), Duration::from_secs(1)),
+    );
     emulator.set_fault(Endpoint::Token, Fault::ServerError);
 
     let errors = hammer_cache(&cache, Duration::from_secs(3)).await;
@@ -153,10 +149,7 @@ async fn malformed_bodies_and_dropped_connections_are_typed_errors_then_recover(
     let emulator = Suite::start(HOUR);
     let options =
         CacheOptions::default().backoff(Duration::from_millis(50), Duration::from_millis(100));
-    let cache = TokenCache::builder(AzureTokenSource::new(credential_without_retries(&emulator)))
-        .options(options)
-        .build()
-        .unwrap();
+    let cache = cache_without_retries(&emulator, options);
 
     for fault in [Fault::MalformedBody, Fault::DropConnection] {
         emulator.set_fault(Endpoint::Token, fault);
@@ -255,7 +248,7 @@ async fn connections_killed_server_side_while_idle_are_replaced() {
         .max_size(4)
         .test_on_check_out(true)
         .build(postgres_entra_bb8::EntraConnectionManager::new(
-            server_config(&emulator),
+            emulator.server_config(),
             connector(&emulator),
         ))
         .await

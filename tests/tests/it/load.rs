@@ -8,7 +8,7 @@ use postgres_entra_testkit::Endpoint;
 use std::time::Duration;
 
 use crate::deadpool_pool::{checkout, user_config};
-use crate::{Load, Suite, captured_len, connector, hammer, server_config};
+use crate::{Load, Suite, captured_len, connector, hammer};
 
 const LIFETIME: Duration = Duration::from_secs(6);
 const PHASE: Duration = Duration::from_secs(15);
@@ -104,7 +104,7 @@ async fn deadpool_256_tasks_on_16_connections_for_30_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bb8_256_tasks_on_16_connections_for_30_seconds() {
     let emulator = Suite::start(LIFETIME);
-    let config = server_config(&emulator);
+    let config = emulator.server_config();
     let pool = Pool::builder()
         .max_size(16)
         .max_lifetime(Some(Duration::from_secs(2)))

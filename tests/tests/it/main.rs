@@ -135,16 +135,6 @@ pub fn connector_with(
         .unwrap()
 }
 
-/// The emulator's host, port and database, without a user: the connector decides the role.
-pub fn server_config(emulator: &Emulator) -> tokio_postgres::Config {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(emulator.host())
-        .port(emulator.port())
-        .dbname(emulator.database());
-    config
-}
-
 /// A connector whose credential has the wrong client secret: no token can be had.
 pub fn wrong_secret_connector(emulator: &Emulator) -> EntraConnector {
     let mut sp = emulator.service_principal();
@@ -187,13 +177,14 @@ where
     );
 }
 
-/// The service principal's `ClientSecretCredential` without azure_core's own retries, to see
-/// what the cache alone does with each answer of the identity provider.
-pub fn credential_without_retries(
+/// A cache over the service principal's `ClientSecretCredential` without azure_core's own
+/// retries, to see what the cache alone does with each answer of the identity provider.
+pub fn cache_without_retries(
     emulator: &Emulator,
-) -> Arc<dyn azure_core::credentials::TokenCredential> {
+    options: postgres_entra::CacheOptions,
+) -> postgres_entra::TokenCache {
     let sp = emulator.service_principal();
-    azure_identity::ClientSecretCredential::new(
+    let credential = azure_identity::ClientSecretCredential::new(
         emulator.tenant_id(),
         sp.client_id.clone(),
         sp.client_secret.clone().unwrap().into(),
@@ -204,7 +195,38 @@ pub fn credential_without_retries(
             },
         }),
     )
-    .unwrap()
+    .unwrap();
+    postgres_entra::TokenCache::builder(AzureTokenSource::new(credential))
+        .options(options)
+        .build()
+        .unwrap()
+}
+
+/// Churns `checkout` on 16 tasks for 6.5 s while the token endpoint serves `fault` for 7 s,
+/// starting now. With 8 s tokens fetched just before, the outage covers the refresh point (6 s)
+/// and ends before expiry (8 s), and the load stops inside the usable life (7.2 s): no checkout
+/// may fail, and new connections must have been made during the outage.
+pub async fn outage_during_churn<F, Fut>(
+    emulator: &Suite,
+    fault: postgres_entra_testkit::Fault,
+    checkout: F,
+) where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    use postgres_entra_testkit::Endpoint;
+    emulator.set_fault_for(Endpoint::Token, fault, Duration::from_millis(7000));
+    let load = hammer(16, Duration::from_millis(6500), checkout).await;
+
+    assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
+    assert!(
+        emulator.faulted_requests(Endpoint::Token) >= 1,
+        "the refresh met the outage"
+    );
+    assert!(
+        emulator.logins().len() > 16,
+        "new connections were made during the outage"
+    );
 }
 
 /// Outcome of a load run.

@@ -8,7 +8,7 @@ use postgres_entra_testkit::{Endpoint, PlaintextListener};
 use std::time::Duration;
 
 use crate::deadpool_pool::user_config;
-use crate::{Suite, chain, connector, server_config};
+use crate::{Suite, chain, connector};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plaintext_server_receives_no_token_byte_whatever_the_configuration() {
@@ -81,7 +81,7 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
         .unwrap();
     let pool_error = pool.get().await.unwrap_err();
     let sink = LastErrorSink::new();
-    let pg = server_config(&emulator);
+    let pg = emulator.server_config();
     let manager = EntraConnectionManager::new(pg, wrong_role.clone());
     let bb8_pool = bb8::Pool::builder()
         .max_size(1)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use crate::{config, connector, current_user};
+use crate::{connector, current_user};
 
 /// A source minting tokens from the emulator: the `n`-th call gets `options(n)`.
 fn minting(
@@ -36,7 +36,9 @@ async fn a_managed_identity_logs_in_as_the_role_named_in_its_token() {
     let connector = connector(&emulator, AzureTokenSource::new(credential), None);
 
     assert_eq!(
-        current_user(&connector, &config(&emulator)).await.unwrap(),
+        current_user(&connector, &emulator.server_config())
+            .await
+            .unwrap(),
         "orders-mi"
     );
 }
@@ -48,7 +50,9 @@ async fn a_user_logs_in_as_their_user_principal_name() {
     let connector = connector(&emulator, source, None);
 
     assert_eq!(
-        current_user(&connector, &config(&emulator)).await.unwrap(),
+        current_user(&connector, &emulator.server_config())
+            .await
+            .unwrap(),
         "alice@contoso.onmicrosoft.com"
     );
 }
@@ -58,7 +62,7 @@ async fn the_configured_role_wins_over_the_connection_user_and_the_claims() {
     let emulator = Arc::new(Emulator::start().unwrap());
     let mi = emulator.managed_identity();
     let (source, _) = minting(&emulator, mi.clone(), |_| TokenOptions::default());
-    let mut config = config(&emulator);
+    let mut config = emulator.server_config();
     config.user("orders-mi");
     // The connection's user is used when no role is configured...
     let from_config = connector(&emulator, source.clone(), None);
@@ -82,7 +86,7 @@ async fn an_app_only_token_without_a_configured_role_is_a_clear_error() {
     let credential = emulator.client_secret_credential(&sp).unwrap();
     let connector = connector(&emulator, AzureTokenSource::new(credential), None);
 
-    let error = current_user(&connector, &config(&emulator))
+    let error = current_user(&connector, &emulator.server_config())
         .await
         .unwrap_err();
 
@@ -112,7 +116,9 @@ async fn a_rejected_token_is_replaced_and_the_login_retried_once() {
     });
     let connector = connector(&emulator, source, None);
 
-    let user = current_user(&connector, &config(&emulator)).await.unwrap();
+    let user = current_user(&connector, &emulator.server_config())
+        .await
+        .unwrap();
 
     assert_eq!(user, "alice@contoso.onmicrosoft.com");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -129,7 +135,7 @@ async fn a_token_for_another_identity_is_a_rejected_login_after_exactly_one_retr
     });
     let connector = connector(&emulator, source, Some("orders-api"));
 
-    let error = current_user(&connector, &config(&emulator))
+    let error = current_user(&connector, &emulator.server_config())
         .await
         .unwrap_err();
 
@@ -168,7 +174,7 @@ async fn plaintext_and_unix_socket_configurations_are_refused_before_connecting(
     let (source, calls) = minting(&emulator, emulator.user(), |_| TokenOptions::default());
     let connector = connector(&emulator, source, None);
 
-    let mut plaintext = config(&emulator);
+    let mut plaintext = emulator.server_config();
     plaintext.ssl_mode(tokio_postgres::config::SslMode::Disable);
     let error = current_user(&connector, &plaintext).await.unwrap_err();
     assert!(
@@ -181,7 +187,7 @@ async fn plaintext_and_unix_socket_configurations_are_refused_before_connecting(
     let error = current_user(&connector, &socket).await.unwrap_err();
     assert!(error.to_string().contains("Unix-socket"), "{error}");
 
-    let mut binding = config(&emulator);
+    let mut binding = emulator.server_config();
     binding.channel_binding(tokio_postgres::config::ChannelBinding::Require);
     assert!(matches!(
         current_user(&connector, &binding).await.unwrap_err(),
@@ -208,7 +214,7 @@ async fn debug_of_connectors_and_errors_shows_no_token() {
         TokenOptions::default()
     });
     let connector = connector(&emulator, source.clone(), Some("orders-api"));
-    let error = current_user(&connector, &config(&emulator))
+    let error = current_user(&connector, &emulator.server_config())
         .await
         .unwrap_err();
     let token = connector.cache().get().await.unwrap();

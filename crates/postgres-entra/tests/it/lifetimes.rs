@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::{config, connector, current_user};
+use crate::{connector, current_user};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connects_across_several_token_lifetimes_need_about_one_request_per_lifetime() {
@@ -24,7 +24,7 @@ async fn connects_across_several_token_lifetimes_need_about_one_request_per_life
         AzureTokenSource::new(credential),
         Some(&sp.role_name),
     );
-    let config = config(&emulator);
+    let config = emulator.server_config();
     let connects = Arc::new(AtomicU64::new(0));
 
     let started = Instant::now();

@@ -24,16 +24,6 @@ pub fn connector(
     builder.build().unwrap()
 }
 
-/// The emulator's connection settings without a user: the connector decides the role.
-pub fn config(emulator: &Emulator) -> tokio_postgres::Config {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(emulator.host())
-        .port(emulator.port())
-        .dbname(emulator.database());
-    config
-}
-
 /// Connects and returns `current_user`.
 pub async fn current_user(
     connector: &EntraConnector,

@@ -6,7 +6,7 @@ use postgres_entra_testkit::PlaintextListener;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::{config, current_user};
+use crate::current_user;
 
 const TOKEN: &str =
     "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.plaintext-must-never-see-this-token.c2lnbmF0dXJl";
@@ -62,7 +62,7 @@ async fn a_certificate_from_an_untrusted_ca_is_a_tls_error() {
         .build()
         .unwrap();
 
-    let error = current_user(&connector, &config(&emulator))
+    let error = current_user(&connector, &emulator.server_config())
         .await
         .unwrap_err();
 
