@@ -22,7 +22,7 @@ use azure_core::credentials::TokenCredential;
 use criterion::{BenchmarkId, Criterion};
 use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots, TokenCache};
 use postgres_entra_bb8::EntraConnectionManager;
-use postgres_entra_deadpool::{max_age, pool_builder};
+use postgres_entra_deadpool::{PoolOptions, max_age, pool_builder};
 use postgres_entra_testkit::{Emulator, Endpoint};
 use std::future::Future;
 use std::hint::black_box;
@@ -98,7 +98,6 @@ impl Bench {
         let connector = EntraConnector::builder(AzureTokenSource::new(credential.clone()))
             .role_name(&sp.role_name)
             .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
-            .private_cache()
             .build()
             .unwrap();
         let tls = emulator.tls().unwrap();
@@ -138,11 +137,14 @@ impl Bench {
             .pre_recycle(max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5))
             .build()
             .unwrap();
-        let deadpool_token = pool_builder(&deadpool_config("orders-api"), self.connector.clone())
-            .unwrap()
-            .pre_recycle(max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5))
-            .build()
-            .unwrap();
+        let deadpool_token = pool_builder(
+            &deadpool_config("orders-api"),
+            self.connector.clone(),
+            PoolOptions::new().max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
         fn bb8_builder<M: bb8::ManageConnection>() -> bb8::Builder<M> {
             bb8::Pool::builder()
                 .max_size(4)
@@ -157,13 +159,9 @@ impl Bench {
                 )),
             )
             .unwrap();
-        let bb8_token = self
-            .runtime
-            .block_on(bb8_builder().build(EntraConnectionManager::new(
-                self.token_config.clone(),
-                self.connector.clone(),
-            )))
-            .unwrap();
+        let manager =
+            EntraConnectionManager::new(self.token_config.clone(), self.connector.clone()).unwrap();
+        let bb8_token = self.runtime.block_on(bb8_builder().build(manager)).unwrap();
         Pools {
             deadpool_static,
             deadpool_token,
@@ -293,11 +291,9 @@ impl Bench {
 }
 
 /// Finishes a connection: the query, then close, waiting for the connection task to end.
-async fn use_and_close<S>(
-    client: tokio_postgres::Client,
-    connection: tokio_postgres::Connection<tokio_postgres::Socket, S>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+async fn use_and_close<C>(client: tokio_postgres::Client, connection: C)
+where
+    C: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
 {
     let task = tokio::spawn(connection);
     client.simple_query("select 1").await.unwrap();

@@ -15,7 +15,10 @@ async fn main() -> Result<(), BoxError> {
     println!("connecting to {}", target.description);
 
     let errors = LastErrorSink::new();
-    let manager = EntraConnectionManager::new(target.pg_config.clone(), target.connector.clone());
+    // Checks sslmode, host and cloud now; `check()` logs in once, so that a wrong role or CA is
+    // reported at startup with its reason rather than as bb8's timeout.
+    let manager = EntraConnectionManager::new(target.pg_config.clone(), target.connector.clone())?;
+    manager.check().await?;
     let pool = bb8::Pool::builder()
         .max_size(8)
         .max_lifetime(Some(Duration::from_secs(30 * 60)))

@@ -15,12 +15,14 @@ async fn main() -> Result<(), BoxError> {
     println!("connecting to {}", target.description);
 
     let config = target.deadpool_config(8);
+    // Checks sslmode, host and cloud now; the pool is a plain deadpool_postgres::Pool.
     let pool: deadpool_postgres::Pool = create_pool(&config, target.connector.clone())?;
 
     let client = match pool.get().await {
         Ok(client) => client,
         Err(error) => {
-            // Token, login, TLS and configuration failures come back as our typed error.
+            // deadpool's own message is "error communicating with the server" whatever happened;
+            // the typed reason (token, login, TLS, network, ...) comes back with entra_error.
             if let Some(entra) = entra_error(&error) {
                 return Err(format!("Entra ID login failed: {entra}").into());
             }

@@ -9,7 +9,7 @@
 
 use deadpool_postgres::Hook;
 use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink};
-use postgres_entra_deadpool::{max_age, pool_builder};
+use postgres_entra_deadpool::{PoolOptions, pool_builder};
 use postgres_entra_examples::{BoxError, Target};
 use postgres_entra_testkit::Endpoint;
 use std::future::Future;
@@ -88,13 +88,16 @@ async fn main() -> Result<(), BoxError> {
 
     let deadpool_created = Arc::new(AtomicU64::new(0));
     let created = deadpool_created.clone();
-    let deadpool = pool_builder(&target.deadpool_config(POOL_SIZE), target.connector.clone())?
-        .pre_recycle(max_age(MAX_AGE, MAX_AGE / 4))
-        .post_create(Hook::sync_fn(move |_, _| {
-            created.fetch_add(1, Relaxed);
-            Ok(())
-        }))
-        .build()?;
+    let deadpool = pool_builder(
+        &target.deadpool_config(POOL_SIZE),
+        target.connector.clone(),
+        PoolOptions::new().max_age(MAX_AGE, MAX_AGE / 4),
+    )?
+    .post_create(Hook::sync_fn(move |_, _| {
+        created.fetch_add(1, Relaxed);
+        Ok(())
+    }))
+    .build()?;
     let bb8_errors = LastErrorSink::new();
     let bb8 = bb8::Pool::builder()
         .max_size(POOL_SIZE as u32)
@@ -104,7 +107,7 @@ async fn main() -> Result<(), BoxError> {
         .build(EntraConnectionManager::new(
             target.pg_config.clone(),
             target.connector.clone(),
-        ))
+        )?)
         .await?;
 
     let started = Instant::now();

@@ -13,14 +13,20 @@
 //! plus `PGPORT` (5432), `PGDATABASE` (postgres), `PGUSER` (the role; needed for service
 //! principals) and `PGSSLROOTCERT` (a CA file instead of the Azure roots).
 //!
+//! The credentials are built without azure_core's own retry policy, so that the token cache's
+//! backoff is the only one and an identity provider's error reaches the cache (and the log) at
+//! once. (On a VM, azure_identity's IMDS credential keeps its own retries whatever is asked.)
+//!
 //! Without `PGHOST`, they start the local emulator and log in as its service principal.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 use azure_core::credentials::TokenCredential;
+use azure_core::http::{ClientOptions, RetryOptions};
 use azure_identity::{
-    ClientSecretCredential, DeveloperToolsCredential, ManagedIdentityCredential,
-    ManagedIdentityCredentialOptions, UserAssignedId, WorkloadIdentityCredential,
+    ClientAssertionCredentialOptions, ClientSecretCredential, ClientSecretCredentialOptions,
+    DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
+    UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
 };
 use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots};
 use postgres_entra_testkit::Emulator;
@@ -44,6 +50,14 @@ pub struct Target {
     pub description: String,
 }
 
+/// azure_core's client options without its retry policy: the token cache retries, with backoff.
+fn no_retries() -> ClientOptions {
+    ClientOptions {
+        retry: RetryOptions::none(),
+        ..Default::default()
+    }
+}
+
 fn azure_credential() -> Result<(Arc<dyn TokenCredential>, &'static str), BoxError> {
     let set = |name: &str| var(name).is_ok_and(|v| !v.is_empty());
     if set("AZURE_CLIENT_SECRET") {
@@ -53,20 +67,27 @@ fn azure_credential() -> Result<(Arc<dyn TokenCredential>, &'static str), BoxErr
             var("AZURE_CLIENT_ID")
                 .map_err(|_| "AZURE_CLIENT_SECRET is set, so AZURE_CLIENT_ID must be too")?,
             var("AZURE_CLIENT_SECRET")?.into(),
-            None,
+            Some(ClientSecretCredentialOptions {
+                client_options: no_retries(),
+            }),
         )?;
         return Ok((credential, "client secret (AZURE_CLIENT_SECRET)"));
     }
     if set("AZURE_FEDERATED_TOKEN_FILE") {
         return Ok((
-            WorkloadIdentityCredential::new(None)?,
+            WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
+                credential_options: ClientAssertionCredentialOptions {
+                    client_options: no_retries(),
+                },
+                ..Default::default()
+            }))?,
             "workload identity (AZURE_FEDERATED_TOKEN_FILE)",
         ));
     }
     if set("IDENTITY_ENDPOINT") || set("AZURE_MANAGED_IDENTITY") {
         let options = ManagedIdentityCredentialOptions {
             user_assigned_id: var("AZURE_CLIENT_ID").ok().map(UserAssignedId::ClientId),
-            ..Default::default()
+            client_options: no_retries(),
         };
         return Ok((
             ManagedIdentityCredential::new(Some(options))?,
@@ -109,8 +130,8 @@ impl Target {
             Ok(path) if !path.is_empty() => TlsRoots::CaFile(path.into()),
             _ => TlsRoots::Azure,
         };
+        // The cloud, and so the token scope, follows the host of the pool it serves.
         let connector = EntraConnector::builder(AzureTokenSource::new(credential))
-            .host(&host)
             .tls_roots(roots)
             .build()?;
         Ok(Self {

@@ -4,11 +4,18 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use postgres_entra::TokenClaims;
+
+fn parse(token: &str) {
+    if let Ok(claims) = TokenClaims::parse(token) {
+        let _ = claims.role_name();
+        let _ = claims.to_string();
+    }
+}
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = postgres_entra::role_name_from_token(text);
+        parse(text);
     }
-    let token = format!("eyJhbGciOiJSUzI1NiJ9.{}.c2ln", URL_SAFE_NO_PAD.encode(data));
-    let _ = postgres_entra::role_name_from_token(&token);
+    parse(&format!("eyJhbGciOiJSUzI1NiJ9.{}.c2ln", URL_SAFE_NO_PAD.encode(data)));
 });

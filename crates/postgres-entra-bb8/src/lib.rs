@@ -3,21 +3,24 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 use std::sync::{Arc, Mutex};
-use tokio_postgres::Client;
 
 // The public interface is:
+#[cfg(feature = "azure")]
+pub use azure_identity;
 pub use bb8;
 pub use postgres_entra;
-#[cfg(feature = "azure")]
-pub use postgres_entra::AzureTokenSource;
 pub use postgres_entra::tokio_postgres;
+#[cfg(feature = "azure")]
+pub use postgres_entra::{AzureTokenSource, azure_core};
 pub use postgres_entra::{CacheOptions, Cloud, EntraConnector, Error, TlsRoots, TokenCache};
+
+use tokio_postgres::Client;
 
 /// A bb8 connection manager whose connections log in with Entra ID access tokens.
 ///
 /// `bb8_postgres::PostgresConnectionManager` cannot be wrapped (its fields are private), so this
 /// is a small manager of its own; every bb8 builder option (`max_lifetime`, `idle_timeout`,
-/// `test_on_check_out`, ...) works with it.
+/// `test_on_check_out`, `retry_connection`, ...) works with it.
 #[derive(Debug, Clone)]
 pub struct EntraConnectionManager {
     config: tokio_postgres::Config,
@@ -26,14 +29,30 @@ pub struct EntraConnectionManager {
 
 impl EntraConnectionManager {
     /// A manager connecting with `config` (host, port, database, optionally user) through
-    /// `connector` (tokens, TLS, role name).
-    pub fn new(config: tokio_postgres::Config, connector: EntraConnector) -> Self {
-        Self { config, connector }
+    /// `connector` (tokens, TLS, role name). Checks the settings now: `sslmode=disable`, a Unix
+    /// socket, `channel_binding=require` or a server in another cloud than the connector's tokens
+    /// are errors here rather than at every connect.
+    pub fn new(config: tokio_postgres::Config, connector: EntraConnector) -> Result<Self, Error> {
+        connector.prepare(&config)?;
+        Ok(Self { config, connector })
     }
 
     /// The connector, e.g. to read its token cache's counters.
     pub fn connector(&self) -> &EntraConnector {
         &self.connector
+    }
+
+    /// Opens one connection and closes it: the startup check. bb8's `get()` retries a failing
+    /// connect until `connection_timeout` and then reports only `RunError::TimedOut`; this
+    /// returns the reason at once: an untrusted certificate, a missing role, an identity
+    /// provider that refuses the credential. Call it before building the pool.
+    pub async fn check(&self) -> Result<(), Error> {
+        let (client, connection) = self.connector.connect(&self.config).await?;
+        let task = tokio::spawn(connection);
+        client.simple_query("").await?;
+        drop(client);
+        let _ = task.await;
+        Ok(())
     }
 }
 
@@ -42,13 +61,21 @@ impl bb8::ManageConnection for EntraConnectionManager {
     type Error = Error;
 
     async fn connect(&self) -> Result<Client, Error> {
-        let (client, connection) = self.connector.connect(&self.config).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "PostgreSQL connection ended with an error");
+        match self.connector.connect(&self.config).await {
+            Ok((client, connection)) => {
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "PostgreSQL connection ended with an error");
+                    }
+                });
+                Ok(client)
             }
-        });
-        Ok(client)
+            Err(error) => {
+                // bb8 reports only a timeout to the caller; say here what went wrong.
+                tracing::warn!(%error, "bb8 could not open a connection");
+                Err(error)
+            }
+        }
     }
 
     async fn is_valid(&self, client: &mut Client) -> Result<(), Error> {
@@ -61,7 +88,7 @@ impl bb8::ManageConnection for EntraConnectionManager {
     }
 }
 
-/// A bb8 error sink that keeps the last connection error and logs each one (without secrets).
+/// A bb8 error sink that keeps the last connection error.
 ///
 /// bb8's `Pool::get` retries failed connects until `connection_timeout` and then reports only
 /// `RunError::TimedOut`, passing each connect error to the error sink; install this sink with
@@ -85,7 +112,6 @@ impl LastErrorSink {
 
 impl bb8::ErrorSink<Error> for LastErrorSink {
     fn sink(&self, error: Error) {
-        tracing::warn!(%error, "bb8 could not open a connection");
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(error));
     }
 

@@ -2,10 +2,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
-use deadpool_postgres::tokio_postgres;
 use deadpool_postgres::{
-    Config, ConfigError, Connect, CreatePoolError, Hook, HookError, Manager, Pool, PoolBuilder,
-    PoolError, Runtime,
+    Config, Connect, Hook, HookError, Manager, Pool, PoolBuilder, PoolError, Runtime,
 };
 use std::error::Error as StdError;
 use std::fmt;
@@ -19,15 +17,56 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::JoinHandle;
 
 // The public interface is:
+#[cfg(feature = "azure")]
+pub use azure_identity;
 pub use deadpool_postgres;
 pub use postgres_entra;
+pub use postgres_entra::tokio_postgres;
 #[cfg(feature = "azure")]
-pub use postgres_entra::AzureTokenSource;
+pub use postgres_entra::{AzureTokenSource, azure_core};
 pub use postgres_entra::{CacheOptions, Cloud, EntraConnector, Error, TlsRoots, TokenCache};
+
+/// How the pool retires connections, beyond deadpool's own settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolOptions {
+    max_age: Option<Duration>,
+    max_age_jitter: Duration,
+}
+
+impl PoolOptions {
+    /// No retirement beyond deadpool's own recycling.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Retire connections when they are recycled once they are older than `max_age` minus up to
+    /// `jitter`, chosen per connection so that connections made together do not all go together
+    /// (deadpool has no maximum lifetime of its own). `jitter` must not exceed `max_age`.
+    #[must_use]
+    pub fn max_age(mut self, max_age: Duration, jitter: Duration) -> Self {
+        self.max_age = Some(max_age);
+        self.max_age_jitter = jitter;
+        self
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        match self.max_age {
+            Some(age) if age.is_zero() => Err(Error::config(
+                "a max_age of zero would retire every connection at once",
+            )),
+            Some(age) if self.max_age_jitter > age => Err(Error::config(format!(
+                "the max_age jitter ({:?}) exceeds the max_age ({age:?})",
+                self.max_age_jitter
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// A deadpool-postgres `Connect` that logs every new connection in with an Entra ID token.
 #[derive(Clone)]
-pub struct EntraConnect {
+struct EntraConnect {
     connector: EntraConnector,
 }
 
@@ -36,13 +75,6 @@ impl fmt::Debug for EntraConnect {
         f.debug_struct("EntraConnect")
             .field("connector", &self.connector)
             .finish()
-    }
-}
-
-impl EntraConnect {
-    /// Wraps `connector`.
-    pub fn new(connector: EntraConnector) -> Self {
-        Self { connector }
     }
 }
 
@@ -72,8 +104,12 @@ impl Connect for EntraConnect {
                     });
                     Ok((client, task))
                 }
-                Err(Error::Postgres(error)) => Err(error),
-                Err(error) => Err(smuggle(error).await),
+                Err(error) => {
+                    // deadpool shows the carrier's text ("error communicating with the server"),
+                    // so say here, where it happens, what went wrong.
+                    tracing::warn!(%error, "deadpool-postgres could not open a connection");
+                    Err(smuggle(error).await)
+                }
             }
         })
     }
@@ -129,15 +165,18 @@ async fn smuggle(error: Error) -> tokio_postgres::Error {
     }
 }
 
-/// Our typed error inside an error from the pool (or from a connection it made), if that is what
-/// went wrong: a token that could not be fetched, a rejected login, TLS, or configuration.
+/// Our typed error inside an error from the pool (or from a connection it made): every failure
+/// to open a connection (token, rejected login, TLS, configuration, network, server) carries one.
+///
+/// deadpool's own `Display` of such an error is `Error occurred while creating a new object:
+/// error communicating with the server` whatever happened; this gets the reason:
 ///
 /// ```
 /// # fn report(error: deadpool_postgres::PoolError) {
 /// match postgres_entra_deadpool::entra_error(&error) {
 ///     Some(postgres_entra_deadpool::Error::Token(e)) => eprintln!("identity provider: {e}"),
-///     Some(other) => eprintln!("Entra login: {other}"),
-///     None => eprintln!("pool: {error}"),
+///     Some(other) => eprintln!("database login: {other}"),
+///     None => eprintln!("pool: {error}"), // a pool timeout, or the pool was closed
 /// }
 /// # }
 /// ```
@@ -164,39 +203,69 @@ pub fn entra_error<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a Error>
     None
 }
 
-/// A deadpool `Manager` for the user's settings that logs in with Entra ID tokens.
-pub fn manager(config: &Config, connector: EntraConnector) -> Result<Manager, ConfigError> {
-    Ok(Manager::from_connect(
-        config.get_pg_config()?,
-        EntraConnect::new(connector),
-        config.get_manager_config(),
-    ))
-}
-
 /// A pool builder for the user's `deadpool_postgres::Config` (pool size, timeouts, recycling
-/// method, ...) whose connections log in with Entra ID tokens, on the Tokio runtime. Add hooks such
-/// as [`max_age`] before building.
+/// method, ...) whose connections log in with Entra ID tokens, on the Tokio runtime, with
+/// `options`' retirement hook; add hooks of your own before building.
+///
+/// The connection settings are checked here (TLS, host, cloud): a mistake fails now, not at the
+/// first checkout. When the configuration names no user, the role comes from the connector or
+/// the token (deadpool would otherwise take `$USER`).
 pub fn pool_builder(
     config: &Config,
     connector: EntraConnector,
-) -> Result<PoolBuilder, ConfigError> {
-    Ok(Pool::builder(manager(config, connector)?)
+    options: PoolOptions,
+) -> Result<PoolBuilder, Error> {
+    options.check()?;
+    let mut pg_config = config
+        .get_pg_config()
+        .map_err(|e| Error::config_from(format!("deadpool-postgres configuration: {e}"), e))?;
+    if !names_a_user(config) {
+        pg_config.user("");
+    }
+    connector.prepare(&pg_config)?;
+    let manager = Manager::from_connect(
+        pg_config,
+        EntraConnect { connector },
+        config.get_manager_config(),
+    );
+    let mut builder = Pool::builder(manager)
         .config(config.get_pool_config())
-        .runtime(Runtime::Tokio1))
+        .runtime(Runtime::Tokio1);
+    if let Some(age) = options.max_age {
+        builder = builder.pre_recycle(max_age(age, options.max_age_jitter));
+    }
+    Ok(builder)
+}
+
+/// Whether `config` names a user itself (rather than deadpool falling back to `$USER`).
+fn names_a_user(config: &Config) -> bool {
+    config.user.as_deref().is_some_and(|u| !u.is_empty())
+        || config
+            .url
+            .as_deref()
+            .and_then(|url| url.parse::<tokio_postgres::Config>().ok())
+            .is_some_and(|url| url.get_user().is_some_and(|u| !u.is_empty()))
 }
 
 /// The user's `deadpool_postgres::Config` as a pool whose connections log in with Entra ID
 /// tokens: the same `deadpool_postgres::Pool` type, so the rest of the code does not change.
-pub fn create_pool(config: &Config, connector: EntraConnector) -> Result<Pool, CreatePoolError> {
-    pool_builder(config, connector)
-        .map_err(CreatePoolError::Config)?
+pub fn create_pool(config: &Config, connector: EntraConnector) -> Result<Pool, Error> {
+    create_pool_with(config, connector, PoolOptions::default())
+}
+
+/// [`create_pool`] with retirement `options`, e.g. `PoolOptions::new().max_age(..)`.
+pub fn create_pool_with(
+    config: &Config,
+    connector: EntraConnector,
+    options: PoolOptions,
+) -> Result<Pool, Error> {
+    pool_builder(config, connector, options)?
         .build()
-        .map_err(CreatePoolError::Build)
+        .map_err(|e| Error::config_from(format!("building the deadpool pool: {e}"), e))
 }
 
 /// A `pre_recycle` hook that retires connections older than `max_age` minus up to `jitter`,
-/// chosen per connection so that connections made together do not all expire together
-/// (deadpool has no maximum lifetime of its own).
+/// chosen per connection, for pools built some other way (ours take [`PoolOptions::max_age`]).
 pub fn max_age(max_age: Duration, jitter: Duration) -> Hook {
     let jitter = jitter.min(max_age);
     let hasher = std::collections::hash_map::RandomState::new();

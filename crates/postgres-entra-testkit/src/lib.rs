@@ -3,6 +3,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 // The public interface is:
+pub use crate::child::{CHILD_MARKER, in_child, run_test_in_child};
 pub use crate::emulator::{DATABASE, Emulator, EmulatorBuilder, LoginAttempt, TENANT_ID};
 pub use crate::faults::{Endpoint, Fault};
 pub use crate::identity::{Identity, IdentityKind};
@@ -13,6 +14,7 @@ pub use crate::relay::Relay;
 pub use crate::tls::client_config;
 pub use crate::transport::LoopbackTransport;
 
+mod child;
 mod emulator;
 mod entra;
 mod faults;

@@ -36,8 +36,21 @@ impl LoopbackTransport {
         self.original_hosts.lock().expect("hosts lock").clone()
     }
 
-    /// An `azure_core` client options value whose transport is this one.
+    /// `azure_core` client options whose transport is this one, without azure_core's own retries
+    /// (as the README recommends: the token cache's backoff is the one retry policy).
     pub fn client_options(self: &Arc<Self>) -> azure_core::http::ClientOptions {
+        azure_core::http::ClientOptions {
+            transport: Some(azure_core::http::Transport::new(self.clone())),
+            retry: azure_core::http::RetryOptions::none(),
+            ..Default::default()
+        }
+    }
+
+    /// [`LoopbackTransport::client_options`] with azure_core's default retry policy, as a
+    /// credential built with `None` options has.
+    pub fn client_options_with_default_retries(
+        self: &Arc<Self>,
+    ) -> azure_core::http::ClientOptions {
         azure_core::http::ClientOptions {
             transport: Some(azure_core::http::Transport::new(self.clone())),
             ..Default::default()

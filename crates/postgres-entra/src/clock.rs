@@ -1,4 +1,6 @@
-//! Time, injectable so tests can cross token expiries without waiting.
+//! Time, injectable so tests can cross token expiries without waiting (public with the
+//! `test-util` feature).
+#![cfg_attr(not(feature = "test-util"), allow(unreachable_pub, dead_code))]
 
 use std::fmt;
 use std::future::Future;

@@ -6,12 +6,13 @@
 #[cfg(feature = "azure")]
 pub use crate::azure::AzureTokenSource;
 pub use crate::cache::{CacheOptions, CacheStats, Token, TokenCache, TokenCacheBuilder};
-pub use crate::claims::{MAX_TOKEN_LEN, RoleNameError, role_name_from_token};
+pub use crate::claims::{MAX_TOKEN_LEN, RoleFromToken, RoleNameError, TokenClaims};
+#[cfg(feature = "test-util")]
 pub use crate::clock::{Clock, SystemClock, TokioClock};
-pub use crate::connect::{EntraConnector, EntraConnectorBuilder, TlsStream};
-pub use crate::error::{Error, TokenError, TokenErrorKind};
-pub use crate::scope::{Cloud, validate_scope};
-pub use crate::tls::{TlsRoots, azure_roots, tls_config};
+pub use crate::connect::{Connection, EntraConnector, EntraConnectorBuilder};
+pub use crate::error::{Error, LoginRejected, LoginRetry, RoleSource, TokenError, TokenErrorKind};
+pub use crate::scope::Cloud;
+pub use crate::tls::TlsRoots;
 pub use crate::token::{AccessToken, FnTokenSource, TokenSource, TokenSourceError};
 #[cfg(feature = "azure")]
 pub use azure_core;

@@ -69,7 +69,7 @@ pub(crate) fn check_cloud(host: &str, scope: &str) -> Result<(), Error> {
 
 /// Checks that `scope` is one `<resource>/.default` scope, as the client-credentials and
 /// managed-identity flows require.
-pub fn validate_scope(scope: &str) -> Result<(), Error> {
+pub(crate) fn validate_scope(scope: &str) -> Result<(), Error> {
     let problem = if scope.is_empty() {
         Some("is empty")
     } else if scope.chars().any(char::is_whitespace) {

@@ -33,7 +33,7 @@ pub enum TlsRoots {
 }
 
 /// The Azure roots as a rustls root store.
-pub fn azure_roots() -> RootCertStore {
+pub(crate) fn azure_roots() -> RootCertStore {
     let anchors = webpki_roots::TLS_SERVER_ROOTS.iter().filter(|anchor| {
         let subject: &[u8] = anchor.subject.as_ref();
         AZURE_ROOT_SUBJECTS.iter().any(|name| {
@@ -62,7 +62,7 @@ fn roots_from_pem(pem: &[u8], origin: &str) -> Result<RootCertStore, Error> {
 }
 
 /// A rustls client configuration for `roots`, with the aws-lc-rs provider chosen explicitly.
-pub fn tls_config(roots: &TlsRoots) -> Result<rustls::ClientConfig, Error> {
+pub(crate) fn tls_config(roots: &TlsRoots) -> Result<rustls::ClientConfig, Error> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

@@ -8,6 +8,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::error::TokenErrorKind;
+
 /// An access token as a token source returns it: the secret and when it expires.
 ///
 /// `Debug` never shows the secret.
@@ -46,11 +48,16 @@ impl fmt::Debug for AccessToken {
     }
 }
 
-/// Why a token source could not produce a token.
+/// Why a token source could not produce a token: what the identity provider said, classified.
+///
+/// The message and the provider's error description must never contain a token or a secret.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct TokenSourceError {
     message: String,
+    kind: Option<TokenErrorKind>,
+    http_status: Option<u16>,
+    provider_code: Option<String>,
     retry_after: Option<Duration>,
     #[source]
     source: Option<Arc<dyn StdError + Send + Sync>>,
@@ -61,6 +68,9 @@ impl TokenSourceError {
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
+            kind: None,
+            http_status: None,
+            provider_code: None,
             retry_after: None,
             source: None,
         }
@@ -70,6 +80,28 @@ impl TokenSourceError {
     #[must_use]
     pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
         self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// What kind of failure this is. Without it, the kind follows from the HTTP status (429:
+    /// throttled, other 4xx: credential rejected, 5xx: server error), else [`TokenErrorKind::Other`].
+    #[must_use]
+    pub fn with_kind(mut self, kind: TokenErrorKind) -> Self {
+        self.kind = Some(kind);
+        self
+    }
+
+    /// The HTTP status the identity provider answered with.
+    #[must_use]
+    pub fn with_http_status(mut self, status: u16) -> Self {
+        self.http_status = Some(status);
+        self
+    }
+
+    /// The provider's error code (OAuth `error`, e.g. `invalid_client`, or Entra's `AADSTS` number).
+    #[must_use]
+    pub fn with_provider_code(mut self, code: impl Into<String>) -> Self {
+        self.provider_code = Some(code.into());
         self
     }
 
@@ -89,20 +121,42 @@ impl TokenSourceError {
     pub fn message(&self) -> &str {
         &self.message
     }
+
+    /// The HTTP status the provider answered with, if it answered.
+    pub fn http_status(&self) -> Option<u16> {
+        self.http_status
+    }
+
+    /// The provider's error code, if it gave one.
+    pub fn provider_code(&self) -> Option<&str> {
+        self.provider_code.as_deref()
+    }
+
+    /// The kind of failure: as set, or from the HTTP status.
+    pub fn kind(&self) -> TokenErrorKind {
+        if let Some(kind) = self.kind {
+            return kind;
+        }
+        match self.http_status {
+            Some(429) => TokenErrorKind::Throttled,
+            Some(s) if (400..500).contains(&s) => TokenErrorKind::CredentialRejected,
+            Some(s) if s >= 500 => TokenErrorKind::ServerError,
+            _ => TokenErrorKind::Other,
+        }
+    }
 }
 
 /// Something that can produce access tokens for a scope: an Azure credential, or any other
 /// identity provider.
 ///
-/// Implementations should not cache: [`crate::TokenCache`] does, for every pool sharing the
-/// source. `identity()` names who the tokens are for; caches are shared per identity and scope,
-/// so two sources that return tokens for different principals must have different identities.
+/// Implementations need not cache: [`crate::TokenCache`] does, for every pool that shares it.
 #[async_trait]
 pub trait TokenSource: Send + Sync + fmt::Debug {
     /// Requests a new token for `scope`.
     async fn get_token(&self, scope: &str) -> Result<AccessToken, TokenSourceError>;
 
-    /// A stable, non-secret name for the principal the tokens are for (e.g. a client id).
+    /// A readable, non-secret name for the principal the tokens are for (e.g. the credential's
+    /// kind and client id), used in errors, logs and metrics.
     fn identity(&self) -> String;
 }
 

@@ -56,7 +56,8 @@ async fn trace_output_of_fetch_refresh_invalidation_and_failure_never_contains_t
     let first = cache.get().await.unwrap();
     tokio::time::sleep(Duration::from_secs(7)).await; // the background refresh runs at 6 s
     *failing.lock().unwrap() = true;
-    cache.invalidate(&cache.get().await.unwrap());
+    let rejected = cache.get().await.unwrap();
+    let _ = cache.replacement_for(&rejected).await;
     let _ = cache.get().await;
 
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
@@ -67,7 +68,7 @@ async fn trace_output_of_fetch_refresh_invalidation_and_failure_never_contains_t
     for expected in [
         "token fetched",
         "token fetch failed",
-        "invalidated",
+        "the server rejected a token",
         "entra_token_fetch",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in {text}");

@@ -21,10 +21,7 @@ async fn pool(
         .max_lifetime(max_lifetime)
         .connection_timeout(Duration::from_secs(10))
         .test_on_check_out(true)
-        .build(EntraConnectionManager::new(
-            emulator.server_config(),
-            connector(emulator),
-        ))
+        .build(EntraConnectionManager::new(emulator.server_config(), connector(emulator)).unwrap())
         .await
         .unwrap()
 }
@@ -88,10 +85,7 @@ async fn a_cold_start_with_thirty_two_checkouts_makes_one_token_request() {
         .max_size(32)
         .min_idle(Some(0))
         .connection_timeout(Duration::from_secs(10))
-        .build(EntraConnectionManager::new(
-            emulator.server_config(),
-            connector(&emulator),
-        ))
+        .build(EntraConnectionManager::new(emulator.server_config(), connector(&emulator)).unwrap())
         .await
         .unwrap();
 
@@ -166,7 +160,7 @@ async fn the_pool_recovers_when_the_server_restarts_mid_run() {
 async fn a_token_failure_reaches_the_caller_as_our_typed_error() {
     let emulator = Suite::start(Duration::from_secs(3600));
     let connector = wrong_secret_connector(&emulator);
-    let manager = EntraConnectionManager::new(emulator.server_config(), connector);
+    let manager = EntraConnectionManager::new(emulator.server_config(), connector).unwrap();
 
     // A connection opened directly reports our error as it is.
     let pool = Pool::builder().max_size(2).build_unchecked(manager.clone());

@@ -1,7 +1,7 @@
 //! deadpool-postgres with Entra ID login: the user's `Config` and `Pool` type, unchanged.
 
 use deadpool_postgres::{Config, ManagerConfig, PoolConfig, RecyclingMethod, Timeouts};
-use postgres_entra_deadpool::{Error, create_pool, entra_error, max_age, pool_builder};
+use postgres_entra_deadpool::{Error, PoolOptions, create_pool, entra_error, pool_builder};
 use postgres_entra_testkit::{Emulator, Endpoint, Fault};
 use std::time::Duration;
 
@@ -49,14 +49,14 @@ async fn thirty_two_tasks_on_a_pool_of_eight_across_token_lifetimes_never_fail()
     const LIFETIME: Duration = Duration::from_secs(3);
     const RUN: Duration = Duration::from_secs(10);
     let emulator = Suite::start(LIFETIME);
-    let pool = pool_builder(&user_config(&emulator, 8), connector(&emulator))
-        .unwrap()
-        .pre_recycle(max_age(
-            Duration::from_millis(800),
-            Duration::from_millis(200),
-        ))
-        .build()
-        .unwrap();
+    let pool = pool_builder(
+        &user_config(&emulator, 8),
+        connector(&emulator),
+        PoolOptions::new().max_age(Duration::from_millis(800), Duration::from_millis(200)),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
 
     let pool2 = pool.clone();
     let load = hammer(32, RUN, move || {
@@ -113,11 +113,12 @@ async fn a_cold_start_with_thirty_two_checkouts_makes_one_token_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_their_maximum_age_are_retired_on_recycle() {
     let emulator = Suite::start(Duration::from_secs(3600));
-    let pool = pool_builder(&user_config(&emulator, 1), connector(&emulator))
-        .unwrap()
-        .pre_recycle(max_age(Duration::from_millis(500), Duration::ZERO))
-        .build()
-        .unwrap();
+    let pool = postgres_entra_deadpool::create_pool_with(
+        &user_config(&emulator, 1),
+        connector(&emulator),
+        PoolOptions::new().max_age(Duration::from_millis(500), Duration::ZERO),
+    )
+    .unwrap();
     let backend_pid = || async {
         let client = pool.get().await.unwrap();
         client
@@ -145,14 +146,14 @@ async fn connections_past_their_maximum_age_are_retired_on_recycle() {
 async fn an_identity_provider_outage_shorter_than_the_token_life_fails_no_checkout() {
     const LIFETIME: Duration = Duration::from_secs(8);
     let emulator = Suite::start(LIFETIME);
-    let pool = pool_builder(&user_config(&emulator, 8), connector(&emulator))
-        .unwrap()
-        .pre_recycle(max_age(
-            Duration::from_millis(500),
-            Duration::from_millis(100),
-        ))
-        .build()
-        .unwrap();
+    let pool = pool_builder(
+        &user_config(&emulator, 8),
+        connector(&emulator),
+        PoolOptions::new().max_age(Duration::from_millis(500), Duration::from_millis(100)),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
     checkout(&pool).await.unwrap();
     let churn = pool.clone();
     outage_during_churn(&emulator, Fault::ServerError, move || {

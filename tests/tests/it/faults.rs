@@ -4,14 +4,14 @@ use postgres_entra::{
     AccessToken, AzureTokenSource, CacheOptions, EntraConnector, FnTokenSource, TlsRoots,
     TokenCache, TokenErrorKind,
 };
-use postgres_entra_deadpool::{Error, entra_error, max_age, pool_builder};
+use postgres_entra_deadpool::{Error, PoolOptions, entra_error, pool_builder};
 use postgres_entra_testkit::{Endpoint, Fault, Rejection, Signer, TokenOptions};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::deadpool_pool::{checkout, user_config};
-use crate::{Suite, cache_without_retries, connector, connector_with, hammer};
+use crate::{Suite, connector, connector_with, hammer, service_principal_cache};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -24,9 +24,9 @@ async fn an_outage_past_expiry_is_a_typed_error_in_time_and_recovery_takes_one_b
     let pool = pool_builder(
         &user_config(&emulator, 4),
         connector_with(&emulator, options),
+        PoolOptions::new().max_age(Duration::from_millis(200), Duration::ZERO),
     )
     .unwrap()
-    .pre_recycle(max_age(Duration::from_millis(200), Duration::ZERO))
     .build()
     .unwrap();
     checkout(&pool).await.unwrap();
@@ -42,10 +42,7 @@ async fn an_outage_past_expiry_is_a_typed_error_in_time_and_recovery_takes_one_b
         "no hang: answered in {waited:?} (pool timeouts are 10 s)"
     );
     match entra_error(&error) {
-        Some(Error::Token(e)) => assert!(
-            matches!(e.kind(), TokenErrorKind::Provider | TokenErrorKind::Timeout),
-            "{e}"
-        ),
+        Some(Error::Token(e)) => assert!(matches!(e.kind(), TokenErrorKind::Unreachable), "{e}"),
         other => panic!("expected a token error, got {other:?}"),
     }
 
@@ -90,9 +87,10 @@ async fn hammer_cache(cache: &TokenCache, window: Duration) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_with_retry_after_is_honoured_without_a_request_storm() {
     let emulator = Suite::start(HOUR);
-    let cache = cache_without_retries(
+    // Retry-After is honoured up to the longest backoff (here 5 s).
+    let cache = service_principal_cache(
         &emulator,
-        CacheOptions::default().backoff(Duration::from_millis(100), Duration::from_secs(1)),
+        CacheOptions::default().backoff(Duration::from_millis(100), Duration::from_secs(5)),
     );
     emulator.set_fault(
         Endpoint::Token,
@@ -124,7 +122,7 @@ async fn throttling_with_retry_after_is_honoured_without_a_request_storm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_back_off_exponentially_without_a_request_storm() {
     let emulator = Suite::start(HOUR);
-    let cache = cache_without_retries(
+    let cache = service_principal_cache(
         &emulator,
         CacheOptions::default().backoff(Duration::from_millis(100), Duration::from_secs(1)),
     );
@@ -149,13 +147,16 @@ async fn malformed_bodies_and_dropped_connections_are_typed_errors_then_recover(
     let emulator = Suite::start(HOUR);
     let options =
         CacheOptions::default().backoff(Duration::from_millis(50), Duration::from_millis(100));
-    let cache = cache_without_retries(&emulator, options);
+    let cache = service_principal_cache(&emulator, options);
 
-    for fault in [Fault::MalformedBody, Fault::DropConnection] {
+    for (fault, kind) in [
+        (Fault::MalformedBody, TokenErrorKind::InvalidResponse),
+        (Fault::DropConnection, TokenErrorKind::Unreachable),
+    ] {
         emulator.set_fault(Endpoint::Token, fault);
         tokio::time::sleep(Duration::from_millis(150)).await;
         let error = cache.get().await.unwrap_err();
-        assert_eq!(error.kind(), TokenErrorKind::Provider, "{fault:?}: {error}");
+        assert_eq!(error.kind(), kind, "{fault:?}: {error}");
         assert!(!error.message().is_empty());
     }
     emulator.clear_fault(Endpoint::Token);
@@ -167,14 +168,14 @@ async fn malformed_bodies_and_dropped_connections_are_typed_errors_then_recover(
 async fn a_thirty_second_stall_leaves_callers_with_a_valid_token_unaffected() {
     // Refresh at 9 s, usable until 10.8 s: the refresh meets the stall inside the window.
     let emulator = Suite::start(Duration::from_secs(12));
-    let pool = pool_builder(&user_config(&emulator, 8), connector(&emulator))
-        .unwrap()
-        .pre_recycle(max_age(
-            Duration::from_millis(300),
-            Duration::from_millis(100),
-        ))
-        .build()
-        .unwrap();
+    let pool = pool_builder(
+        &user_config(&emulator, 8),
+        connector(&emulator),
+        PoolOptions::new().max_age(Duration::from_millis(300), Duration::from_millis(100)),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
     checkout(&pool).await.unwrap();
     emulator.set_latency(Endpoint::Token, Duration::from_secs(30));
 
@@ -247,10 +248,13 @@ async fn connections_killed_server_side_while_idle_are_replaced() {
     let bb8 = bb8::Pool::builder()
         .max_size(4)
         .test_on_check_out(true)
-        .build(postgres_entra_bb8::EntraConnectionManager::new(
-            emulator.server_config(),
-            connector(&emulator),
-        ))
+        .build(
+            postgres_entra_bb8::EntraConnectionManager::new(
+                emulator.server_config(),
+                connector(&emulator),
+            )
+            .unwrap(),
+        )
         .await
         .unwrap();
     drop(futures_join(4, || bb8.get()).await);
@@ -312,7 +316,6 @@ async fn a_login_rejected_for_a_stale_token_is_retried_once_with_a_fresh_one() {
     });
     let connector = EntraConnector::builder(source)
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
-        .private_cache()
         .build()
         .unwrap();
     let pool = postgres_entra_deadpool::create_pool(&user_config(&emulator, 2), connector.clone())

@@ -3,7 +3,7 @@
 
 use bb8::Pool;
 use postgres_entra_bb8::EntraConnectionManager;
-use postgres_entra_deadpool::{max_age, pool_builder};
+use postgres_entra_deadpool::{PoolOptions, create_pool_with};
 use postgres_entra_testkit::Endpoint;
 use std::time::Duration;
 
@@ -74,11 +74,12 @@ fn report(name: &str, first: &Load, second: &Load, growth: i64, emulator: &Suite
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadpool_256_tasks_on_16_connections_for_30_seconds() {
     let emulator = Suite::start(LIFETIME);
-    let pool = pool_builder(&user_config(&emulator, 16), connector(&emulator))
-        .unwrap()
-        .pre_recycle(max_age(Duration::from_secs(2), Duration::from_millis(500)))
-        .build()
-        .unwrap();
+    let pool = create_pool_with(
+        &user_config(&emulator, 16),
+        connector(&emulator),
+        PoolOptions::new().max_age(Duration::from_secs(2), Duration::from_millis(500)),
+    )
+    .unwrap();
 
     let p = pool.clone();
     let (first, second, growth) = two_phases(move || {
@@ -109,7 +110,7 @@ async fn bb8_256_tasks_on_16_connections_for_30_seconds() {
         .max_size(16)
         .max_lifetime(Some(Duration::from_secs(2)))
         .connection_timeout(Duration::from_secs(20))
-        .build(EntraConnectionManager::new(config, connector(&emulator)))
+        .build(EntraConnectionManager::new(config, connector(&emulator)).unwrap())
         .await
         .unwrap();
 

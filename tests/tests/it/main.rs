@@ -114,7 +114,7 @@ impl Drop for Suite {
 }
 
 /// A connector for the service principal of `emulator`, through azure_identity's
-/// `ClientSecretCredential`, trusting the emulator's CA, with a cache of its own.
+/// `ClientSecretCredential`, trusting the emulator's CA.
 pub fn connector(emulator: &Emulator) -> EntraConnector {
     connector_with(emulator, postgres_entra::CacheOptions::default())
 }
@@ -130,7 +130,6 @@ pub fn connector_with(
         .role_name(sp.role_name)
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
         .cache_options(options)
-        .private_cache()
         .build()
         .unwrap()
 }
@@ -143,7 +142,6 @@ pub fn wrong_secret_connector(emulator: &Emulator) -> EntraConnector {
     EntraConnector::builder(AzureTokenSource::new(credential))
         .role_name(sp.role_name)
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
-        .private_cache()
         .build()
         .unwrap()
 }
@@ -177,25 +175,16 @@ where
     );
 }
 
-/// A cache over the service principal's `ClientSecretCredential` without azure_core's own
-/// retries, to see what the cache alone does with each answer of the identity provider.
-pub fn cache_without_retries(
+/// A cache over the service principal's `ClientSecretCredential` (built, as the README
+/// recommends, without azure_core's own retries), to see what the cache does with each answer of
+/// the identity provider.
+pub fn service_principal_cache(
     emulator: &Emulator,
     options: postgres_entra::CacheOptions,
 ) -> postgres_entra::TokenCache {
-    let sp = emulator.service_principal();
-    let credential = azure_identity::ClientSecretCredential::new(
-        emulator.tenant_id(),
-        sp.client_id.clone(),
-        sp.client_secret.clone().unwrap().into(),
-        Some(azure_identity::ClientSecretCredentialOptions {
-            client_options: azure_core::http::ClientOptions {
-                retry: azure_core::http::RetryOptions::none(),
-                ..emulator.transport().client_options()
-            },
-        }),
-    )
-    .unwrap();
+    let credential = emulator
+        .client_secret_credential(&emulator.service_principal())
+        .unwrap();
     postgres_entra::TokenCache::builder(AzureTokenSource::new(credential))
         .options(options)
         .build()

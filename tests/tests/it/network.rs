@@ -116,7 +116,7 @@ async fn bb8_checkouts_fail_fast_when_connections_are_cut_and_the_pool_heals() {
         .max_size(8)
         .test_on_check_out(true)
         .connection_timeout(Duration::from_secs(5))
-        .build(EntraConnectionManager::new(config, connector(&emulator)))
+        .build(EntraConnectionManager::new(config, connector(&emulator)).unwrap())
         .await
         .unwrap();
 

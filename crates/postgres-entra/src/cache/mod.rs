@@ -1,41 +1,31 @@
-//! The shared token cache: single-flight fetches, proactive background refresh, backoff on
-//! failure, and a guarantee that no expired token is ever handed out.
+//! The token cache: single-flight fetches, proactive background refresh, backoff on failure, a
+//! guarantee that no expired token is ever handed out, and at most one replacement per token
+//! after the server rejects it.
 
 use arc_swap::ArcSwapOption;
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
 use tracing::Instrument as _;
 
-use crate::claims::{RoleNameError, role_name_from_token};
+use crate::claims::{RoleNameError, TokenClaims};
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, TokenError, TokenErrorKind};
 use crate::scope::{Cloud, validate_scope};
 use crate::token::{AccessToken, TokenSource, TokenSourceError};
 
-/// How the cache refreshes, backs off and decides a token is too old to hand out.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
+/// How the cache refreshes, backs off and decides a token is too old to hand out. Checked when
+/// the cache is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheOptions {
-    /// Refresh this long before expiry, in the background (capped at a quarter of the token's
-    /// lifetime, so short-lived tokens refresh at three quarters of their life). Default 15
-    /// minutes: Entra tokens live 60-90 minutes, so an identity-provider outage of up to 15
-    /// minutes goes unnoticed.
-    pub refresh_margin: Duration,
-    /// Never hand out a token expiring within this margin (capped at a tenth of its lifetime),
-    /// so a login never races the expiry. Default 30 seconds.
-    pub expiry_buffer: Duration,
-    /// Give up on one request to the identity provider after this long (azure_core credentials
-    /// retry internally for up to a minute; this bounds how long a caller without a valid token
-    /// can wait). Default 10 seconds.
-    pub fetch_timeout: Duration,
-    /// First delay after a failed fetch; doubles with each consecutive failure. Default 500 ms.
-    pub backoff_initial: Duration,
-    /// Longest delay between attempts (before jitter). Default 60 seconds.
-    pub backoff_max: Duration,
+    refresh_margin: Duration,
+    expiry_buffer: Duration,
+    fetch_timeout: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
 }
 
 impl Default for CacheOptions {
@@ -50,31 +40,78 @@ impl Default for CacheOptions {
     }
 }
 
+/// How much longer than the fetch timeout a caller waits for a fetch another caller started.
+const WAIT_GRACE: Duration = Duration::from_secs(1);
+
+/// The shortest first backoff delay: anything shorter makes a tight loop against the provider.
+const MIN_BACKOFF: Duration = Duration::from_millis(10);
+
 impl CacheOptions {
-    /// Sets [`CacheOptions::refresh_margin`].
+    /// Refresh this long before expiry, in the background (capped at a quarter of the token's
+    /// lifetime, so short-lived tokens refresh at three quarters of their life). Default 15
+    /// minutes: Entra tokens live 60-90 minutes (up to 24 hours for managed identities), so an
+    /// identity-provider outage of up to 15 minutes goes unnoticed. Must exceed the expiry buffer.
     #[must_use]
     pub fn refresh_margin(mut self, margin: Duration) -> Self {
         self.refresh_margin = margin;
         self
     }
-    /// Sets [`CacheOptions::expiry_buffer`].
+
+    /// Never hand out a token expiring within this margin (capped at a tenth of its lifetime),
+    /// so a login never races the expiry. Default 30 seconds.
     #[must_use]
     pub fn expiry_buffer(mut self, buffer: Duration) -> Self {
         self.expiry_buffer = buffer;
         self
     }
-    /// Sets [`CacheOptions::fetch_timeout`].
+
+    /// Give up waiting for one request to the identity provider after this long; it also bounds
+    /// how long any caller waits for a token. Default 10 seconds. Must not be zero.
     #[must_use]
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
         self.fetch_timeout = timeout;
         self
     }
-    /// Sets the backoff's first and longest delay.
+
+    /// After a failed fetch, wait `initial` (at least 10 ms), doubling with each consecutive
+    /// failure up to `max`, with jitter; a `Retry-After` from the provider is honoured up to
+    /// `max`. Defaults 500 ms and 60 seconds.
     #[must_use]
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.backoff_initial = initial;
-        self.backoff_max = max.max(initial);
+        self.backoff_max = max;
         self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        let problem = if self.fetch_timeout.is_zero() {
+            Some("fetch_timeout is zero: no fetch could ever finish".to_owned())
+        } else if self.backoff_initial < MIN_BACKOFF {
+            Some(format!(
+                "the first backoff delay ({:?}) is under {MIN_BACKOFF:?}: a failing identity provider would be asked in a tight loop",
+                self.backoff_initial
+            ))
+        } else if self.backoff_max < self.backoff_initial {
+            Some(format!(
+                "the longest backoff delay ({:?}) is shorter than the first ({:?})",
+                self.backoff_max, self.backoff_initial
+            ))
+        } else if self.refresh_margin <= self.expiry_buffer {
+            Some(format!(
+                "refresh_margin ({:?}) must exceed expiry_buffer ({:?}), or callers would wait for every refresh",
+                self.refresh_margin, self.expiry_buffer
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some(problem) => Err(Error::config(format!("cache options: {problem}"))),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn fetch_timeout_value(&self) -> Duration {
+        self.fetch_timeout
     }
 
     /// The delay before attempt `failures + 1`: exponential, capped, with jitter in [d/2, d].
@@ -91,10 +128,13 @@ impl CacheOptions {
 /// A cached access token, as handed out by [`TokenCache::get`]. `Debug` never shows the secret.
 pub struct Token {
     access: AccessToken,
-    id: u64,
     refresh_at: SystemTime,
     usable_until: SystemTime,
-    role: Result<String, RoleNameError>,
+    claims: Result<TokenClaims, RoleNameError>,
+    /// Fetched because the server rejected the token before it.
+    after_rejection: bool,
+    /// A replacement was asked for after the server rejected this token.
+    replacement_requested: AtomicBool,
 }
 
 impl Token {
@@ -118,9 +158,13 @@ impl Token {
         self.usable_until
     }
 
-    /// The role name read from the token's claims (see [`crate::role_name_from_token`]).
-    pub fn role_name(&self) -> Result<&str, &RoleNameError> {
-        self.role.as_deref()
+    /// The token's claims (names, ids, audience), or why they could not be read.
+    pub fn claims(&self) -> Result<&TokenClaims, &RoleNameError> {
+        self.claims.as_ref()
+    }
+
+    pub(crate) fn after_rejection(&self) -> bool {
+        self.after_rejection
     }
 }
 
@@ -130,7 +174,7 @@ impl fmt::Debug for Token {
             .field("secret", &"<redacted>")
             .field("expires_on", &self.access.expires_on())
             .field("refresh_at", &self.refresh_at)
-            .field("role", &self.role)
+            .field("claims", &self.claims)
             .finish()
     }
 }
@@ -147,9 +191,9 @@ pub struct CacheStats {
     pub failures: u64,
     /// Calls answered from the cache without waiting.
     pub hits: u64,
-    /// Calls that had to wait for a fetch.
+    /// Calls of [`TokenCache::get`] that had to wait for a fetch.
     pub waits: u64,
-    /// Tokens dropped by [`TokenCache::invalidate`].
+    /// Rejected tokens for which the cache asked the provider for a different one.
     pub invalidations: u64,
     /// Failures since the last success.
     pub consecutive_failures: u32,
@@ -169,6 +213,27 @@ struct Counters {
 
 type FetchResult = Result<Arc<Token>, TokenError>;
 
+/// Why a fetch was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// A caller found no usable token.
+    Caller,
+    /// The refresh point passed, or a retry after a failure.
+    Background,
+    /// The server rejected the current token.
+    Rejected,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Caller => "caller",
+            Trigger::Background => "background",
+            Trigger::Rejected => "rejected",
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// The fetch in progress, if any: every caller that misses waits on this one.
@@ -177,7 +242,17 @@ struct State {
     last_error: Option<TokenError>,
     /// No new request before this instant (backoff).
     retry_at: Option<SystemTime>,
-    next_id: u64,
+    /// The one pending wake-up (refresh or retry).
+    timer: Option<AbortHandle>,
+}
+
+impl State {
+    fn fetch_in_progress(&self) -> Option<watch::Receiver<Option<FetchResult>>> {
+        // A fetch whose runtime shut down dropped its sender: it is not in progress any more.
+        self.inflight
+            .clone()
+            .filter(|receiver| receiver.has_changed().is_ok())
+    }
 }
 
 struct Inner {
@@ -191,11 +266,24 @@ struct Inner {
     counters: Counters,
 }
 
-/// A shared, cached, self-refreshing source of access tokens for one identity and scope.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(timer) = state.timer.take() {
+            timer.abort();
+        }
+    }
+}
+
+/// A cached, self-refreshing source of access tokens for one identity and scope.
 ///
-/// Cheap to clone; clones share everything. Tokens are refreshed in the background before they
-/// expire, so in steady state [`TokenCache::get`] never waits on the identity provider. Needs a
-/// Tokio runtime.
+/// Cheap to clone, and clones share everything: to share one cache between pools, clone the
+/// [`crate::EntraConnector`] (or this cache) into each. Two caches built separately never share.
+///
+/// Tokens are refreshed in the background before they expire, so in steady state
+/// [`TokenCache::get`] never waits on the identity provider. The background work (fetches, the
+/// refresh timer) runs on the Tokio runtime of whichever caller needs it; if that runtime shuts
+/// down, the next caller, on any runtime, takes over. Needs a Tokio runtime with time enabled.
 #[derive(Clone)]
 pub struct TokenCache {
     inner: Arc<Inner>,
@@ -211,14 +299,8 @@ impl fmt::Debug for TokenCache {
     }
 }
 
-/// (identity, scope) → the cache shared for them.
-type Registry = HashMap<(String, String), Weak<Inner>>;
-
-/// Caches shared process-wide, per identity and scope.
-static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(Default::default);
-
 /// Builds a [`TokenCache`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 #[must_use]
 pub struct TokenCacheBuilder {
     source: Arc<dyn TokenSource>,
@@ -228,7 +310,7 @@ pub struct TokenCacheBuilder {
 }
 
 impl TokenCacheBuilder {
-    /// The scope to request (default: the public cloud's PostgreSQL scope).
+    /// The scope to request (default: the public cloud's Azure Database for PostgreSQL scope).
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
         self.scope = Some(scope.into());
         self
@@ -241,49 +323,47 @@ impl TokenCacheBuilder {
     }
 
     /// The clock (tests use a paused Tokio clock to cross expiries without waiting).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
     }
 
-    fn into_inner(self) -> Result<Inner, Error> {
+    pub(crate) fn set_clock(mut self, clock: Option<Arc<dyn Clock>>) -> Self {
+        if let Some(clock) = clock {
+            self.clock = clock;
+        }
+        self
+    }
+
+    /// Checks the scope and options and builds the cache.
+    pub fn build(self) -> Result<TokenCache, Error> {
         let scope = self
             .scope
             .unwrap_or_else(|| Cloud::Public.scope().to_owned());
         validate_scope(&scope)?;
-        Ok(Inner {
-            identity: self.source.identity(),
-            source: self.source,
-            scope,
-            options: self.options,
-            clock: self.clock,
-            current: ArcSwapOption::empty(),
-            state: Mutex::new(State::default()),
-            counters: Counters::default(),
-        })
-    }
-
-    /// A cache of its own, shared with nobody.
-    pub fn build(self) -> Result<TokenCache, Error> {
+        self.options.validate()?;
         Ok(TokenCache {
-            inner: Arc::new(self.into_inner()?),
+            inner: Arc::new(Inner {
+                identity: self.source.identity(),
+                source: self.source,
+                scope,
+                options: self.options,
+                clock: self.clock,
+                current: ArcSwapOption::empty(),
+                state: Mutex::new(State::default()),
+                counters: Counters::default(),
+            }),
         })
     }
+}
 
-    /// The process-wide cache for this source's identity and scope: created on first use, shared
-    /// by every later caller while any of them holds it. The first caller's options and clock win.
-    pub fn shared(self) -> Result<TokenCache, Error> {
-        let inner = self.into_inner()?;
-        let key = (inner.identity.clone(), inner.scope.clone());
-        let mut registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = registry.get(&key).and_then(Weak::upgrade) {
-            return Ok(TokenCache { inner: existing });
-        }
-        registry.retain(|_, cache| cache.strong_count() > 0);
-        let inner = Arc::new(inner);
-        registry.insert(key, Arc::downgrade(&inner));
-        Ok(TokenCache { inner })
-    }
+/// How a wait for a fetch ended.
+enum Waited {
+    Done(FetchResult),
+    /// The fetch's runtime shut down before it finished.
+    Abandoned,
+    TimedOut,
 }
 
 impl TokenCache {
@@ -298,7 +378,8 @@ impl TokenCache {
     }
 
     /// A valid token: from the cache when it holds one (no waiting), otherwise from one fetch
-    /// shared by all concurrent callers. Never returns a token past its usable lifetime.
+    /// shared by all concurrent callers, waiting at most the fetch timeout (and a second's grace). Never returns a token
+    /// past its usable lifetime.
     pub async fn get(&self) -> Result<Arc<Token>, TokenError> {
         let now = self.inner.clock.now();
         if let Some(token) = self.inner.current.load().as_ref()
@@ -316,23 +397,60 @@ impl TokenCache {
         self.inner.fetch_or_wait().await
     }
 
-    /// Drops `token` if it is still the cached one (the server rejected it); the next
-    /// [`TokenCache::get`] fetches a new one. Concurrent calls for the same token drop it once.
-    pub fn invalidate(&self, token: &Token) {
-        let _state = self.inner.lock_state();
-        let current = self.inner.current.load();
-        if current.as_ref().is_some_and(|t| t.id == token.id) {
-            self.inner.current.store(None);
-            self.inner.counters.invalidations.fetch_add(1, Relaxed);
-            tracing::info!(identity = %self.inner.identity, "cached token invalidated after the server rejected it");
+    /// The server rejected the login with `rejected`: a different token to retry with, or `None`
+    /// when a different one cannot help or cannot be had (the provider returned the same token,
+    /// or `rejected` was itself fetched after a rejection).
+    ///
+    /// Asks the provider at most once per token, however many logins it failed; meanwhile every
+    /// other caller keeps getting the current token without waiting (a rejection may say nothing
+    /// about the token, e.g. a wrong role name). Waits at most the fetch timeout.
+    pub async fn replacement_for(
+        &self,
+        rejected: &Token,
+    ) -> Result<Option<Arc<Token>>, TokenError> {
+        let inner = &self.inner;
+        for _ in 0..3 {
+            let receiver = {
+                let mut state = inner.lock_state();
+                if let Some(current) = inner.usable(inner.clock.now())
+                    && current.secret() != rejected.secret()
+                {
+                    return Ok(Some(current));
+                }
+                match state.fetch_in_progress() {
+                    Some(receiver) => receiver,
+                    None => {
+                        if rejected.after_rejection
+                            || rejected.replacement_requested.swap(true, SeqCst)
+                        {
+                            return Ok(None);
+                        }
+                        if let Some(error) = inner.backing_off(&state) {
+                            return Err(error);
+                        }
+                        inner.counters.invalidations.fetch_add(1, Relaxed);
+                        tracing::info!(
+                            identity = %inner.identity,
+                            "the server rejected a token; asking the identity provider for a different one"
+                        );
+                        inner.start_fetch(&mut state, Trigger::Rejected)?
+                    }
+                }
+            };
+            match inner.wait(receiver).await {
+                Waited::Done(Ok(_)) | Waited::Abandoned => continue,
+                Waited::Done(Err(error)) => return Err(error),
+                Waited::TimedOut => return Err(inner.wait_timeout()),
+            }
         }
+        Ok(None)
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> CacheStats {
         let c = &self.inner.counters;
         let now = self.inner.clock.now();
-        let state = self.inner.lock_state();
+        let consecutive_failures = self.inner.lock_state().failures;
         CacheStats {
             requests: c.requests.load(Relaxed),
             successes: c.successes.load(Relaxed),
@@ -340,7 +458,7 @@ impl TokenCache {
             hits: c.hits.load(Relaxed),
             waits: c.waits.load(Relaxed),
             invalidations: c.invalidations.load(Relaxed),
-            consecutive_failures: state.failures,
+            consecutive_failures,
             expires_in: self
                 .inner
                 .current
@@ -350,7 +468,7 @@ impl TokenCache {
         }
     }
 
-    /// The identity this cache holds tokens for.
+    /// The readable name of the identity this cache holds tokens for.
     pub fn identity(&self) -> &str {
         &self.inner.identity
     }
@@ -378,43 +496,77 @@ impl Inner {
             .filter(|token| now < token.usable_until)
     }
 
+    /// The last error, while the backoff it started is still running.
+    fn backing_off(&self, state: &State) -> Option<TokenError> {
+        let (error, retry_at) = (state.last_error.as_ref()?, state.retry_at?);
+        let wait = retry_at.duration_since(self.clock.now()).ok()?;
+        Some(error.clone().with_retry_in(wait))
+    }
+
+    fn wait_timeout(&self) -> TokenError {
+        TokenError::new(
+            TokenErrorKind::Timeout,
+            &self.identity,
+            &self.scope,
+            format!(
+                "no token within {:?}: the fetch runs on another Tokio runtime that did not finish it",
+                self.options.fetch_timeout_value() + WAIT_GRACE
+            ),
+        )
+    }
+
+    /// Waits for a fetch. The fetch ends itself within the fetch timeout; this bound, a little
+    /// longer so that the fetch's own outcome wins, covers a caller whose fetch runs on another
+    /// runtime that is blocked or shutting down.
+    async fn wait(&self, mut receiver: watch::Receiver<Option<FetchResult>>) -> Waited {
+        let outcome = tokio::time::timeout(
+            self.options.fetch_timeout_value() + WAIT_GRACE,
+            receiver.wait_for(Option::is_some),
+        )
+        .await;
+        match outcome {
+            Ok(Ok(result)) => match result.clone() {
+                Some(result) => Waited::Done(result),
+                None => Waited::Abandoned,
+            },
+            Ok(Err(_)) => Waited::Abandoned,
+            Err(_) => Waited::TimedOut,
+        }
+    }
+
     async fn fetch_or_wait(self: &Arc<Self>) -> Result<Arc<Token>, TokenError> {
         // A fetch may be abandoned (its runtime shut down) or return a token that is already too
         // old by the time we see it; both are rare, so a couple of rounds suffice.
         for _ in 0..3 {
-            let mut receiver = {
+            let receiver = {
                 let mut state = self.lock_state();
-                let now = self.clock.now();
-                if let Some(token) = self.usable(now) {
+                if let Some(token) = self.usable(self.clock.now()) {
                     return Ok(token);
                 }
-                match state.inflight.clone().filter(|r| r.has_changed().is_ok()) {
+                match state.fetch_in_progress() {
                     Some(receiver) => receiver,
                     None => {
-                        if let (Some(error), Some(retry_at)) = (&state.last_error, state.retry_at)
-                            && let Ok(wait) = retry_at.duration_since(now)
-                        {
-                            return Err(error.clone().with_retry_in(wait));
+                        if let Some(error) = self.backing_off(&state) {
+                            return Err(error);
                         }
-                        self.start_fetch(&mut state, "caller")
+                        self.start_fetch(&mut state, Trigger::Caller)?
                     }
                 }
             };
-            let outcome = match receiver.wait_for(Option::is_some).await {
-                Ok(outcome) => outcome.clone(),
-                Err(_) => continue,
-            };
-            match outcome {
-                Some(Ok(token)) if self.clock.now() < token.usable_until => return Ok(token),
-                Some(Ok(_)) | None => continue,
-                Some(Err(error)) => return Err(error),
+            match self.wait(receiver).await {
+                Waited::Done(Ok(token)) if self.clock.now() < token.usable_until => {
+                    return Ok(token);
+                }
+                Waited::Done(Ok(_)) | Waited::Abandoned => continue,
+                Waited::Done(Err(error)) => return Err(error),
+                Waited::TimedOut => return Err(self.wait_timeout()),
             }
         }
         Err(TokenError::new(
             TokenErrorKind::Cancelled,
             &self.identity,
             &self.scope,
-            "the token fetch did not complete",
+            "the token fetch did not complete (its Tokio runtime shut down)",
         ))
     }
 
@@ -430,11 +582,7 @@ impl Inner {
                 Err(_) => return,
             }
         };
-        if state
-            .inflight
-            .as_ref()
-            .is_some_and(|r| r.has_changed().is_ok())
-        {
+        if state.fetch_in_progress().is_some() {
             return;
         }
         let now = self.clock.now();
@@ -446,53 +594,68 @@ impl Inner {
             None => state.last_error.is_some(),
         };
         if due {
-            self.start_fetch(&mut state, "background");
+            // Outside a Tokio runtime there is no one to run it; the next caller will.
+            let _ = self.start_fetch(&mut state, Trigger::Background);
         }
     }
 
     fn start_fetch(
         self: &Arc<Self>,
         state: &mut State,
-        trigger: &'static str,
-    ) -> watch::Receiver<Option<FetchResult>> {
+        trigger: Trigger,
+    ) -> Result<watch::Receiver<Option<FetchResult>>, TokenError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            TokenError::new(
+                TokenErrorKind::Other,
+                &self.identity,
+                &self.scope,
+                "the token cache needs a Tokio runtime (with time enabled) to fetch tokens",
+            )
+        })?;
         let (sender, receiver) = watch::channel(None);
         state.inflight = Some(receiver.clone());
         self.counters.requests.fetch_add(1, Relaxed);
         let inner = self.clone();
-        let span = tracing::debug_span!("entra_token_fetch", identity = %self.identity, scope = %self.scope, trigger);
-        tokio::spawn(
+        let span = tracing::debug_span!(
+            "entra_token_fetch",
+            identity = %self.identity,
+            scope = %self.scope,
+            trigger = trigger.as_str()
+        );
+        runtime.spawn(
             async move {
                 tracing::debug!("requesting a token");
                 let result = tokio::time::timeout(
-                    inner.options.fetch_timeout,
+                    inner.options.fetch_timeout_value(),
                     inner.source.get_token(&inner.scope),
                 )
                 .await;
-                let outcome = inner.complete(result);
+                let outcome = inner.complete(result, trigger);
                 let _ = sender.send(Some(outcome));
             }
             .instrument(span),
         );
-        receiver
+        Ok(receiver)
     }
 
     fn complete(
         self: &Arc<Self>,
         result: Result<Result<AccessToken, TokenSourceError>, tokio::time::error::Elapsed>,
+        trigger: Trigger,
     ) -> FetchResult {
         let now = self.clock.now();
         let mut state = self.lock_state();
         state.inflight = None;
         let outcome = match result {
-            Ok(Ok(access)) => self.accept(access, now, &mut state),
+            Ok(Ok(access)) => self.accept(access, now, trigger),
             Ok(Err(error)) => Err(TokenError::from_source(&self.identity, &self.scope, error)),
             Err(_) => Err(TokenError::new(
                 TokenErrorKind::Timeout,
                 &self.identity,
                 &self.scope,
                 format!(
-                    "the identity provider did not answer within {:?}",
-                    self.options.fetch_timeout
+                    "no token from the token source within {:?}",
+                    self.options.fetch_timeout_value()
                 ),
             )),
         };
@@ -504,36 +667,43 @@ impl Inner {
                 state.retry_at = None;
                 let expires_in = token.expires_on().duration_since(now).unwrap_or_default();
                 tracing::debug!(expires_in_secs = expires_in.as_secs(), "token fetched");
-                self.schedule(token.refresh_at);
+                self.schedule(&mut state, token.refresh_at);
             }
             Err(error) => {
                 self.counters.failures.fetch_add(1, Relaxed);
                 state.failures = state.failures.saturating_add(1);
                 let mut delay = self.options.backoff_delay(state.failures, fastrand::f64());
                 if let Some(asked) = error.provider_retry_after() {
-                    delay = delay.max(asked);
+                    // Honour Retry-After, but never beyond the longest backoff.
+                    delay = delay.max(asked.min(self.options.backoff_max));
                 }
-                let retry_at = now + delay;
+                let serving = self.usable(now);
+                let mut retry_at = now + delay;
+                if let Some(token) = &serving {
+                    // Try again no later than the current token stops being handed out.
+                    retry_at = retry_at.min(token.usable_until);
+                }
                 state.retry_at = Some(retry_at);
                 state.last_error = Some(error.clone());
-                let serving = self.usable(now).is_some();
                 tracing::warn!(
-                    error = %error.message(),
+                    error = %error,
+                    kind = error.kind().as_str(),
+                    http_status = error.http_status().unwrap_or_default(),
                     consecutive_failures = state.failures,
-                    retry_in_ms = delay.as_millis() as u64,
-                    still_serving_valid_token = serving,
+                    retry_in_ms = retry_at.duration_since(now).unwrap_or_default().as_millis() as u64,
+                    still_serving_valid_token = serving.is_some(),
                     "token fetch failed"
                 );
                 // Keep retrying in the background, so a recovered provider is noticed before the
                 // current token runs out (or, with none left, before the next caller arrives).
-                self.schedule(retry_at);
+                self.schedule(&mut state, retry_at);
             }
         }
         outcome
     }
 
     /// Checks a fresh token and makes it current.
-    fn accept(&self, access: AccessToken, now: SystemTime, state: &mut State) -> FetchResult {
+    fn accept(&self, access: AccessToken, now: SystemTime, trigger: Trigger) -> FetchResult {
         let expires_on = access.expires_on();
         let lifetime = expires_on.duration_since(now).unwrap_or_default();
         let buffer = self.options.expiry_buffer.min(lifetime / 10);
@@ -548,31 +718,51 @@ impl Inner {
         }
         let margin = self.options.refresh_margin.min(lifetime / 4);
         let refresh_at = (expires_on - margin).min(usable_until);
-        state.next_id += 1;
-        let role = role_name_from_token(access.secret());
+        // A source that caches (azure_identity's credentials do) may return the same token: it
+        // keeps what is known about it, so a rejected token is replaced at most once.
+        let previous = self
+            .current
+            .load_full()
+            .filter(|t| t.secret() == access.secret());
+        let (after_rejection, replacement_requested) = match &previous {
+            Some(same) => (
+                same.after_rejection,
+                same.replacement_requested.load(SeqCst),
+            ),
+            None => (trigger == Trigger::Rejected, false),
+        };
+        let claims = TokenClaims::parse(access.secret());
         let token = Arc::new(Token {
             access,
-            id: state.next_id,
             refresh_at,
             usable_until,
-            role,
+            claims,
+            after_rejection,
+            replacement_requested: AtomicBool::new(replacement_requested),
         });
         self.current.store(Some(token.clone()));
         Ok(token)
     }
 
-    /// Wakes at `at` to refresh or retry if still due then. Holds only a weak reference: a cache
-    /// nobody uses any more stops refreshing.
-    fn schedule(self: &Arc<Self>, at: SystemTime) {
+    /// Wakes at `at` to refresh or retry if still due then, replacing any earlier wake-up. Holds
+    /// only a weak reference, and is aborted when the cache is dropped.
+    fn schedule(self: &Arc<Self>, state: &mut State, at: SystemTime) {
+        if let Some(previous) = state.timer.take() {
+            previous.abort();
+        }
         let weak = Arc::downgrade(self);
         let wait = at.duration_since(self.clock.now()).unwrap_or_default();
         let sleep = self.clock.sleep(wait);
-        tokio::spawn(async move {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let timer = runtime.spawn(async move {
             sleep.await;
             if let Some(inner) = weak.upgrade() {
                 inner.refresh_if_due(true);
             }
         });
+        state.timer = Some(timer.abort_handle());
     }
 }
 

@@ -186,7 +186,7 @@ async fn failures_back_off_exponentially_with_jitter_up_to_the_cap() {
     )));
 
     let error = cache.get().await.unwrap_err();
-    assert_eq!(error.kind(), TokenErrorKind::Provider);
+    assert_eq!(error.kind(), TokenErrorKind::Other);
     assert!(error.to_string().contains("AADSTS7000215"), "{error}");
     // Callers during the backoff get the error at once, without new requests.
     for _ in 0..50 {
@@ -298,52 +298,223 @@ async fn a_slow_provider_times_out_with_a_typed_error() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn invalidate_drops_the_rejected_token_once() {
+async fn a_rejected_token_is_replaced_once_while_other_callers_keep_it() {
     let (provider, cache) = setup(HOUR);
     let first = cache.get().await.unwrap();
+    provider.set_latency(Duration::from_secs(2));
 
-    cache.invalidate(&first);
-    cache.invalidate(&first);
-    let second = cache.get().await.unwrap();
+    // While the replacement is being fetched, other callers get the current token at once.
+    let replacing = {
+        let (cache, first) = (cache.clone(), first.clone());
+        tokio::spawn(async move { cache.replacement_for(&first).await })
+    };
+    settle().await;
+    let before = Instant::now();
+    for _ in 0..10 {
+        assert_eq!(cache.get().await.unwrap().secret(), "secret-token-1");
+    }
+    assert_eq!(Instant::now(), before, "nobody else waited");
+    let second = replacing
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("a different token");
     assert_eq!(second.secret(), "secret-token-2");
-    // A late invalidation of the old token does not drop the new one.
-    cache.invalidate(&first);
-    assert_eq!(cache.get().await.unwrap().secret(), "secret-token-2");
+
+    // The first token again (a connect that still held it): the replacement already made is
+    // handed out, without asking again.
+    let again = cache.replacement_for(&first).await.unwrap().unwrap();
+    assert_eq!(again.secret(), "secret-token-2");
+    // The replacement itself rejected: asking again cannot help.
+    assert!(cache.replacement_for(&second).await.unwrap().is_none());
+    assert!(cache.replacement_for(&second).await.unwrap().is_none());
 
     assert_eq!(provider.calls(), 2);
+    let stats = cache.stats();
+    assert_eq!((stats.invalidations, stats.waits), (1, 1));
+}
+
+/// A source that caches like azure_identity's credentials: it returns the token it holds until 5
+/// minutes before expiry, and only then asks for a new one.
+fn caching_like_azure_identity(provider: &Arc<Provider>) -> Arc<dyn TokenSource> {
+    let inner = provider.source("azure-like");
+    let held: Arc<Mutex<Option<AccessToken>>> = Arc::default();
+    let clock = provider.clock;
+    FnTokenSource::new("azure-like", move |scope| {
+        let (inner, held, scope) = (inner.clone(), held.clone(), scope.to_owned());
+        async move {
+            let cached = held.lock().unwrap().clone();
+            if let Some(token) = cached
+                && token.expires_on() > clock.now() + 5 * MINUTE
+            {
+                return Ok(token);
+            }
+            let token = inner.get_token(&scope).await?;
+            *held.lock().unwrap() = Some(token.clone());
+            Ok(token)
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_that_returns_the_same_token_gets_asked_once_per_rejected_token() {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
+    let cache = TokenCache::builder(caching_like_azure_identity(&provider))
+        .clock(Arc::new(provider.clock))
+        .build()
+        .unwrap();
+    let token = cache.get().await.unwrap();
+
+    // However many logins fail with it, the provider is asked at most once, and it hands back
+    // the same token: no retry can help.
+    for _ in 0..50 {
+        assert!(cache.replacement_for(&token).await.unwrap().is_none());
+        let current = cache.get().await.unwrap();
+        assert_eq!(current.secret(), token.secret());
+        assert!(cache.replacement_for(&current).await.unwrap().is_none());
+    }
+    assert_eq!(provider.calls(), 1, "the source's own cache answered");
+    assert_eq!(cache.stats().invalidations, 1);
+    assert_eq!(cache.stats().requests, 2);
+
+    // The background refresh at 45 min gets the same token back (the source's window is 5 min);
+    // what was learnt about it is kept, so rejections still cost nothing.
+    advance(46 * MINUTE).await;
+    settle().await;
+    let refreshed = cache.get().await.unwrap();
+    assert_eq!(refreshed.secret(), token.secret());
+    assert!(cache.replacement_for(&refreshed).await.unwrap().is_none());
     assert_eq!(cache.stats().invalidations, 1);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_failing_provider_turns_a_replacement_into_its_error() {
+    let (provider, cache) = setup(HOUR);
+    let token = cache.get().await.unwrap();
+    provider.fail_with(Some(
+        TokenSourceError::new("AADSTS50001: unavailable").with_http_status(503),
+    ));
+
+    let error = cache.replacement_for(&token).await.unwrap_err();
+
+    assert_eq!(error.kind(), TokenErrorKind::ServerError);
+    assert_eq!(error.http_status(), Some(503));
+    // The valid token is still served to everyone else.
+    assert_eq!(cache.get().await.unwrap().secret(), token.secret());
+}
+
 #[tokio::test]
-async fn caches_are_shared_by_identity_and_scope_and_nothing_else() {
+async fn caches_are_shared_by_cloning_and_never_otherwise() {
     let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
-    let shared = |identity: &str, scope: &str| {
-        TokenCache::builder(provider.source(identity))
-            .scope(scope)
-            .shared()
+    let build = || {
+        TokenCache::builder(provider.source("same-identity"))
+            .build()
             .unwrap()
     };
-    let public = Cloud::Public.scope();
-    let gov = Cloud::UsGovernment.scope();
+    let a = build();
+    let a_clone = a.clone();
+    let b = build();
+    assert!(a.ptr_eq(&a_clone));
+    assert!(
+        !a.ptr_eq(&b),
+        "no hidden sharing between caches built separately"
+    );
 
-    let a = shared("registry-test-a", public);
-    let a_again = shared("registry-test-a", public);
-    let b = shared("registry-test-b", public);
-    let a_gov = shared("registry-test-a", gov);
-    assert!(a.ptr_eq(&a_again));
-    assert!(!a.ptr_eq(&b));
-    assert!(!a.ptr_eq(&a_gov));
-
-    // Two pools with the same identity share one token; different identities never do.
     let ta = a.get().await.unwrap();
-    assert_eq!(a_again.get().await.unwrap().secret(), ta.secret());
+    assert_eq!(a_clone.get().await.unwrap().secret(), ta.secret());
     assert_ne!(b.get().await.unwrap().secret(), ta.secret());
     assert_eq!(provider.calls(), 2);
+}
 
-    // Once nobody holds it, the next user starts afresh.
-    drop((a, a_again, ta));
-    let fresh = shared("registry-test-a", public);
-    assert_eq!(fresh.stats().requests, 0);
+#[test]
+fn options_that_cannot_work_are_refused_at_build_time() {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
+    let build = |options: CacheOptions| {
+        TokenCache::builder(provider.source("x"))
+            .options(options)
+            .build()
+    };
+    let ms = Duration::from_millis;
+    for (options, says) in [
+        (
+            CacheOptions::default().backoff(ms(0), ms(100)),
+            "tight loop",
+        ),
+        (
+            CacheOptions::default().backoff(ms(500), ms(100)),
+            "shorter than the first",
+        ),
+        (
+            CacheOptions::default().fetch_timeout(Duration::ZERO),
+            "fetch_timeout is zero",
+        ),
+        (
+            CacheOptions::default()
+                .refresh_margin(ms(10_000))
+                .expiry_buffer(ms(20_000)),
+            "must exceed expiry_buffer",
+        ),
+    ] {
+        let error = build(options).unwrap_err();
+        assert!(matches!(error, Error::Config { .. }), "{error}");
+        assert!(error.to_string().contains(says), "{error}");
+    }
+    build(CacheOptions::default().backoff(ms(10), ms(10))).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_capped_by_the_longest_backoff() {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
+    let cache = cache(
+        &provider,
+        CacheOptions::default().backoff(Duration::from_secs(1), Duration::from_secs(20)),
+    );
+    provider.fail_with(Some(
+        TokenSourceError::new("throttled")
+            .with_http_status(429)
+            .with_retry_after(Duration::from_secs(3600)),
+    ));
+    let error = cache.get().await.unwrap_err();
+    assert_eq!(error.kind(), TokenErrorKind::Throttled);
+    assert!(error.retry_in().is_none());
+    assert!(cache.get().await.unwrap_err().retry_in().unwrap() <= Duration::from_secs(20));
+
+    advance(Duration::from_secs(21)).await;
+    settle().await;
+    assert_eq!(
+        provider.calls(),
+        2,
+        "asked again after backoff_max, not after an hour"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_is_never_scheduled_past_the_usable_life_of_the_token_served() {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), Duration::from_secs(100));
+    let cache = cache(
+        &provider,
+        CacheOptions::default().backoff(Duration::from_secs(30), Duration::from_secs(60)),
+    );
+    let token = cache.get().await.unwrap();
+    provider.fail_with(Some(
+        TokenSourceError::new("throttled")
+            .with_http_status(429)
+            .with_retry_after(Duration::from_secs(60)),
+    ));
+    // The refresh at 75 s fails and asks for 60 s; the token stops being served at 90 s.
+    advance(Duration::from_secs(76)).await;
+    settle().await;
+    assert_eq!(provider.calls(), 2);
+    provider.fail_with(None);
+    advance(Duration::from_secs(14)).await;
+    settle().await;
+    assert_eq!(
+        provider.calls(),
+        3,
+        "retried when the token ran out, not 60 s later"
+    );
+    let fresh = cache.get().await.unwrap();
+    assert_ne!(fresh.secret(), token.secret());
 }
 
 #[test]
@@ -363,8 +534,7 @@ async fn debug_output_never_contains_the_token() {
     let (provider, cache) = setup(HOUR);
     let token = cache.get().await.unwrap();
     provider.fail_with(Some(TokenSourceError::new("boom")));
-    cache.invalidate(&token);
-    let error = cache.get().await.unwrap_err();
+    let error = cache.replacement_for(&token).await.unwrap_err();
     let access = AccessToken::new("secret-token-1", SystemTime::now());
 
     let rendered = [

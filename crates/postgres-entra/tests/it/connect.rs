@@ -1,7 +1,9 @@
 //! Role names, rejected logins and the single retry, against the emulator.
 
-use postgres_entra::{AccessToken, AzureTokenSource, Error, FnTokenSource, TokenSource};
-use postgres_entra_testkit::{Emulator, Identity, Rejection, Signer, TokenOptions};
+use postgres_entra::{
+    AccessToken, AzureTokenSource, Error, FnTokenSource, LoginRetry, RoleSource, TokenSource,
+};
+use postgres_entra_testkit::{Emulator, Endpoint, Identity, Rejection, Signer, TokenOptions};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -74,7 +76,7 @@ async fn the_configured_role_wins_over_the_connection_user_and_the_claims() {
     let configured = connector(&emulator, source, Some("orders-api"));
     let error = current_user(&configured, &config).await.unwrap_err();
     assert!(
-        matches!(&error, Error::LoginRejected { role, .. } if role == "orders-api"),
+        matches!(&error, Error::LoginRejected(r) if r.role() == "orders-api" && *r.role_source() == RoleSource::Connector),
         "{error}"
     );
 }
@@ -128,8 +130,9 @@ async fn a_rejected_token_is_replaced_and_the_login_retried_once() {
 }
 
 #[tokio::test]
-async fn a_token_for_another_identity_is_a_rejected_login_after_exactly_one_retry() {
+async fn a_fresh_token_refused_too_is_a_rejection_that_says_what_to_fix() {
     let emulator = Arc::new(Emulator::start().unwrap());
+    // A provider that mints a new token on every call, for the managed identity.
     let (source, calls) = minting(&emulator, emulator.managed_identity(), |_| {
         TokenOptions::default()
     });
@@ -139,23 +142,39 @@ async fn a_token_for_another_identity_is_a_rejected_login_after_exactly_one_retr
         .await
         .unwrap_err();
 
-    match &error {
-        Error::LoginRejected {
-            role,
-            code,
-            message,
-        } => {
-            assert_eq!(role, "orders-api");
-            assert_eq!(code, "28000");
-            assert!(message.contains("LDAP authentication failed"), "{message}");
-        }
-        other => panic!("expected LoginRejected, got {other:?}"),
-    }
+    let Error::LoginRejected(rejected) = &error else {
+        panic!("expected LoginRejected, got {error:?}");
+    };
+    assert_eq!(rejected.role(), "orders-api");
+    assert_eq!(*rejected.role_source(), RoleSource::Connector);
+    assert_eq!(rejected.code(), "28000");
     assert!(
-        error
-            .to_string()
-            .contains("also with a freshly fetched token")
+        rejected
+            .server_message()
+            .contains("LDAP authentication failed")
     );
+    assert_eq!(*rejected.retry(), LoginRetry::FreshTokenRefused);
+    let claims = rejected.token_claims().unwrap();
+    assert_eq!(claims.managed_identity_name(), Some("orders-mi"));
+    assert_eq!(
+        claims.object_id(),
+        Some(emulator.managed_identity().object_id.as_str())
+    );
+    let text = error.to_string();
+    for expected in [
+        "role `orders-api` (set with the connector's role_name)",
+        "28000",
+        "a freshly fetched token",
+        "so the token is not the problem",
+        "managed identity `orders-mi`",
+        "names the principal `orders-mi` (xms_mirid)",
+        "pgaadauth_create_principal",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in {text}");
+    }
+    for token in emulator.issued_tokens() {
+        assert!(!text.contains(&token) && !format!("{error:?}").contains(&token));
+    }
     assert_eq!(
         calls.load(Ordering::SeqCst),
         2,
@@ -166,13 +185,110 @@ async fn a_token_for_another_identity_is_a_rejected_login_after_exactly_one_retr
         outcomes,
         [Err(Rejection::WrongIdentity), Err(Rejection::WrongIdentity)]
     );
+
+    // The next connect with the same misconfiguration costs one login and no token request.
+    let again = current_user(&connector, &emulator.server_config())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&again, Error::LoginRejected(r) if *r.retry() == LoginRetry::AlreadyReplaced),
+        "{again}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(emulator.logins().len(), 3);
+    assert_eq!(connector.cache().stats().invalidations, 1);
+}
+
+#[tokio::test]
+async fn a_real_credential_returning_its_cached_token_gets_no_pointless_retry() {
+    let emulator = Emulator::start().unwrap();
+    let sp = emulator.service_principal();
+    // azure_identity's ClientSecretCredential keeps its token until 5 minutes before expiry.
+    let credential = emulator.client_secret_credential(&sp).unwrap();
+    let connector = connector(
+        &emulator,
+        AzureTokenSource::new(credential),
+        Some("orders-mi"),
+    );
+
+    for attempt in 1..=3 {
+        let error = current_user(&connector, &emulator.server_config())
+            .await
+            .unwrap_err();
+        let Error::LoginRejected(rejected) = &error else {
+            panic!("expected LoginRejected, got {error:?}");
+        };
+        assert_eq!(*rejected.retry(), LoginRetry::SameTokenReturned, "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("returns the same one, so a new token would not help"),
+            "{error}"
+        );
+        assert_eq!(
+            rejected.token_claims().unwrap().app_id(),
+            Some(sp.client_id.as_str())
+        );
+        assert_eq!(
+            emulator.logins().len(),
+            attempt,
+            "one login per connect, no retry"
+        );
+    }
+    assert_eq!(
+        emulator.requests(Endpoint::Token),
+        1,
+        "one token request in all"
+    );
+    assert_eq!(connector.cache().stats().invalidations, 1);
+}
+
+#[tokio::test]
+async fn an_empty_connection_user_leaves_the_role_to_the_token() {
+    let emulator = Arc::new(Emulator::start().unwrap());
+    let (source, _) = minting(&emulator, emulator.user(), |_| TokenOptions::default());
+    let connector = connector(&emulator, source, None);
+    let mut config = emulator.server_config();
+    config.user("");
+
+    assert_eq!(
+        current_user(&connector, &config).await.unwrap(),
+        "alice@contoso.onmicrosoft.com"
+    );
+}
+
+#[tokio::test]
+async fn a_closed_port_is_a_network_error_naming_the_target() {
+    let emulator = Arc::new(Emulator::start().unwrap());
+    let (source, _) = minting(&emulator, emulator.user(), |_| TokenOptions::default());
+    let connector = connector(&emulator, source, None);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut config = tokio_postgres::Config::new();
+    config.host("localhost").port(port).dbname("postgres");
+
+    let error = current_user(&connector, &config).await.unwrap_err();
+
+    match &error {
+        Error::Connect { target, reason, .. } => {
+            assert_eq!(target, &format!("localhost:{port}"));
+            assert!(reason.contains("refused"), "{reason}");
+        }
+        other => panic!("expected a network error, got {other:?}"),
+    }
+    assert!(error.is_transient());
+    assert!(
+        error.to_string().contains("check the host name, the port"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn plaintext_and_unix_socket_configurations_are_refused_before_connecting() {
     let emulator = Arc::new(Emulator::start().unwrap());
     let (source, calls) = minting(&emulator, emulator.user(), |_| TokenOptions::default());
-    let connector = connector(&emulator, source, None);
+    let connector = connector(&emulator, source.clone(), None);
 
     let mut plaintext = emulator.server_config();
     plaintext.ssl_mode(tokio_postgres::config::SslMode::Disable);
@@ -194,7 +310,14 @@ async fn plaintext_and_unix_socket_configurations_are_refused_before_connecting(
         Error::Config { .. }
     ));
 
-    // A public-cloud token for a server plainly in US Government.
+    // A connector told the public cloud, and a server plainly in US Government.
+    let connector = postgres_entra::EntraConnector::builder(source)
+        .cloud(postgres_entra::Cloud::Public)
+        .tls_roots(postgres_entra::TlsRoots::CaPem(
+            emulator.ca_pem().to_owned(),
+        ))
+        .build()
+        .unwrap();
     let mut gov = tokio_postgres::Config::new();
     gov.host("db1.postgres.database.usgovcloudapi.net")
         .hostaddr([127, 0, 0, 1].into())

@@ -3,21 +3,22 @@
 
 mod connect;
 mod lifetimes;
+mod provider_errors;
+mod sharing;
 mod tls;
 
 use postgres_entra::{EntraConnector, TlsRoots, TokenSource};
 use postgres_entra_testkit::Emulator;
 use std::sync::Arc;
 
-/// A connector for `emulator` trusting its CA, with a cache of its own.
+/// A connector for `emulator` trusting its CA.
 pub fn connector(
     emulator: &Emulator,
     source: Arc<dyn TokenSource>,
     role: Option<&str>,
 ) -> EntraConnector {
-    let mut builder = EntraConnector::builder(source)
-        .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
-        .private_cache();
+    let mut builder =
+        EntraConnector::builder(source).tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()));
     if let Some(role) = role {
         builder = builder.role_name(role);
     }

@@ -24,7 +24,6 @@ async fn a_server_that_declines_tls_never_receives_the_token() {
     let connector = EntraConnector::builder(fixed_source())
         .role_name("orders-api")
         .tls_roots(TlsRoots::Azure)
-        .private_cache()
         .build()
         .unwrap();
 
@@ -58,7 +57,6 @@ async fn a_certificate_from_an_untrusted_ca_is_a_tls_error() {
     let connector = EntraConnector::builder(fixed_source())
         .role_name("orders-api")
         .tls_roots(TlsRoots::Azure)
-        .private_cache()
         .build()
         .unwrap();
 
@@ -77,7 +75,6 @@ async fn a_host_name_the_certificate_does_not_name_is_a_tls_error() {
     let connector = EntraConnector::builder(fixed_source())
         .role_name("orders-api")
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
-        .private_cache()
         .build()
         .unwrap();
     // Connect to the right address under a name the certificate does not carry.

@@ -1,0 +1,243 @@
+//! Sharing is explicit (clone a connector or a cache), the scope follows the server, and the
+//! cache's background work does not belong to whichever runtime used it first.
+
+use postgres_entra::{
+    AccessToken, Cloud, EntraConnector, Error, FnTokenSource, TlsRoots, TokenCache, TokenErrorKind,
+    TokenSource,
+};
+use postgres_entra_testkit::Emulator;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::{connector, current_user};
+
+/// A source counting its calls, minting tokens for the emulator's user that live `lifetime`,
+/// each answer taking `latency`.
+fn counting(
+    emulator: &Arc<Emulator>,
+    lifetime: Duration,
+    latency: Duration,
+) -> (Arc<dyn TokenSource>, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (emulator, counter) = (emulator.clone(), calls.clone());
+    let source = FnTokenSource::new("counting", move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        let token = emulator
+            .issue_token(&emulator.user(), Default::default())
+            .unwrap();
+        async move {
+            tokio::time::sleep(latency).await;
+            Ok(AccessToken::new(token, SystemTime::now() + lifetime))
+        }
+    });
+    (source, calls)
+}
+
+#[tokio::test]
+async fn clones_share_one_token_and_connectors_built_apart_do_not() {
+    let emulator = Arc::new(Emulator::start().unwrap());
+    let (source, calls) = counting(&emulator, Duration::from_secs(3600), Duration::ZERO);
+    let config = emulator.server_config();
+
+    let first = connector(&emulator, source.clone(), None);
+    let clone = first.clone();
+    current_user(&first, &config).await.unwrap();
+    current_user(&clone, &config).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "clones share the cache");
+
+    let apart = connector(&emulator, source.clone(), None);
+    current_user(&apart, &config).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "no hidden sharing");
+
+    // Connectors with different settings can share one cache explicitly.
+    let cache = TokenCache::builder(source).build().unwrap();
+    let as_user = EntraConnector::builder_with_cache(cache.clone())
+        .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+        .build()
+        .unwrap();
+    let as_other_role = EntraConnector::builder_with_cache(cache.clone())
+        .role_name("orders-api")
+        .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+        .build()
+        .unwrap();
+    assert!(as_user.cache().ptr_eq(as_other_role.cache()));
+    current_user(&as_user, &config).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let mismatch = EntraConnector::builder_with_cache(cache)
+        .cloud(Cloud::China)
+        .build()
+        .unwrap_err();
+    assert!(matches!(mismatch, Error::Config { .. }), "{mismatch}");
+}
+
+fn config_for(host: &str) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config.host(host).dbname("postgres");
+    config
+}
+
+#[test]
+fn the_scope_follows_the_first_server_and_a_server_in_another_cloud_is_refused() {
+    let source = FnTokenSource::fixed(
+        "scope-test",
+        AccessToken::new("t", SystemTime::now() + Duration::from_secs(3600)),
+    );
+    let gov = config_for("db1.postgres.database.usgovcloudapi.net");
+    let public = config_for("db1.postgres.database.azure.com");
+
+    let connector = EntraConnector::builder(source.clone()).build().unwrap();
+    connector.prepare(&gov).unwrap();
+    assert_eq!(connector.cache().scope(), Cloud::UsGovernment.scope());
+    let error = connector.prepare(&public).unwrap_err();
+    let text = error.to_string();
+    assert!(text.contains("first server it met"), "{text}");
+    assert!(
+        text.contains("db1.postgres.database.usgovcloudapi.net"),
+        "{text}"
+    );
+
+    // Told the cloud, the connector refuses a server plainly in another one at once.
+    let china = EntraConnector::builder(source.clone())
+        .cloud(Cloud::China)
+        .build()
+        .unwrap();
+    let error = china.prepare(&gov).unwrap_err();
+    assert!(error.to_string().contains("Cloud::UsGovernment"), "{error}");
+    // A name that says nothing about the cloud (a custom domain, localhost) is accepted.
+    china.prepare(&config_for("db.example.com")).unwrap();
+
+    // Plaintext is refused before anything else.
+    let mut plaintext = config_for("db1.postgres.database.azure.com");
+    plaintext.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let fresh = EntraConnector::builder(source).build().unwrap();
+    assert!(matches!(
+        fresh.prepare(&plaintext),
+        Err(Error::Config { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_refresh_carries_on_after_the_runtime_that_started_it_is_gone() {
+    let emulator = Arc::new(Emulator::start().unwrap());
+    let (source, calls) = counting(&emulator, Duration::from_secs(8), Duration::ZERO);
+    let cache = TokenCache::builder(source).build().unwrap();
+
+    // First use on a runtime that then shuts down, taking the refresh timer with it.
+    let first = {
+        let cache = cache.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let token = runtime.block_on(cache.get()).unwrap();
+            runtime.shutdown_background();
+            token.secret().to_owned()
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Past the refresh point (6 s; usable until 7.2 s), this runtime's callers get the valid
+    // token at once and the refresh runs here.
+    tokio::time::sleep(Duration::from_millis(6100)).await;
+    assert_eq!(cache.get().await.unwrap().secret(), first);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while calls.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "the refresh never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_ne!(cache.get().await.unwrap().secret(), first);
+    assert_eq!(cache.stats().waits, 1, "only the very first call waited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_is_released_when_the_runtime_running_its_fetch_shuts_down() {
+    let emulator = Arc::new(Emulator::start().unwrap());
+    let (source, calls) = counting(
+        &emulator,
+        Duration::from_secs(3600),
+        Duration::from_millis(800),
+    );
+    let cache = TokenCache::builder(source).build().unwrap();
+
+    // A fetch starts on another runtime, which shuts down while it is in flight.
+    let other = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    other.spawn({
+        let cache = cache.clone();
+        async move { cache.get().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let waiter = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    other.shutdown_background();
+
+    let started = Instant::now();
+    let token = waiter.await.unwrap().unwrap();
+    assert!(SystemTime::now() < token.usable_until());
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the waiter fetched again on its own runtime"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_is_bounded_even_when_the_runtime_running_its_fetch_is_blocked() {
+    let emulator = Arc::new(Emulator::start().unwrap());
+    let (source, _) = counting(
+        &emulator,
+        Duration::from_secs(3600),
+        Duration::from_millis(500),
+    );
+    let cache = TokenCache::builder(source)
+        .options(postgres_entra::CacheOptions::default().fetch_timeout(Duration::from_secs(1)))
+        .build()
+        .unwrap();
+
+    // The fetch starts on a single-threaded runtime whose thread then blocks for 4 s, so neither
+    // the fetch nor its own timeout can make progress.
+    let blocked = {
+        let cache = cache.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                tokio::spawn(async move { cache.get().await });
+                for _ in 0..10 {
+                    tokio::task::yield_now().await;
+                }
+                std::thread::sleep(Duration::from_secs(4));
+            });
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let error = cache.get().await.unwrap_err();
+    let waited = started.elapsed();
+
+    assert_eq!(error.kind(), TokenErrorKind::Timeout, "{error}");
+    assert!(error.message().contains("another Tokio runtime"), "{error}");
+    // The fetch timeout (1 s) plus the one-second grace, not the 4 s block.
+    assert!(waited < Duration::from_millis(3500), "waited {waited:?}");
+    blocked.join().unwrap();
+}
