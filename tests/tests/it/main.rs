@@ -7,6 +7,7 @@ mod bb8_pool;
 mod deadpool_pool;
 mod faults;
 mod load;
+mod misconfiguration;
 mod network;
 mod secrecy;
 
@@ -51,6 +52,11 @@ fn capture() -> &'static Captured {
 /// Bytes captured so far.
 pub fn captured_len() -> usize {
     capture().0.lock().unwrap().len()
+}
+
+/// Everything captured so far, as text.
+pub fn captured_text() -> String {
+    String::from_utf8_lossy(&capture().0.lock().unwrap()).into_owned()
 }
 
 /// An emulator for one test, with the TRACE capture on. When the test ends (without panicking)

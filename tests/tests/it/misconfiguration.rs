@@ -1,0 +1,313 @@
+//! Permanent mistakes (a wrong role, an untrusted CA, plaintext, the wrong cloud) reach the user
+//! fast and typed through each pool, and a misconfigured pool cannot thrash a cache it shares.
+
+use bb8::RunError;
+use deadpool_postgres::Config;
+use postgres_entra::{
+    AzureTokenSource, Cloud, EntraConnector, Error, LoginRetry, TlsRoots, TokenCache,
+};
+use postgres_entra_bb8::EntraConnectionManager;
+use postgres_entra_deadpool::{PoolOptions, create_pool, create_pool_with, entra_error};
+use postgres_entra_testkit::Endpoint;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::deadpool_pool::{checkout, user_config};
+use crate::{Suite, captured_text, chain, expected_requests, hammer};
+
+/// A connector over the service principal's credential that names no role: each pool's
+/// configured user decides.
+fn shared_connector(emulator: &Suite) -> EntraConnector {
+    let credential = emulator
+        .client_secret_credential(&emulator.service_principal())
+        .unwrap();
+    EntraConnector::builder(AzureTokenSource::new(credential))
+        .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+        .build()
+        .unwrap()
+}
+
+/// A deadpool config for the service principal's role, as a user loads it.
+fn healthy_config(emulator: &Suite) -> Config {
+    let mut config = user_config(emulator, 8);
+    config.user = Some("orders-api".into());
+    config
+}
+
+/// The same server under a role that does not exist.
+fn wrong_role(emulator: &Suite) -> tokio_postgres::Config {
+    let mut config = emulator.server_config();
+    config.user("nobody-mi");
+    config
+}
+
+/// Counts the connect errors bb8 passes to its sink, and checks each is a rejected login.
+#[derive(Debug, Clone, Default)]
+struct CountingSink(Arc<AtomicU64>, Arc<AtomicU64>);
+
+impl bb8::ErrorSink<Error> for CountingSink {
+    fn sink(&self, error: Error) {
+        let counter = match error {
+            Error::LoginRejected(_) => &self.0,
+            _ => &self.1,
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<Error>> {
+        Box::new(self.clone())
+    }
+}
+
+/// Runs a healthy deadpool pool and a bb8 pool with a wrong role (bb8 retrying its connects until
+/// each checkout times out) side by side on one connector for `run`; returns how many connects
+/// of the wrong pool were refused.
+async fn side_by_side(emulator: &Suite, connector: &EntraConnector, run: Duration) -> u64 {
+    // The application starts: one caller waits for the first token.
+    connector.cache().get().await.unwrap();
+    let healthy = create_pool_with(
+        &healthy_config(emulator),
+        connector.clone(),
+        PoolOptions::new().max_age(Duration::from_millis(300), Duration::from_millis(100)),
+    )
+    .unwrap();
+    let sink = CountingSink::default();
+    let wrong = bb8::Pool::builder()
+        .max_size(4)
+        .connection_timeout(Duration::from_secs(1))
+        .error_sink(Box::new(sink.clone()))
+        .build_unchecked(
+            EntraConnectionManager::new(wrong_role(emulator), connector.clone()).unwrap(),
+        );
+
+    let misconfigured = tokio::spawn(hammer(4, run, move || {
+        let pool = wrong.clone();
+        async move {
+            match pool.get().await {
+                Ok(_) => Err("the wrong role logged in".to_owned()),
+                Err(RunError::TimedOut) => Ok(()),
+                Err(other) => Err(format!("{other:?}")),
+            }
+        }
+    }));
+    let load = hammer(8, run, move || {
+        let pool = healthy.clone();
+        async move { checkout(&pool).await }
+    })
+    .await;
+    let timed_out = misconfigured.await.unwrap();
+    assert_eq!(timed_out.failed, 0, "{:?}", timed_out.first_error);
+    assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
+    // Give connects still in flight when the load stopped time to end.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (rejected, other) = (sink.0.load(Ordering::SeqCst), sink.1.load(Ordering::SeqCst));
+    assert_eq!(other, 0, "every failed connect was a rejected login");
+    println!(
+        "healthy pool: {} checkouts; wrong-role pool: {rejected} refused connects; cache {:?}",
+        load.ok,
+        connector.cache().stats()
+    );
+    rejected
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_role_pool_sharing_the_cache_costs_at_most_one_request_per_token_lifetime() {
+    // 4 s tokens: azure_identity's own cache (5 min window) never answers, so every request the
+    // cache makes reaches the identity provider: the worst case.
+    const LIFETIME: Duration = Duration::from_secs(4);
+    const RUN: Duration = Duration::from_secs(10);
+    let emulator = Suite::start(LIFETIME);
+    emulator.set_latency(Endpoint::Token, Duration::from_millis(200));
+    let connector = shared_connector(&emulator);
+
+    let rejected = side_by_side(&emulator, &connector, RUN).await;
+
+    let stats = connector.cache().stats();
+    let lifetimes = (RUN.as_secs_f64() / (LIFETIME.as_secs_f64() * 0.75)).ceil() as u64 + 1;
+    let normal = *expected_requests(RUN, LIFETIME).end();
+    assert!(rejected > 10, "the wrong pool kept trying: {rejected}");
+    assert!(
+        stats.invalidations <= lifetimes,
+        "at most one replacement per token: {stats:?}"
+    );
+    assert!(
+        emulator.requests(Endpoint::Token) <= normal + lifetimes,
+        "{} token requests for {lifetimes} lifetimes",
+        emulator.requests(Endpoint::Token)
+    );
+    assert_eq!(
+        stats.waits, 1,
+        "after the start, no caller of either pool waited on the provider (200 ms each time)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_azure_identitys_cache_a_wrong_role_pool_costs_no_token_request_at_all() {
+    let emulator = Suite::start(Duration::from_secs(3600));
+    let connector = shared_connector(&emulator);
+
+    let rejected = side_by_side(&emulator, &connector, Duration::from_secs(4)).await;
+
+    assert!(rejected > 10, "{rejected}");
+    assert_eq!(
+        emulator.requests(Endpoint::Token),
+        1,
+        "the credential returned its cached token; nothing reached the provider"
+    );
+    let refused: Vec<_> = emulator
+        .logins()
+        .into_iter()
+        .filter(|l| l.role == "nobody-mi")
+        .collect();
+    assert_eq!(
+        refused.len() as u64,
+        rejected,
+        "one login per refused connect: no pointless retry with the same token"
+    );
+    assert_eq!(connector.cache().stats().waits, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadpool_logs_each_connect_failure_with_its_reason_and_returns_it_typed() {
+    let emulator = Suite::start(Duration::from_secs(3600));
+    let mut config = healthy_config(&emulator);
+    config.user = Some("nobody-mi".into());
+    let pool = create_pool(&config, shared_connector(&emulator)).unwrap();
+
+    let error = pool.get().await.unwrap_err();
+
+    // What a user's `{e}` shows: deadpool's words, whatever happened...
+    assert_eq!(
+        error.to_string(),
+        "Error occurred while creating a new object: error communicating with the server"
+    );
+    // ...so the reason is logged where it happens, and comes back typed.
+    let Some(Error::LoginRejected(rejected)) = entra_error(&error) else {
+        panic!("expected a rejected login in {}", chain(&error));
+    };
+    assert_eq!(rejected.role(), "nobody-mi");
+    assert_eq!(*rejected.retry(), LoginRetry::SameTokenReturned);
+    let log = captured_text();
+    let line = log
+        .lines()
+        .find(|l| {
+            l.contains("deadpool-postgres could not open a connection") && l.contains("nobody-mi")
+        })
+        .unwrap_or_else(|| panic!("no warning in the log"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("28000"), "{line}");
+
+    // A closed port is a network error, typed too.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut unreachable = healthy_config(&emulator);
+    unreachable.port = Some(port);
+    let pool = create_pool(&unreachable, shared_connector(&emulator)).unwrap();
+    let error = pool.get().await.unwrap_err();
+    match entra_error(&error) {
+        Some(Error::Connect { target, .. }) => assert!(target.ends_with(&format!(":{port}"))),
+        other => panic!("expected a network error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bb8_reports_permanent_mistakes_in_under_a_second() {
+    let emulator = Suite::start(Duration::from_secs(3600));
+
+    // Checked when the manager is made.
+    let mut plaintext = emulator.server_config();
+    plaintext.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let error = EntraConnectionManager::new(plaintext, shared_connector(&emulator)).unwrap_err();
+    assert!(error.to_string().contains("sslmode=disable"), "{error}");
+
+    // Found by one login at startup, with its reason: a CA we do not trust, a missing role.
+    let untrusted = EntraConnector::builder(AzureTokenSource::new(
+        emulator
+            .client_secret_credential(&emulator.service_principal())
+            .unwrap(),
+    ))
+    .role_name("orders-api")
+    .tls_roots(TlsRoots::Azure)
+    .build()
+    .unwrap();
+    let cases = [
+        (
+            EntraConnectionManager::new(emulator.server_config(), untrusted).unwrap(),
+            "TLS",
+        ),
+        (
+            EntraConnectionManager::new(wrong_role(&emulator), shared_connector(&emulator))
+                .unwrap(),
+            "refused the Entra ID login as role `nobody-mi`",
+        ),
+    ];
+    for (manager, says) in cases {
+        let started = Instant::now();
+        let error = manager.check().await.unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(error.to_string().contains(says), "{error}");
+        assert!(!error.is_transient());
+
+        // The same from a connection opened outside the pool's retries.
+        let pool = bb8::Pool::builder().build_unchecked(manager);
+        let started = Instant::now();
+        let error = pool.dedicated_connection().await.unwrap_err();
+        assert!(error.to_string().contains(says), "{error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// Settings for `host` reached at the emulator's address.
+fn deadpool_config_for(emulator: &Suite, host: &str) -> Config {
+    let mut config = healthy_config(emulator);
+    config.host = Some(host.into());
+    config.hostaddr = Some([127, 0, 0, 1].into());
+    config
+}
+
+#[tokio::test]
+async fn both_pools_take_the_cloud_from_their_host_and_refuse_a_mismatch_when_created() {
+    let emulator = Suite::start(Duration::from_secs(3600));
+    let gov = "db1.postgres.database.usgovcloudapi.net";
+
+    let connector = shared_connector(&emulator);
+    create_pool(&deadpool_config_for(&emulator, gov), connector.clone()).unwrap();
+    assert_eq!(connector.cache().scope(), Cloud::UsGovernment.scope());
+
+    let mut bb8_config = tokio_postgres::Config::new();
+    bb8_config
+        .host(gov)
+        .hostaddr([127, 0, 0, 1].into())
+        .port(emulator.port())
+        .dbname(emulator.database());
+    let connector = shared_connector(&emulator);
+    EntraConnectionManager::new(bb8_config.clone(), connector.clone()).unwrap();
+    assert_eq!(connector.cache().scope(), Cloud::UsGovernment.scope());
+
+    // A connector told another cloud fails at pool creation, naming the fix.
+    let credential = emulator
+        .client_secret_credential(&emulator.service_principal())
+        .unwrap();
+    let china = EntraConnector::builder(AzureTokenSource::new(credential))
+        .cloud(Cloud::China)
+        .build()
+        .unwrap();
+    for error in [
+        create_pool(&deadpool_config_for(&emulator, gov), china.clone()).unwrap_err(),
+        EntraConnectionManager::new(bb8_config, china.clone()).unwrap_err(),
+    ] {
+        assert!(matches!(error, Error::Config { .. }), "{error}");
+        assert!(error.to_string().contains("Cloud::UsGovernment"), "{error}");
+    }
+    assert_eq!(emulator.requests(Endpoint::Token), 0);
+    let _: &TokenCache = china.cache();
+}
