@@ -11,10 +11,10 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::emulator::Shared;
 use crate::faults::{Endpoint, Fault};
 use crate::identity::{Identity, IdentityKind};
 use crate::issuer::{TokenOptions, now_secs};
+use crate::shared::Shared;
 
 /// Path of the App Service managed-identity endpoint (`IDENTITY_ENDPOINT`).
 pub(crate) const APP_SERVICE_PATH: &str = "/msi/token";

@@ -12,11 +12,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Decoder, Encoder, Framed};
 use tracing::Dispatch;
 
-use crate::emulator::Shared;
+use crate::shared::Shared;
 
 /// The bind DN is `cn=<role>,ou=entra`; pg_hba's `ldapprefix` and `ldapsuffix` build it.
-pub(crate) const DN_PREFIX: &str = "cn=";
-pub(crate) const DN_SUFFIX: &str = ",ou=entra";
+const DN_PREFIX: &str = "cn=";
+const DN_SUFFIX: &str = ",ou=entra";
+
+/// The `pg_hba.conf` method that hands each password to the responder on `port`.
+pub(crate) fn hba_method(port: u16) -> String {
+    format!(
+        "ldap ldapserver=127.0.0.1 ldapport={port} ldapprefix=\"{DN_PREFIX}\" ldapsuffix=\"{DN_SUFFIX}\""
+    )
+}
 
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     while let Ok((stream, _)) = listener.accept().await {

@@ -1,17 +1,17 @@
 #![doc = include_str!("../README.md")]
-#![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 // The public interface is:
 pub use crate::child::{CHILD_MARKER, in_child, run_test_in_child};
-pub use crate::emulator::{DATABASE, Emulator, EmulatorBuilder, LoginAttempt, TENANT_ID};
+pub use crate::emulator::{DATABASE, Emulator, EmulatorBuilder, TENANT_ID};
 pub use crate::faults::{Endpoint, Fault};
 pub use crate::identity::{Identity, IdentityKind};
 pub use crate::issuer::{FEDERATED_AUDIENCE, FEDERATED_ISSUER, Rejection, Signer, TokenOptions};
 pub use crate::pg::DIR_PREFIX;
 pub use crate::plaintext::PlaintextListener;
 pub use crate::relay::Relay;
+pub use crate::shared::LoginAttempt;
 pub use crate::tls::client_config;
+pub use crate::trace::{TraceCapture, trace_capture};
 pub use crate::transport::LoopbackTransport;
 
 mod child;
@@ -24,7 +24,9 @@ mod ldap;
 mod pg;
 mod plaintext;
 mod relay;
+mod shared;
 mod tls;
+mod trace;
 mod transport;
 
 /// Audience of access tokens for Azure Database for PostgreSQL (public cloud).

@@ -13,7 +13,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::Error;
-use crate::ldap::{DN_PREFIX, DN_SUFFIX};
 use crate::tls::Pki;
 
 /// Name of the bootstrap superuser, reachable only through the private socket directory.
@@ -116,7 +115,9 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    pub(crate) fn start(pki: &Pki, ldap_port: u16) -> Result<Self, Error> {
+    /// Creates and starts a cluster whose TCP logins use `login_method` (a `pg_hba.conf`
+    /// method and its options) over TLS only.
+    pub(crate) fn start(pki: &Pki, login_method: &str) -> Result<Self, Error> {
         let run_as = run_as()?;
         let initdb = find_program("initdb")?;
         let postgres = find_program("postgres")?;
@@ -151,17 +152,14 @@ impl Cluster {
             0o644,
         )?;
         write_file(&data.join("server.key"), &pki.server_key_pem, run_as, 0o600)?;
-        let ldap = format!(
-            "ldap ldapserver=127.0.0.1 ldapport={ldap_port} ldapprefix=\"{DN_PREFIX}\" ldapsuffix=\"{DN_SUFFIX}\""
-        );
         // TCP logins are TLS only and checked by the token verifier; a client without TLS is refused
         // before any password is asked. The superuser exists only behind the private socket.
         let hba = format!(
             "local     all {SUPERUSER} trust\n\
              local     all all     reject\n\
              hostnossl all all all reject\n\
-             hostssl   all all 127.0.0.1/32 {ldap}\n\
-             hostssl   all all ::1/128 {ldap}\n"
+             hostssl   all all 127.0.0.1/32 {login_method}\n\
+             hostssl   all all ::1/128 {login_method}\n"
         );
         write_file(&data.join("pg_hba.conf"), &hba, run_as, 0o600)?;
         let conf = format!(

@@ -3,35 +3,14 @@
 //! subscriber, so no other test's threads can race its registration.
 
 use postgres_entra::{AccessToken, FnTokenSource, TokenCache, TokenSourceError, TokioClock};
+use postgres_entra_testkit::trace_capture;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-/// Collects everything the subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn trace_output_of_fetch_refresh_invalidation_and_failure_never_contains_the_token() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing::subscriber::set_global_default(
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || writer.clone())
-            .finish(),
-    )
-    .unwrap();
+    let captured = trace_capture();
     let clock = TokioClock::new(SystemTime::now());
     let calls = Arc::new(AtomicU32::new(0));
     let failing = Arc::new(Mutex::new(false));
@@ -60,7 +39,7 @@ async fn trace_output_of_fetch_refresh_invalidation_and_failure_never_contains_t
     let _ = cache.replacement_for(&rejected).await;
     let _ = cache.get().await;
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     assert!(
         calls.load(Ordering::SeqCst) >= 3,
         "fetch, refresh and a failed fetch happened"

@@ -4,7 +4,6 @@
 //! ```sh
 //! eval "$(postgres-entra-emulator --token-lifetime 60 &)"   # or run it in another terminal
 //! ```
-#![forbid(unsafe_code)]
 
 use postgres_entra_testkit::{Emulator, Endpoint};
 use std::time::Duration;

@@ -8,7 +8,7 @@ use crate::{SCOPE, jwt_parts, login};
 
 #[tokio::test]
 async fn client_secret_credential_gets_a_token_that_logs_in() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let sp = emulator.service_principal();
     let credential = emulator.client_secret_credential(&sp).unwrap();
 
@@ -34,7 +34,7 @@ async fn client_secret_credential_gets_a_token_that_logs_in() {
 
 #[tokio::test]
 async fn client_secret_credential_with_a_wrong_secret_gets_no_token() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let mut sp = emulator.service_principal();
     sp.client_secret = Some("not-the-secret".into());
     let credential = emulator.client_secret_credential(&sp).unwrap();
@@ -47,7 +47,7 @@ async fn client_secret_credential_with_a_wrong_secret_gets_no_token() {
 
 #[tokio::test]
 async fn workload_identity_credential_gets_a_token_with_a_client_assertion() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let workload = emulator.workload_identity();
     let credential = emulator.workload_identity_credential(&workload).unwrap();
 
@@ -64,7 +64,7 @@ async fn workload_identity_credential_gets_a_token_with_a_client_assertion() {
 
 #[tokio::test]
 async fn a_client_assertion_for_another_subject_is_refused() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     // The secret-only principal has no federated credential: an assertion cannot authenticate it.
     let sp = emulator.service_principal();
     let mut impostor = emulator.workload_identity();
@@ -79,7 +79,7 @@ async fn a_client_assertion_for_another_subject_is_refused() {
 
 #[tokio::test]
 async fn managed_identity_credential_on_the_imds_path_is_redirected_to_the_mock() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let mi = emulator.managed_identity();
     if std::env::var_os("IDENTITY_ENDPOINT").is_some() {
         // This process runs with an App Service environment; the child test below covers that.
@@ -111,7 +111,7 @@ async fn managed_identity_credential_on_the_imds_path_is_redirected_to_the_mock(
 /// environment set, and checks the token the child obtained.
 #[tokio::test]
 async fn managed_identity_credential_gets_a_token_from_the_app_service_endpoint() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let mi = emulator.managed_identity();
     let out = emulator.directory().join("mi-token");
 

@@ -16,7 +16,7 @@ fn last_outcome(emulator: &Emulator) -> Result<(), Rejection> {
 
 #[tokio::test]
 async fn tokio_postgres_over_rustls_logs_in_with_a_fresh_token() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let user = emulator.user();
     let token = emulator
         .issue_token(&user, TokenOptions::default())
@@ -32,7 +32,7 @@ async fn tokio_postgres_over_rustls_logs_in_with_a_fresh_token() {
 
 #[tokio::test]
 async fn psql_logs_in_with_pgpassword_and_verify_full() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let sp = emulator.service_principal();
     let token = emulator.issue_token(&sp, TokenOptions::default()).unwrap();
 
@@ -60,7 +60,7 @@ async fn psql_logs_in_with_pgpassword_and_verify_full() {
 
 #[tokio::test]
 async fn an_expired_token_is_refused() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let user = emulator.user();
     let token = emulator
         .issue_token(&user, TokenOptions::default().expires_in(-1))
@@ -74,7 +74,7 @@ async fn an_expired_token_is_refused() {
 
 #[tokio::test]
 async fn a_token_not_yet_valid_is_refused() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let user = emulator.user();
     let token = emulator
         .issue_token(&user, TokenOptions::default().not_before_in(120))
@@ -86,7 +86,7 @@ async fn a_token_not_yet_valid_is_refused() {
 
 #[tokio::test]
 async fn a_token_for_another_audience_is_refused() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let user = emulator.user();
     let token = emulator
         .issue_token(
@@ -101,7 +101,7 @@ async fn a_token_for_another_audience_is_refused() {
 
 #[tokio::test]
 async fn a_token_signed_with_the_wrong_key_is_refused() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let user = emulator.user();
     let token = emulator
         .issue_token(&user, TokenOptions::default().signer(Signer::Rogue))
@@ -113,7 +113,7 @@ async fn a_token_signed_with_the_wrong_key_is_refused() {
 
 #[tokio::test]
 async fn a_token_for_another_identity_is_refused() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let mi = emulator.managed_identity();
     let sp = emulator.service_principal();
     let mi_token = emulator.issue_token(&mi, TokenOptions::default()).unwrap();
@@ -129,7 +129,7 @@ async fn a_token_for_another_identity_is_refused() {
 
 #[tokio::test]
 async fn a_role_that_is_no_entra_principal_is_refused() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let token = emulator
         .issue_token(&emulator.user(), TokenOptions::default())
         .unwrap();
@@ -140,7 +140,7 @@ async fn a_role_that_is_no_entra_principal_is_refused() {
 
 #[tokio::test]
 async fn a_client_without_tls_is_refused_before_any_password_is_asked() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let user = emulator.user();
     let token = emulator
         .issue_token(&user, TokenOptions::default())
@@ -172,7 +172,7 @@ async fn a_client_without_tls_is_refused_before_any_password_is_asked() {
 
 #[tokio::test]
 async fn a_token_over_two_kilobytes_is_accepted() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let user = emulator.user();
     let token = emulator
         .issue_token(&user, TokenOptions::default().min_len(2600))
@@ -187,9 +187,10 @@ async fn a_token_over_two_kilobytes_is_accepted() {
 
 #[tokio::test]
 async fn a_password_role_logs_in_with_its_password_only() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     emulator
         .add_password_role("baseline", "correct horse")
+        .await
         .unwrap();
 
     assert_eq!(

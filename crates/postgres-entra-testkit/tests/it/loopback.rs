@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 #[tokio::test]
 async fn the_transport_takes_requests_for_any_host_to_the_mock() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let transport = emulator.transport();
     // The link-local managed-identity address, spelled so no source line names it literally.
     let imds_host = [169, 254, 169, 254].map(|o: u8| o.to_string()).join(".");

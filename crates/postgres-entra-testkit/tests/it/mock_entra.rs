@@ -29,7 +29,7 @@ const IMDS: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resou
 
 #[tokio::test]
 async fn tokens_look_like_entra_tokens() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let credential = emulator.managed_identity_credential().unwrap();
     let mi_token = credential.get_token(&[SCOPE], None).await.unwrap();
     let user_token = emulator
@@ -80,7 +80,8 @@ async fn tokens_look_like_entra_tokens() {
 async fn token_lifetime_can_be_a_few_seconds_and_the_server_enforces_it() {
     let emulator = Emulator::builder()
         .token_lifetime(Duration::from_secs(2))
-        .start()
+        .start_async()
+        .await
         .unwrap();
     let sp = emulator.service_principal();
     let credential = emulator.client_secret_credential(&sp).unwrap();
@@ -106,7 +107,7 @@ async fn token_lifetime_can_be_a_few_seconds_and_the_server_enforces_it() {
 
 #[tokio::test]
 async fn server_errors_and_throttling_are_served_and_counted() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
 
     emulator.set_fault(Endpoint::ManagedIdentity, Fault::ServerError);
     let (status, _, body) = get(&emulator, IMDS).await.unwrap();
@@ -134,21 +135,11 @@ async fn server_errors_and_throttling_are_served_and_counted() {
 
 #[tokio::test]
 async fn malformed_bodies_and_dropped_connections_fail_the_credential() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let sp = emulator.service_principal();
-    // No retries: azure_core's default policy would retry a dropped connection for up to 60 s.
-    let credential = azure_identity::ClientSecretCredential::new(
-        emulator.tenant_id(),
-        sp.client_id.clone(),
-        sp.client_secret.clone().unwrap().into(),
-        Some(azure_identity::ClientSecretCredentialOptions {
-            client_options: azure_core::http::ClientOptions {
-                retry: azure_core::http::RetryOptions::none(),
-                ..emulator.transport().client_options()
-            },
-        }),
-    )
-    .unwrap();
+    // The emulator's credentials do not retry (azure_core's default policy would retry a dropped
+    // connection for up to 60 s).
+    let credential = emulator.client_secret_credential(&sp).unwrap();
 
     emulator.set_fault(Endpoint::Token, Fault::MalformedBody);
     assert!(credential.get_token(&[SCOPE], None).await.is_err());
@@ -166,7 +157,7 @@ async fn malformed_bodies_and_dropped_connections_fail_the_credential() {
 
 #[tokio::test]
 async fn a_dropped_connection_ends_without_a_response() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     emulator.set_fault(Endpoint::ManagedIdentity, Fault::DropConnection);
 
     let result = get(&emulator, IMDS).await;
@@ -180,7 +171,7 @@ async fn a_dropped_connection_ends_without_a_response() {
 
 #[tokio::test]
 async fn an_outage_window_ends_by_itself_and_latency_delays_answers() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     emulator.set_fault_for(
         Endpoint::ManagedIdentity,
         Fault::ServerError,

@@ -33,7 +33,7 @@ fn minting(
 
 #[tokio::test]
 async fn a_managed_identity_logs_in_as_the_role_named_in_its_token() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let credential = emulator.managed_identity_credential().unwrap();
     let connector = connector(&emulator, AzureTokenSource::new(credential), None);
 
@@ -47,7 +47,7 @@ async fn a_managed_identity_logs_in_as_the_role_named_in_its_token() {
 
 #[tokio::test]
 async fn a_user_logs_in_as_their_user_principal_name() {
-    let emulator = Arc::new(Emulator::start().unwrap());
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
     let (source, _) = minting(&emulator, emulator.user(), |_| TokenOptions::default());
     let connector = connector(&emulator, source, None);
 
@@ -61,7 +61,7 @@ async fn a_user_logs_in_as_their_user_principal_name() {
 
 #[tokio::test]
 async fn the_configured_role_wins_over_the_connection_user_and_the_claims() {
-    let emulator = Arc::new(Emulator::start().unwrap());
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
     let mi = emulator.managed_identity();
     let (source, _) = minting(&emulator, mi.clone(), |_| TokenOptions::default());
     let mut config = emulator.server_config();
@@ -83,7 +83,7 @@ async fn the_configured_role_wins_over_the_connection_user_and_the_claims() {
 
 #[tokio::test]
 async fn an_app_only_token_without_a_configured_role_is_a_clear_error() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let sp = emulator.service_principal();
     let credential = emulator.client_secret_credential(&sp).unwrap();
     let connector = connector(&emulator, AzureTokenSource::new(credential), None);
@@ -107,7 +107,7 @@ async fn an_app_only_token_without_a_configured_role_is_a_clear_error() {
 
 #[tokio::test]
 async fn a_rejected_token_is_replaced_and_the_login_retried_once() {
-    let emulator = Arc::new(Emulator::start().unwrap());
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
     // The first token is a forgery the server refuses; the second is good.
     let (source, calls) = minting(&emulator, emulator.user(), |n| {
         TokenOptions::default().signer(if n == 1 {
@@ -131,7 +131,7 @@ async fn a_rejected_token_is_replaced_and_the_login_retried_once() {
 
 #[tokio::test]
 async fn a_fresh_token_refused_too_is_a_rejection_that_says_what_to_fix() {
-    let emulator = Arc::new(Emulator::start().unwrap());
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
     // A provider that mints a new token on every call, for the managed identity.
     let (source, calls) = minting(&emulator, emulator.managed_identity(), |_| {
         TokenOptions::default()
@@ -201,7 +201,7 @@ async fn a_fresh_token_refused_too_is_a_rejection_that_says_what_to_fix() {
 
 #[tokio::test]
 async fn a_real_credential_returning_its_cached_token_gets_no_pointless_retry() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let sp = emulator.service_principal();
     // azure_identity's ClientSecretCredential keeps its token until 5 minutes before expiry.
     let credential = emulator.client_secret_credential(&sp).unwrap();
@@ -245,7 +245,7 @@ async fn a_real_credential_returning_its_cached_token_gets_no_pointless_retry() 
 
 #[tokio::test]
 async fn an_empty_connection_user_leaves_the_role_to_the_token() {
-    let emulator = Arc::new(Emulator::start().unwrap());
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
     let (source, _) = minting(&emulator, emulator.user(), |_| TokenOptions::default());
     let connector = connector(&emulator, source, None);
     let mut config = emulator.server_config();
@@ -259,7 +259,7 @@ async fn an_empty_connection_user_leaves_the_role_to_the_token() {
 
 #[tokio::test]
 async fn a_closed_port_is_a_network_error_naming_the_target() {
-    let emulator = Arc::new(Emulator::start().unwrap());
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
     let (source, _) = minting(&emulator, emulator.user(), |_| TokenOptions::default());
     let connector = connector(&emulator, source, None);
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -286,7 +286,7 @@ async fn a_closed_port_is_a_network_error_naming_the_target() {
 
 #[tokio::test]
 async fn plaintext_and_unix_socket_configurations_are_refused_before_connecting() {
-    let emulator = Arc::new(Emulator::start().unwrap());
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
     let (source, calls) = minting(&emulator, emulator.user(), |_| TokenOptions::default());
     let connector = connector(&emulator, source.clone(), None);
 
@@ -332,7 +332,7 @@ async fn plaintext_and_unix_socket_configurations_are_refused_before_connecting(
 
 #[tokio::test]
 async fn debug_of_connectors_and_errors_shows_no_token() {
-    let emulator = Arc::new(Emulator::start().unwrap());
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
     let (source, _) = minting(&emulator, emulator.managed_identity(), |_| {
         TokenOptions::default()
     });

@@ -15,7 +15,8 @@ async fn connects_across_several_token_lifetimes_need_about_one_request_per_life
     const RUN: Duration = Duration::from_secs(10);
     let emulator = Emulator::builder()
         .token_lifetime(LIFETIME)
-        .start()
+        .start_async()
+        .await
         .unwrap();
     let sp = emulator.service_principal();
     let credential = emulator.client_secret_credential(&sp).unwrap();

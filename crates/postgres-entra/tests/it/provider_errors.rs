@@ -23,7 +23,7 @@ fn client_secret_cache(emulator: &Emulator) -> TokenCache {
 
 #[tokio::test]
 async fn a_server_error_reaches_the_caller_typed_and_at_once() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let cache = client_secret_cache(&emulator);
     emulator.set_fault(Endpoint::Token, Fault::ServerError);
 
@@ -52,7 +52,7 @@ async fn a_server_error_reaches_the_caller_typed_and_at_once() {
 
 #[tokio::test]
 async fn every_kind_of_provider_failure_is_classified() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let sp = emulator.service_principal();
     let fast_retry =
         CacheOptions::default().backoff(Duration::from_millis(10), Duration::from_millis(10));
@@ -127,7 +127,7 @@ async fn every_kind_of_provider_failure_is_classified() {
 
 #[tokio::test]
 async fn with_azure_cores_default_retries_a_failing_provider_shows_up_as_a_timeout_that_says_so() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let sp = emulator.service_principal();
     // What `ClientSecretCredential::new(.., None)` does: azure_core retries 500s itself.
     let credential = azure_identity::ClientSecretCredential::new(
@@ -163,7 +163,7 @@ async fn with_azure_cores_default_retries_a_failing_provider_shows_up_as_a_timeo
 
 #[tokio::test]
 async fn credentials_are_named_by_kind_and_client_id() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let sp = emulator.service_principal();
     let secret = AzureTokenSource::new(emulator.client_secret_credential(&sp).unwrap());
     let workload = emulator.workload_identity();
@@ -198,7 +198,7 @@ async fn credentials_are_named_by_kind_and_client_id() {
 /// environment, so the App Service path runs in a child process ([`app_service_child`]).
 #[tokio::test]
 async fn a_managed_identity_endpoint_answering_500_is_a_typed_error_at_once() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     emulator.set_fault(Endpoint::ManagedIdentity, Fault::ServerError);
 
     let output = run_test_in_child(
@@ -253,7 +253,7 @@ async fn app_service_child() {
 
 #[tokio::test]
 async fn the_imds_credential_keeps_its_own_retries_so_a_failing_endpoint_is_a_timeout() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     if std::env::var_os("IDENTITY_ENDPOINT").is_some() {
         return; // This process has an App Service environment: the credential would not use IMDS.
     }

@@ -34,9 +34,22 @@ fn counting(
     (source, calls)
 }
 
+/// Runs `f` on a new thread with a single-threaded runtime of its own.
+fn on_a_thread_of_its_own<T: Send + 'static>(
+    f: impl FnOnce(tokio::runtime::Runtime) -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        f(runtime)
+    })
+}
+
 #[tokio::test]
 async fn clones_share_one_token_and_connectors_built_apart_do_not() {
-    let emulator = Arc::new(Emulator::start().unwrap());
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
     let (source, calls) = counting(&emulator, Duration::from_secs(3600), Duration::ZERO);
     let config = emulator.server_config();
 
@@ -119,18 +132,14 @@ fn the_scope_follows_the_first_server_and_a_server_in_another_cloud_is_refused()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_refresh_carries_on_after_the_runtime_that_started_it_is_gone() {
-    let emulator = Arc::new(Emulator::start().unwrap());
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
     let (source, calls) = counting(&emulator, Duration::from_secs(8), Duration::ZERO);
     let cache = TokenCache::builder(source).build().unwrap();
 
     // First use on a runtime that then shuts down, taking the refresh timer with it.
     let first = {
         let cache = cache.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+        on_a_thread_of_its_own(move |runtime| {
             let token = runtime.block_on(cache.get()).unwrap();
             runtime.shutdown_background();
             token.secret().to_owned()
@@ -156,7 +165,7 @@ async fn background_refresh_carries_on_after_the_runtime_that_started_it_is_gone
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_is_released_when_the_runtime_running_its_fetch_shuts_down() {
-    let emulator = Arc::new(Emulator::start().unwrap());
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
     let (source, calls) = counting(
         &emulator,
         Duration::from_secs(3600),
@@ -200,7 +209,7 @@ async fn a_waiter_is_released_when_the_runtime_running_its_fetch_shuts_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_is_bounded_even_when_the_runtime_running_its_fetch_is_blocked() {
-    let emulator = Arc::new(Emulator::start().unwrap());
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
     let (source, _) = counting(
         &emulator,
         Duration::from_secs(3600),
@@ -215,11 +224,7 @@ async fn a_waiter_is_bounded_even_when_the_runtime_running_its_fetch_is_blocked(
     // the fetch nor its own timeout can make progress.
     let blocked = {
         let cache = cache.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+        on_a_thread_of_its_own(move |runtime| {
             runtime.block_on(async move {
                 tokio::spawn(async move { cache.get().await });
                 for _ in 0..10 {

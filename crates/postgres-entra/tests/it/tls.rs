@@ -53,7 +53,7 @@ async fn a_server_that_declines_tls_never_receives_the_token() {
 
 #[tokio::test]
 async fn a_certificate_from_an_untrusted_ca_is_a_tls_error() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let connector = EntraConnector::builder(fixed_source())
         .role_name("orders-api")
         .tls_roots(TlsRoots::Azure)
@@ -71,7 +71,7 @@ async fn a_certificate_from_an_untrusted_ca_is_a_tls_error() {
 
 #[tokio::test]
 async fn a_host_name_the_certificate_does_not_name_is_a_tls_error() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = Emulator::start_async().await.unwrap();
     let connector = EntraConnector::builder(fixed_source())
         .role_name("orders-api")
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))

@@ -1,0 +1,133 @@
+//! Connect churn: a full TLS login, `select 1` and close, by strategy: a static password (the
+//! physical limit), the cached token, and a token fetched from the credential on every connect
+//! (the naive way), with the identity provider answering after 0, 50 or 200 ms.
+
+use criterion::{BenchmarkId, Criterion};
+use std::future::Future;
+use std::time::Duration;
+
+use crate::support::harness::{BASELINE, Bench};
+use crate::support::recorder::Recorder;
+
+pub(crate) const CONNECT: &str = "connect: TLS login + select 1 + close";
+const SCOPE: &str = "https://ossrdbms-aad.database.windows.net/.default";
+
+/// Finishes a connection: the query, then close, waiting for the connection task to end.
+async fn use_and_close<C>(client: tokio_postgres::Client, connection: C)
+where
+    C: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    let task = tokio::spawn(connection);
+    client.simple_query("select 1").await.unwrap();
+    drop(client);
+    let _ = task.await;
+}
+
+async fn with_static_password(bench: &Bench) {
+    let (client, connection) = bench
+        .static_config
+        .connect(bench.tls.clone())
+        .await
+        .unwrap();
+    use_and_close(client, connection).await;
+}
+
+async fn with_cached_token(bench: &Bench) {
+    let (client, connection) = bench.connector.connect(&bench.token_config).await.unwrap();
+    use_and_close(client, connection).await;
+}
+
+async fn with_token_per_connect(bench: &Bench) {
+    let token = bench.credential.get_token(&[SCOPE], None).await.unwrap();
+    let mut config = bench.token_config.clone();
+    config.password(token.token.secret());
+    let (client, connection) = config.connect(bench.tls.clone()).await.unwrap();
+    use_and_close(client, connection).await;
+}
+
+/// Criterion's own measurement of each strategy.
+pub(crate) fn criterion(c: &mut Criterion, bench: &Bench) {
+    let mut group = c.benchmark_group("connect");
+    bench
+        .runtime
+        .block_on(bench.connector.cache().get())
+        .unwrap();
+    group.bench_function(BASELINE, |b| {
+        b.iter_custom(|iters| bench.timed(iters, || with_static_password(bench)))
+    });
+    for latency_ms in [0, 200] {
+        bench.set_provider_latency(latency_ms);
+        group.bench_function(BenchmarkId::new("cached token", latency_ms), |b| {
+            b.iter_custom(|iters| bench.timed(iters, || with_cached_token(bench)))
+        });
+    }
+    for latency_ms in [0, 50, 200] {
+        bench.set_provider_latency(latency_ms);
+        group.bench_function(
+            BenchmarkId::new("naive token per connect", latency_ms),
+            |b| b.iter_custom(|iters| bench.timed(iters, || with_token_per_connect(bench))),
+        );
+    }
+    bench.set_provider_latency(0);
+    group.finish();
+}
+
+/// The summary's connect rows: each strategy alternating with the static-password baseline.
+/// `scale` shrinks the rounds for `--quick`.
+pub(crate) fn paired(bench: &Bench, scale: usize) {
+    let rounds = |n: usize| (n / scale).max(2);
+    let strategies: [(&str, bool, u64, usize, usize); 5] = [
+        ("cached token", true, 0, 40, 20),
+        ("cached token, IdP +200 ms", true, 200, 40, 20),
+        ("naive, IdP +0 ms", false, 0, 40, 20),
+        ("naive, IdP +50 ms", false, 50, 8, 8),
+        ("naive, IdP +200 ms", false, 200, 6, 5),
+    ];
+    for (strategy, cached, latency_ms, n, chunk) in strategies {
+        bench.set_provider_latency(latency_ms);
+        bench.paired(
+            CONNECT,
+            || with_static_password(bench),
+            (strategy, || async move {
+                if cached {
+                    with_cached_token(bench).await
+                } else {
+                    with_token_per_connect(bench).await
+                }
+            }),
+            rounds(n),
+            chunk,
+        );
+    }
+    bench.set_provider_latency(0);
+}
+
+/// The connect targets: the cached token costs nothing measurable, even with a slow provider.
+pub(crate) fn targets(recorder: &Recorder) -> Vec<String> {
+    let mut lines = Vec::new();
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
+    let paired = |strategy: &str| {
+        recorder
+            .figures(CONNECT, strategy)
+            .zip(recorder.paired_baseline(CONNECT, strategy))
+    };
+    if let Some((cached, base)) = paired("cached token") {
+        let r = ratio(cached.median, base.median);
+        lines.push(format!(
+            "cached-token connect ÷ static connect (median): {r:.3} (target ≤ 1.03: {})",
+            if r <= 1.03 { "met" } else { "missed" }
+        ));
+    }
+    if let (Some((cached, base)), Some(naive)) = (
+        paired("cached token, IdP +200 ms"),
+        recorder.figures(CONNECT, "naive, IdP +200 ms"),
+    ) {
+        let r = ratio(cached.p99, base.p99);
+        lines.push(format!(
+            "with 200 ms IdP latency, cached p99 ÷ static p99: {r:.3} (target ≤ 1.05: {}); naive median {:.1} ms (pays the latency on every connect)",
+            if r <= 1.05 { "met" } else { "missed" },
+            naive.median.as_secs_f64() * 1e3
+        ));
+    }
+    lines
+}

@@ -1,0 +1,137 @@
+//! Pool churn: a checkout and `select 1` from deadpool and bb8 pools whose connections retire
+//! every 50 ms, so that a good share of checkouts open a new connection: with a static password
+//! and with tokens from the cache, in the same run.
+
+use criterion::{BenchmarkId, Criterion};
+use postgres_entra_bb8::EntraConnectionManager;
+use postgres_entra_deadpool::{PoolOptions, max_age, pool_builder};
+use std::time::Duration;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::support::harness::{BASELINE, Bench, STATIC_PASSWORD, STATIC_ROLE};
+
+const POOL_MAX_AGE: Duration = Duration::from_millis(50);
+const DEADPOOL: &str = "deadpool checkout + select 1 (max age 50 ms)";
+const BB8: &str = "bb8 checkout + select 1 (max lifetime 50 ms)";
+
+/// Each library with a static password and with tokens.
+pub(crate) struct Pools {
+    deadpool_static: deadpool_postgres::Pool,
+    deadpool_token: deadpool_postgres::Pool,
+    bb8_static: bb8::Pool<bb8_postgres::PostgresConnectionManager<MakeRustlsConnect>>,
+    bb8_token: bb8::Pool<EntraConnectionManager>,
+}
+
+async fn select_1(client: &tokio_postgres::Client) {
+    client.simple_query("select 1").await.unwrap();
+}
+
+async fn checkout_deadpool(pool: &deadpool_postgres::Pool) {
+    select_1(&pool.get().await.unwrap()).await;
+}
+
+async fn checkout_bb8<M>(pool: &bb8::Pool<M>)
+where
+    M: bb8::ManageConnection<Connection = tokio_postgres::Client>,
+    M::Error: std::fmt::Debug,
+{
+    select_1(&pool.get().await.unwrap()).await;
+}
+
+impl Pools {
+    pub(crate) fn new(bench: &Bench) -> Self {
+        let _guard = bench.runtime.enter();
+        let deadpool_config = |role: &str| {
+            let mut config = deadpool_postgres::Config::new();
+            config.host = Some(bench.emulator.host().into());
+            config.port = Some(bench.emulator.port());
+            config.dbname = Some(bench.emulator.database().into());
+            config.user = Some(role.into());
+            if role == STATIC_ROLE {
+                config.password = Some(STATIC_PASSWORD.into());
+            }
+            config.pool = Some(deadpool_postgres::PoolConfig::new(4));
+            config
+        };
+        let deadpool_static = deadpool_config(STATIC_ROLE)
+            .builder(bench.tls.clone())
+            .unwrap()
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .pre_recycle(max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5))
+            .build()
+            .unwrap();
+        let deadpool_token = pool_builder(
+            &deadpool_config("orders-api"),
+            bench.connector.clone(),
+            PoolOptions::new().max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        fn bb8_builder<M: bb8::ManageConnection>() -> bb8::Builder<M> {
+            bb8::Pool::builder()
+                .max_size(4)
+                .max_lifetime(Some(POOL_MAX_AGE))
+        }
+        let bb8_static = bench
+            .runtime
+            .block_on(
+                bb8_builder().build(bb8_postgres::PostgresConnectionManager::new(
+                    bench.static_config.clone(),
+                    bench.tls.clone(),
+                )),
+            )
+            .unwrap();
+        let manager =
+            EntraConnectionManager::new(bench.token_config.clone(), bench.connector.clone())
+                .unwrap();
+        let bb8_token = bench
+            .runtime
+            .block_on(bb8_builder().build(manager))
+            .unwrap();
+        Self {
+            deadpool_static,
+            deadpool_token,
+            bb8_static,
+            bb8_token,
+        }
+    }
+}
+
+/// Criterion's own measurement of each pool and strategy.
+pub(crate) fn criterion(c: &mut Criterion, bench: &Bench, pools: &Pools) {
+    let mut group = c.benchmark_group("pool");
+    group.bench_function(BenchmarkId::new("deadpool", BASELINE), |b| {
+        b.iter_custom(|iters| bench.timed(iters, || checkout_deadpool(&pools.deadpool_static)))
+    });
+    group.bench_function(BenchmarkId::new("deadpool", "cached token"), |b| {
+        b.iter_custom(|iters| bench.timed(iters, || checkout_deadpool(&pools.deadpool_token)))
+    });
+    group.bench_function(BenchmarkId::new("bb8", BASELINE), |b| {
+        b.iter_custom(|iters| bench.timed(iters, || checkout_bb8(&pools.bb8_static)))
+    });
+    group.bench_function(BenchmarkId::new("bb8", "cached token"), |b| {
+        b.iter_custom(|iters| bench.timed(iters, || checkout_bb8(&pools.bb8_token)))
+    });
+    group.finish();
+}
+
+/// The summary's pool rows: tokens alternating with the static-password pool of the same
+/// library. `scale` shrinks the rounds for `--quick`.
+pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
+    let rounds = (20 / scale).max(2);
+    bench.paired(
+        DEADPOOL,
+        || checkout_deadpool(&pools.deadpool_static),
+        ("cached token", || checkout_deadpool(&pools.deadpool_token)),
+        rounds,
+        250,
+    );
+    bench.paired(
+        BB8,
+        || checkout_bb8(&pools.bb8_static),
+        ("cached token", || checkout_bb8(&pools.bb8_token)),
+        rounds,
+        250,
+    );
+}

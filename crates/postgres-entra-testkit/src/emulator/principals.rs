@@ -1,0 +1,175 @@
+//! The emulator's principals: its identities and their roles, the tokens it mints for them, and
+//! azure_identity credentials pointed at its mock endpoints.
+
+use azure_identity::{
+    ClientAssertionCredentialOptions, ClientSecretCredential, ClientSecretCredentialOptions,
+    ManagedIdentityCredential, ManagedIdentityCredentialOptions, WorkloadIdentityCredential,
+    WorkloadIdentityCredentialOptions,
+};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Emulator, TENANT_ID};
+use crate::Error;
+use crate::identity::{Identity, IdentityKind};
+use crate::issuer::TokenOptions;
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The SQL that creates `identity`'s role, as an Entra administrator's
+/// `pgaadauth_create_principal` would: a login role that records which principal it maps to.
+pub(super) fn role_sql(identity: &Identity) -> String {
+    let role = quote_ident(&identity.role_name);
+    let comment = format!(
+        "Entra principal: kind={:?} oid={} appid={}",
+        identity.kind, identity.object_id, identity.client_id
+    );
+    format!(
+        "CREATE ROLE {role} LOGIN; COMMENT ON ROLE {role} IS {}; GRANT CREATE ON SCHEMA public TO {role};\n",
+        quote_literal(&comment)
+    )
+}
+
+impl Emulator {
+    /// Registers a new identity and creates its role.
+    pub async fn add_identity(&self, identity: Identity) -> Result<(), Error> {
+        self.execute(&role_sql(&identity)).await?;
+        self.shared.add_identity(identity);
+        Ok(())
+    }
+
+    /// Creates a role that logs in with a fixed `password` over the same TLS and LDAP path as
+    /// tokens: the baseline for benchmarks ("what if there were no token to fetch").
+    pub async fn add_password_role(&self, role: &str, password: &str) -> Result<(), Error> {
+        self.execute(&format!("CREATE ROLE {} LOGIN", quote_ident(role)))
+            .await?;
+        self.shared.add_static_password(role, password);
+        Ok(())
+    }
+
+    /// All registered identities.
+    pub fn identities(&self) -> Vec<Identity> {
+        self.shared.identities()
+    }
+
+    fn first(&self, kind: IdentityKind, wants: impl Fn(&Identity) -> bool) -> Identity {
+        self.identities()
+            .into_iter()
+            .find(|i| i.kind == kind && wants(i))
+            .expect("default identities are always registered")
+    }
+
+    /// The user (role named by UPN), for tokens minted with [`Emulator::issue_token`].
+    pub fn user(&self) -> Identity {
+        self.first(IdentityKind::User, |_| true)
+    }
+
+    /// The service principal that authenticates with a client secret.
+    pub fn service_principal(&self) -> Identity {
+        self.first(IdentityKind::ServicePrincipal, |i| {
+            i.client_secret.is_some()
+        })
+    }
+
+    /// The service principal with a federated credential (Kubernetes workload identity).
+    pub fn workload_identity(&self) -> Identity {
+        self.first(IdentityKind::ServicePrincipal, |i| {
+            i.federated_subject.is_some()
+        })
+    }
+
+    /// The managed identity served by the managed-identity endpoints.
+    pub fn managed_identity(&self) -> Identity {
+        self.first(IdentityKind::ManagedIdentity, |_| true)
+    }
+
+    /// Mints a token for `identity` directly (as Entra would issue one), recording it as issued.
+    pub fn issue_token(&self, identity: &Identity, options: TokenOptions) -> Result<String, Error> {
+        let token = self
+            .shared
+            .issuer
+            .mint(identity, &options, self.shared.token_lifetime())?;
+        self.shared.record_issued(&token);
+        Ok(token)
+    }
+
+    /// A federated (Kubernetes service-account) token for a workload identity's client assertion.
+    pub fn federated_assertion(&self, identity: &Identity) -> Result<String, Error> {
+        let subject = identity.federated_subject.as_deref().ok_or_else(|| {
+            Error::Setup(format!(
+                "{} has no federated credential",
+                identity.role_name
+            ))
+        })?;
+        self.shared
+            .issuer
+            .mint_assertion(subject, Duration::from_secs(3600))
+    }
+
+    /// azure_identity's `ClientSecretCredential` for `identity`, pointed at the mock, without
+    /// azure_core's own retries (as the README recommends).
+    pub fn client_secret_credential(
+        &self,
+        identity: &Identity,
+    ) -> Result<Arc<ClientSecretCredential>, Error> {
+        self.client_secret_credential_with(identity, self.transport.client_options())
+    }
+
+    /// azure_identity's `ClientSecretCredential` for `identity` with `client_options` (which must
+    /// carry a [`crate::LoopbackTransport`]: the credential addresses Entra itself).
+    pub fn client_secret_credential_with(
+        &self,
+        identity: &Identity,
+        client_options: azure_core::http::ClientOptions,
+    ) -> Result<Arc<ClientSecretCredential>, Error> {
+        let secret = identity
+            .client_secret
+            .clone()
+            .ok_or_else(|| Error::Setup(format!("{} has no client secret", identity.role_name)))?;
+        Ok(ClientSecretCredential::new(
+            TENANT_ID,
+            identity.client_id.clone(),
+            secret.into(),
+            Some(ClientSecretCredentialOptions { client_options }),
+        )?)
+    }
+
+    /// azure_identity's `WorkloadIdentityCredential` for `identity`, with its federated token written
+    /// to a file in the emulator's directory, pointed at the mock.
+    pub fn workload_identity_credential(
+        &self,
+        identity: &Identity,
+    ) -> Result<Arc<WorkloadIdentityCredential>, Error> {
+        let path = self
+            .directory()
+            .join(format!("federated-token-{}", identity.client_id));
+        std::fs::write(&path, self.federated_assertion(identity)?)?;
+        Ok(WorkloadIdentityCredential::new(Some(
+            WorkloadIdentityCredentialOptions {
+                credential_options: ClientAssertionCredentialOptions {
+                    client_options: self.transport.client_options(),
+                },
+                client_id: Some(identity.client_id.clone()),
+                tenant_id: Some(TENANT_ID.to_owned()),
+                token_file_path: Some(path),
+            },
+        ))?)
+    }
+
+    /// azure_identity's `ManagedIdentityCredential` with the redirecting transport: whichever
+    /// endpoint it picks (App Service from the environment, or IMDS), the request lands on the mock.
+    pub fn managed_identity_credential(&self) -> Result<Arc<ManagedIdentityCredential>, Error> {
+        Ok(ManagedIdentityCredential::new(Some(
+            ManagedIdentityCredentialOptions {
+                client_options: self.transport.client_options(),
+                ..Default::default()
+            },
+        ))?)
+    }
+}

@@ -1,0 +1,160 @@
+//! The state the mock Entra endpoints, the LDAP responder and the [`crate::Emulator`] handle
+//! share, and the login check the emulated server runs: everything the server and the identity
+//! provider agree on, in one place that depends on neither.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+
+use crate::faults::Faults;
+use crate::identity::{Identity, IdentityKind};
+use crate::issuer::{Issuer, Rejection};
+
+/// One login the emulated server checked, as the token verifier saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LoginAttempt {
+    /// Role the client asked to log in as.
+    pub role: String,
+    /// `Ok` when the token was accepted, otherwise why it was refused.
+    pub outcome: Result<(), Rejection>,
+}
+
+/// State shared by the mock endpoints, the LDAP responder and the emulator handle.
+pub(crate) struct Shared {
+    pub(crate) issuer: Issuer,
+    pub(crate) faults: Faults,
+    pub(crate) identity_header: String,
+    identities: RwLock<Vec<Identity>>,
+    /// Roles that log in with a fixed password instead of a token (benchmark baselines).
+    static_passwords: RwLock<HashMap<String, String>>,
+    lifetime_secs: AtomicU64,
+    /// How far the mock identity provider's clock is behind ours, in seconds.
+    idp_clock_behind_secs: AtomicU64,
+    issued: Mutex<Vec<String>>,
+    logins: Mutex<Vec<LoginAttempt>>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("tenant_id", &self.issuer.tenant_id)
+            .field("identities", &self.identities)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(issuer: Issuer, identities: Vec<Identity>, token_lifetime: Duration) -> Self {
+        Self {
+            issuer,
+            faults: Faults::default(),
+            identity_header: uuid::Uuid::new_v4().simple().to_string(),
+            identities: RwLock::new(identities),
+            static_passwords: RwLock::new(HashMap::new()),
+            lifetime_secs: AtomicU64::new(token_lifetime.as_secs()),
+            idp_clock_behind_secs: AtomicU64::new(0),
+            issued: Mutex::new(Vec::new()),
+            logins: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn token_lifetime(&self) -> Duration {
+        Duration::from_secs(self.lifetime_secs.load(Ordering::SeqCst))
+    }
+
+    pub(crate) fn set_token_lifetime(&self, lifetime: Duration) {
+        self.lifetime_secs
+            .store(lifetime.as_secs().max(1), Ordering::SeqCst);
+    }
+
+    /// How far the identity provider's clock is behind: absolute times it issues (`exp`, and the
+    /// managed-identity endpoints' `expires_on`) are that much earlier.
+    pub(crate) fn idp_clock_behind(&self) -> Duration {
+        Duration::from_secs(self.idp_clock_behind_secs.load(Ordering::SeqCst))
+    }
+
+    pub(crate) fn set_idp_clock_behind(&self, behind: Duration) {
+        self.idp_clock_behind_secs
+            .store(behind.as_secs(), Ordering::SeqCst);
+    }
+
+    pub(crate) fn record_issued(&self, token: &str) {
+        self.issued
+            .lock()
+            .expect("issued lock")
+            .push(token.to_owned());
+    }
+
+    pub(crate) fn issued(&self) -> Vec<String> {
+        self.issued.lock().expect("issued lock").clone()
+    }
+
+    pub(crate) fn logins(&self) -> Vec<LoginAttempt> {
+        self.logins.lock().expect("logins lock").clone()
+    }
+
+    pub(crate) fn identities(&self) -> Vec<Identity> {
+        self.identities.read().expect("identities lock").clone()
+    }
+
+    pub(crate) fn add_identity(&self, identity: Identity) {
+        self.identities
+            .write()
+            .expect("identities lock")
+            .push(identity);
+    }
+
+    pub(crate) fn add_static_password(&self, role: &str, password: &str) {
+        self.static_passwords
+            .write()
+            .expect("passwords lock")
+            .insert(role.to_owned(), password.to_owned());
+    }
+
+    pub(crate) fn identity_by_client_id(
+        &self,
+        client_id: &str,
+        kind: IdentityKind,
+    ) -> Option<Identity> {
+        self.identities()
+            .into_iter()
+            .find(|i| i.kind == kind && i.client_id == client_id)
+    }
+
+    /// The server-side login check, recorded for tests to inspect.
+    pub(crate) fn check_login(&self, role: &str, token: &str) -> Result<(), Rejection> {
+        let static_password = self
+            .static_passwords
+            .read()
+            .expect("passwords lock")
+            .get(role)
+            .cloned();
+        let outcome = match static_password {
+            Some(password) if password == token => Ok(()),
+            Some(_) => Err(Rejection::WrongPassword),
+            None => self.check_token(role, token),
+        };
+        self.logins.lock().expect("logins lock").push(LoginAttempt {
+            role: role.to_owned(),
+            outcome: outcome.clone(),
+        });
+        outcome
+    }
+
+    fn check_token(&self, role: &str, token: &str) -> Result<(), Rejection> {
+        self.issuer.verify_access_token(token).and_then(|claims| {
+            let identity = self
+                .identities()
+                .into_iter()
+                .find(|i| i.role_name == role)
+                .ok_or(Rejection::UnknownRole)?;
+            match claims.get("oid").and_then(|v| v.as_str()) {
+                Some(oid) if oid == identity.object_id => Ok(()),
+                _ => Err(Rejection::WrongIdentity),
+            }
+        })
+    }
+}
