@@ -1,65 +1,15 @@
-//! Faults of the identity provider, the server and the clock: each bounded in time.
+//! What the token cache does with each bad answer of the identity provider, and with its clock:
+//! each bounded in time. (The same faults under pool load are in `scenarios.rs`.)
 
-use postgres_entra::{
-    AccessToken, AzureTokenSource, CacheOptions, EntraConnector, FnTokenSource, TlsRoots,
-    TokenCache, TokenErrorKind,
-};
-use postgres_entra_deadpool::{Error, PoolOptions, entra_error, pool_builder};
-use postgres_entra_testkit::{Endpoint, Fault, Rejection, Signer, TokenOptions};
+use postgres_entra::{AzureTokenSource, CacheOptions, TokenCache, TokenErrorKind};
+use postgres_entra_testkit::{Endpoint, Fault};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::deadpool_pool::{checkout, user_config};
-use crate::{Suite, connector, connector_with, hammer, service_principal_cache};
+use crate::{Suite, service_principal_cache};
 
 const HOUR: Duration = Duration::from_secs(3600);
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_past_expiry_is_a_typed_error_in_time_and_recovery_takes_one_backoff_step() {
-    let emulator = Suite::start(Duration::from_secs(3));
-    let options = CacheOptions::default()
-        .backoff(Duration::from_millis(200), Duration::from_secs(2))
-        .fetch_timeout(Duration::from_secs(1));
-    let pool = pool_builder(
-        &user_config(&emulator, 4),
-        connector_with(&emulator, options),
-        PoolOptions::new().max_age(Duration::from_millis(200), Duration::ZERO),
-    )
-    .unwrap()
-    .build()
-    .unwrap();
-    checkout(&pool).await.unwrap();
-    emulator.set_fault(Endpoint::Token, Fault::DropConnection);
-    tokio::time::sleep(Duration::from_secs(4)).await; // the token has expired
-
-    let started = Instant::now();
-    let error = pool.get().await.unwrap_err();
-    let waited = started.elapsed();
-
-    assert!(
-        waited < Duration::from_secs(5),
-        "no hang: answered in {waited:?} (pool timeouts are 10 s)"
-    );
-    match entra_error(&error) {
-        Some(Error::Token(e)) => assert!(matches!(e.kind(), TokenErrorKind::Unreachable), "{e}"),
-        other => panic!("expected a token error, got {other:?}"),
-    }
-
-    emulator.clear_fault(Endpoint::Token);
-    let healed = Instant::now();
-    while checkout(&pool).await.is_err() {
-        assert!(
-            healed.elapsed() < Duration::from_secs(5),
-            "not recovered within one backoff step (2 s) and a fetch"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    println!(
-        "typed error after {waited:?}; recovered {:?} after the provider came back",
-        healed.elapsed()
-    );
-}
 
 /// Sixteen callers without a valid token, asking as fast as they can, for `window`.
 async fn hammer_cache(cache: &TokenCache, window: Duration) -> usize {
@@ -86,7 +36,7 @@ async fn hammer_cache(cache: &TokenCache, window: Duration) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_with_retry_after_is_honoured_without_a_request_storm() {
-    let emulator = Suite::start(HOUR);
+    let emulator = Suite::start(HOUR).await;
     // Retry-After is honoured up to the longest backoff (here 5 s).
     let cache = service_principal_cache(
         &emulator,
@@ -121,7 +71,7 @@ async fn throttling_with_retry_after_is_honoured_without_a_request_storm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_back_off_exponentially_without_a_request_storm() {
-    let emulator = Suite::start(HOUR);
+    let emulator = Suite::start(HOUR).await;
     let cache = service_principal_cache(
         &emulator,
         CacheOptions::default().backoff(Duration::from_millis(100), Duration::from_secs(1)),
@@ -144,7 +94,7 @@ async fn server_errors_back_off_exponentially_without_a_request_storm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_bodies_and_dropped_connections_are_typed_errors_then_recover() {
-    let emulator = Suite::start(HOUR);
+    let emulator = Suite::start(HOUR).await;
     let options =
         CacheOptions::default().backoff(Duration::from_millis(50), Duration::from_millis(100));
     let cache = service_principal_cache(&emulator, options);
@@ -164,55 +114,9 @@ async fn malformed_bodies_and_dropped_connections_are_typed_errors_then_recover(
     cache.get().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thirty_second_stall_leaves_callers_with_a_valid_token_unaffected() {
-    // Refresh at 9 s, usable until 10.8 s: the refresh meets the stall inside the window.
-    let emulator = Suite::start(Duration::from_secs(12));
-    let pool = pool_builder(
-        &user_config(&emulator, 8),
-        connector(&emulator),
-        PoolOptions::new().max_age(Duration::from_millis(300), Duration::from_millis(100)),
-    )
-    .unwrap()
-    .build()
-    .unwrap();
-    checkout(&pool).await.unwrap();
-    emulator.set_latency(Endpoint::Token, Duration::from_secs(30));
-
-    let slowest = Arc::new(std::sync::Mutex::new(Duration::ZERO));
-    let (pool2, slowest2) = (pool.clone(), slowest.clone());
-    let load = hammer(16, Duration::from_secs(10), move || {
-        let (pool, slowest) = (pool2.clone(), slowest2.clone());
-        async move {
-            let started = Instant::now();
-            checkout(&pool).await?;
-            let mut slowest = slowest.lock().unwrap();
-            *slowest = (*slowest).max(started.elapsed());
-            Ok(())
-        }
-    })
-    .await;
-
-    assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
-    assert!(
-        emulator.requests(Endpoint::Token) >= 2,
-        "the refresh is stuck in the stall"
-    );
-    assert_eq!(emulator.tokens_issued(Endpoint::Token), 1);
-    let slowest = *slowest.lock().unwrap();
-    assert!(
-        slowest < Duration::from_secs(5),
-        "no caller waited on the 30 s stall (slowest {slowest:?})"
-    );
-    println!(
-        "{} checkouts during the stall, slowest {slowest:?}",
-        load.ok
-    );
-}
-
 #[tokio::test]
 async fn a_token_already_expired_on_arrival_from_a_skewed_provider_is_not_served() {
-    let emulator = Suite::start(Duration::from_secs(600));
+    let emulator = Suite::start(Duration::from_secs(600)).await;
     emulator.set_idp_clock_behind(Duration::from_secs(660));
     let cache = TokenCache::builder(AzureTokenSource::new(
         emulator.managed_identity_credential().unwrap(),
@@ -235,102 +139,4 @@ async fn a_token_already_expired_on_arrival_from_a_skewed_provider_is_not_served
         .duration_since(SystemTime::now())
         .unwrap();
     assert!(left <= Duration::from_secs(540), "{left:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_killed_server_side_while_idle_are_replaced() {
-    let emulator = Suite::start(HOUR);
-    let pool =
-        postgres_entra_deadpool::create_pool(&user_config(&emulator, 4), connector(&emulator))
-            .unwrap();
-    let held: Vec<_> = futures_join(4, || pool.get()).await;
-    drop(held);
-    let bb8 = bb8::Pool::builder()
-        .max_size(4)
-        .test_on_check_out(true)
-        .build(
-            postgres_entra_bb8::EntraConnectionManager::new(
-                emulator.server_config(),
-                connector(&emulator),
-            )
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    drop(futures_join(4, || bb8.get()).await);
-    let logins_before = emulator.logins().len();
-
-    let admin = emulator.admin_client().await.unwrap();
-    let killed: i64 = admin
-        .query_one(
-            "select count(pg_terminate_backend(pid)) from pg_stat_activity where usename = 'orders-api'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(killed, 8);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    for _ in 0..50 {
-        checkout(&pool).await.unwrap();
-        let client = bb8.get().await.unwrap();
-        client.simple_query("select 1").await.unwrap();
-    }
-    assert!(
-        emulator.logins().len() >= logins_before + 2,
-        "dead connections were replaced"
-    );
-}
-
-async fn futures_join<T, E: std::fmt::Debug, F, Fut>(n: usize, make: F) -> Vec<T>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
-{
-    let mut out = Vec::new();
-    let futures: Vec<_> = (0..n).map(|_| make()).collect();
-    for future in futures {
-        out.push(future.await.unwrap());
-    }
-    out
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_login_rejected_for_a_stale_token_is_retried_once_with_a_fresh_one() {
-    let emulator = Arc::new(Suite::start(HOUR));
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (minter, counter) = (emulator.clone(), calls.clone());
-    let source = FnTokenSource::new("stale-then-fresh", move |_| {
-        let n = counter.fetch_add(1, Ordering::SeqCst);
-        // The first token is one the server no longer accepts (a rotated-out signing key).
-        let signer = if n == 0 {
-            Signer::Rogue
-        } else {
-            Signer::Issuer
-        };
-        let token = minter
-            .issue_token(&minter.user(), TokenOptions::default().signer(signer))
-            .unwrap();
-        async move { Ok(AccessToken::new(token, SystemTime::now() + HOUR)) }
-    });
-    let connector = EntraConnector::builder(source)
-        .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
-        .build()
-        .unwrap();
-    let pool = postgres_entra_deadpool::create_pool(&user_config(&emulator, 2), connector.clone())
-        .unwrap();
-
-    let client = pool.get().await.unwrap();
-    let user: String = client
-        .query_one("select current_user", &[])
-        .await
-        .unwrap()
-        .get(0);
-
-    assert_eq!(user, "alice@contoso.onmicrosoft.com");
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
-    let outcomes: Vec<_> = emulator.logins().into_iter().map(|l| l.outcome).collect();
-    assert_eq!(outcomes, [Err(Rejection::BadSignature), Ok(())]);
-    assert_eq!(connector.cache().stats().invalidations, 1);
 }

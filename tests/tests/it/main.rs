@@ -1,62 +1,31 @@
-//! End-to-end tests: each pool adapter against the local emulator, with azure_identity's real
+//! End-to-end tests: every pool adapter against the local emulator, with azure_identity's real
 //! credentials, short token lifetimes, identity-provider, server and network faults, bad input,
-//! and load. Every test runs with tracing at TRACE captured (log records included), and ends by
-//! searching the capture for every token the emulator issued.
+//! and load. The pool scenarios are written once (`scenarios.rs`) and run for each adapter
+//! (`pools.rs`). Every test runs with tracing at TRACE captured (log records included), and ends
+//! by searching the capture for every token the emulator issued.
 
-mod bb8_pool;
-mod deadpool_pool;
+mod deadpool_only;
 mod faults;
-mod load;
 mod misconfiguration;
-mod network;
+mod pools;
+mod scenarios;
 mod secrecy;
 
 use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots};
-use postgres_entra_testkit::{Emulator, EmulatorBuilder};
-use std::future::Future;
+use postgres_entra_testkit::{Emulator, EmulatorBuilder, trace_capture};
 use std::ops::Deref;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
-/// Everything written by the process-wide TRACE subscriber.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture() -> &'static Captured {
-    static CAPTURE: OnceLock<Captured> = OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        use tracing_subscriber::util::SubscriberInitExt as _;
-        let captured = Captured::default();
-        let writer = captured.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("trace"))
-            .with_writer(move || writer.clone())
-            .finish()
-            .try_init()
-            .expect("the capture is the only subscriber");
-        captured
-    })
-}
 
 /// Bytes captured so far.
 pub fn captured_len() -> usize {
-    capture().0.lock().unwrap().len()
+    trace_capture().len()
 }
 
 /// Everything captured so far, as text.
 pub fn captured_text() -> String {
-    String::from_utf8_lossy(&capture().0.lock().unwrap()).into_owned()
+    trace_capture().text()
 }
 
 /// An emulator for one test, with the TRACE capture on. When the test ends (without panicking)
@@ -68,22 +37,22 @@ pub struct Suite {
 
 impl Suite {
     /// An emulator issuing tokens that live `lifetime`.
-    pub fn start(lifetime: Duration) -> Self {
-        Self::with(Emulator::builder().token_lifetime(lifetime))
+    pub async fn start(lifetime: Duration) -> Self {
+        Self::with(Emulator::builder().token_lifetime(lifetime)).await
     }
 
     /// An emulator from `builder`.
-    pub fn with(builder: EmulatorBuilder) -> Self {
-        capture();
+    pub async fn with(builder: EmulatorBuilder) -> Self {
+        trace_capture();
         tracing::info!("suite: starting an emulator");
         Self {
-            emulator: builder.start().unwrap(),
+            emulator: builder.start_async().await.unwrap(),
         }
     }
 
     /// Searches the capture for every issued token; returns how many tokens were searched for.
     pub fn assert_no_token_in_traces(&self) -> usize {
-        let text = String::from_utf8_lossy(&capture().0.lock().unwrap()).into_owned();
+        let text = captured_text();
         assert!(
             text.contains("suite: starting an emulator"),
             "the TRACE capture is live"
@@ -152,35 +121,6 @@ pub fn wrong_secret_connector(emulator: &Emulator) -> EntraConnector {
         .unwrap()
 }
 
-/// Churns `checkout` on 16 tasks while the server restarts, then for two more seconds: the pool
-/// must serve some checkouts during the restart and every one after it.
-pub async fn restart_during_churn<F, Fut>(emulator: &Arc<Suite>, checkout: F)
-where
-    F: Fn() -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), String>> + Send,
-{
-    let emulator = emulator.clone();
-    let restarter = tokio::task::spawn_blocking(move || {
-        std::thread::sleep(Duration::from_secs(2));
-        emulator.restart_server().unwrap();
-    });
-    let during = hammer(16, Duration::from_secs(5), checkout.clone()).await;
-    restarter.await.unwrap();
-    let after = hammer(16, Duration::from_secs(2), checkout).await;
-
-    println!(
-        "during restart: {} ok, {} failed; after: {} ok, {} failed",
-        during.ok, during.failed, after.ok, after.failed
-    );
-    assert!(during.ok > 0);
-    assert!(after.ok > 100);
-    assert_eq!(
-        after.failed, 0,
-        "first failure after the restart: {:?}",
-        after.first_error
-    );
-}
-
 /// A cache over the service principal's `ClientSecretCredential` (built, as the README
 /// recommends, without azure_core's own retries), to see what the cache does with each answer of
 /// the identity provider.
@@ -197,38 +137,14 @@ pub fn service_principal_cache(
         .unwrap()
 }
 
-/// Churns `checkout` on 16 tasks for 6.5 s while the token endpoint serves `fault` for 7 s,
-/// starting now. With 8 s tokens fetched just before, the outage covers the refresh point (6 s)
-/// and ends before expiry (8 s), and the load stops inside the usable life (7.2 s): no checkout
-/// may fail, and new connections must have been made during the outage.
-pub async fn outage_during_churn<F, Fut>(
-    emulator: &Suite,
-    fault: postgres_entra_testkit::Fault,
-    checkout: F,
-) where
-    F: Fn() -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), String>> + Send,
-{
-    use postgres_entra_testkit::Endpoint;
-    emulator.set_fault_for(Endpoint::Token, fault, Duration::from_millis(7000));
-    let load = hammer(16, Duration::from_millis(6500), checkout).await;
-
-    assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
-    assert!(
-        emulator.faulted_requests(Endpoint::Token) >= 1,
-        "the refresh met the outage"
-    );
-    assert!(
-        emulator.logins().len() > 16,
-        "new connections were made during the outage"
-    );
-}
-
 /// Outcome of a load run.
 #[derive(Debug, Default)]
 pub struct Load {
+    /// Checkouts that succeeded.
     pub ok: u64,
+    /// Checkouts that failed.
     pub failed: u64,
+    /// What the first failure said.
     pub first_error: Option<String>,
 }
 
@@ -236,7 +152,7 @@ pub struct Load {
 pub async fn hammer<F, Fut>(tasks: usize, duration: Duration, checkout: F) -> Load
 where
     F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), String>> + Send,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
 {
     let checkout = Arc::new(checkout);
     let ok = Arc::new(AtomicU64::new(0));

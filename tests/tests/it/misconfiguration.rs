@@ -7,13 +7,13 @@ use postgres_entra::{
     AzureTokenSource, Cloud, EntraConnector, Error, LoginRetry, TlsRoots, TokenCache,
 };
 use postgres_entra_bb8::EntraConnectionManager;
-use postgres_entra_deadpool::{PoolOptions, create_pool, create_pool_with, entra_error};
+use postgres_entra_deadpool::{create_pool, entra_error};
 use postgres_entra_testkit::Endpoint;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::deadpool_pool::{checkout, user_config};
+use crate::pools::{Deadpool, PoolSpec, PoolUnderTest};
 use crate::{Suite, captured_text, chain, expected_requests, hammer};
 
 /// A connector over the service principal's credential that names no role: each pool's
@@ -30,9 +30,7 @@ fn shared_connector(emulator: &Suite) -> EntraConnector {
 
 /// A deadpool config for the service principal's role, as a user loads it.
 fn healthy_config(emulator: &Suite) -> Config {
-    let mut config = user_config(emulator, 8);
-    config.user = Some("orders-api".into());
-    config
+    Deadpool::user_config(&PoolSpec::new(emulator, shared_connector(emulator)).user("orders-api"))
 }
 
 /// The same server under a role that does not exist.
@@ -65,12 +63,6 @@ impl bb8::ErrorSink<Error> for CountingSink {
 async fn side_by_side(emulator: &Suite, connector: &EntraConnector, run: Duration) -> u64 {
     // The application starts: one caller waits for the first token.
     connector.cache().get().await.unwrap();
-    let healthy = create_pool_with(
-        &healthy_config(emulator),
-        connector.clone(),
-        PoolOptions::new().max_age(Duration::from_millis(300), Duration::from_millis(100)),
-    )
-    .unwrap();
     let sink = CountingSink::default();
     let wrong = bb8::Pool::builder()
         .max_size(4)
@@ -90,9 +82,16 @@ async fn side_by_side(emulator: &Suite, connector: &EntraConnector, run: Duratio
             }
         }
     }));
+    let healthy = Deadpool::build(
+        PoolSpec::new(emulator, connector.clone())
+            .user("orders-api")
+            .max_age(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
     let load = hammer(8, run, move || {
         let pool = healthy.clone();
-        async move { checkout(&pool).await }
+        async move { pool.checkout_as("orders-api").await }
     })
     .await;
     let timed_out = misconfigured.await.unwrap();
@@ -116,7 +115,7 @@ async fn a_wrong_role_pool_sharing_the_cache_costs_at_most_one_request_per_token
     // cache makes reaches the identity provider: the worst case.
     const LIFETIME: Duration = Duration::from_secs(4);
     const RUN: Duration = Duration::from_secs(10);
-    let emulator = Suite::start(LIFETIME);
+    let emulator = Suite::start(LIFETIME).await;
     emulator.set_latency(Endpoint::Token, Duration::from_millis(200));
     let connector = shared_connector(&emulator);
 
@@ -143,7 +142,7 @@ async fn a_wrong_role_pool_sharing_the_cache_costs_at_most_one_request_per_token
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_azure_identitys_cache_a_wrong_role_pool_costs_no_token_request_at_all() {
-    let emulator = Suite::start(Duration::from_secs(3600));
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
     let connector = shared_connector(&emulator);
 
     let rejected = side_by_side(&emulator, &connector, Duration::from_secs(4)).await;
@@ -169,7 +168,7 @@ async fn with_azure_identitys_cache_a_wrong_role_pool_costs_no_token_request_at_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadpool_logs_each_connect_failure_with_its_reason_and_returns_it_typed() {
-    let emulator = Suite::start(Duration::from_secs(3600));
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
     let mut config = healthy_config(&emulator);
     config.user = Some("nobody-mi".into());
     let pool = create_pool(&config, shared_connector(&emulator)).unwrap();
@@ -213,7 +212,7 @@ async fn deadpool_logs_each_connect_failure_with_its_reason_and_returns_it_typed
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bb8_reports_permanent_mistakes_in_under_a_second() {
-    let emulator = Suite::start(Duration::from_secs(3600));
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
 
     // Checked when the manager is made.
     let mut plaintext = emulator.server_config();
@@ -276,7 +275,7 @@ fn deadpool_config_for(emulator: &Suite, host: &str) -> Config {
 
 #[tokio::test]
 async fn both_pools_take_the_cloud_from_their_host_and_refuse_a_mismatch_when_created() {
-    let emulator = Suite::start(Duration::from_secs(3600));
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
     let gov = "db1.postgres.database.usgovcloudapi.net";
 
     let connector = shared_connector(&emulator);

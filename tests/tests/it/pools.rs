@@ -1,0 +1,317 @@
+//! "A pool under test": what every end-to-end scenario needs from a pool adapter, and one impl per
+//! adapter. Adding an adapter means one more impl here and one more line in `scenarios.rs`.
+
+use deadpool_postgres::{ManagerConfig, PoolConfig, RecyclingMethod, Timeouts};
+use postgres_entra::{EntraConnector, Error};
+use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink};
+use postgres_entra_deadpool::{PoolOptions, create_pool_with, entra_error};
+use std::any::Any;
+use std::future::Future;
+use std::time::Duration;
+use tokio_postgres::SimpleQueryMessage;
+use tokio_postgres::config::SslMode;
+
+use crate::{Suite, chain};
+
+/// Settings of a pool under test; each adapter maps them onto its own builder.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolSpec {
+    /// Tokens, TLS and role.
+    pub(crate) connector: EntraConnector,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) database: String,
+    pub(crate) user: Option<String>,
+    pub(crate) ssl_mode: SslMode,
+    pub(crate) max_size: usize,
+    /// deadpool: retirement at recycle (with a fifth as jitter); bb8: `max_lifetime`.
+    pub(crate) max_age: Option<Duration>,
+    /// deadpool: wait and create timeouts; bb8: `connection_timeout`.
+    pub(crate) timeout: Duration,
+}
+
+impl PoolSpec {
+    /// A pool of 8 for `emulator`'s server, TLS required, 10 s timeouts, no retirement.
+    pub(crate) fn new(emulator: &Suite, connector: EntraConnector) -> Self {
+        Self {
+            connector,
+            host: emulator.host().to_owned(),
+            port: emulator.port(),
+            database: emulator.database().to_owned(),
+            user: None,
+            ssl_mode: SslMode::Require,
+            max_size: 8,
+            max_age: None,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub(crate) fn size(mut self, max_size: usize) -> Self {
+        self.max_size = max_size;
+        self
+    }
+
+    pub(crate) fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = Some(max_age);
+        self
+    }
+
+    pub(crate) fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The same server at another port (a relay, a trap).
+    pub(crate) fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    pub(crate) fn user(mut self, role: &str) -> Self {
+        self.user = Some(role.to_owned());
+        self
+    }
+
+    pub(crate) fn ssl_mode(mut self, mode: SslMode) -> Self {
+        self.ssl_mode = mode;
+        self
+    }
+
+    /// The settings as tokio-postgres takes them.
+    pub(crate) fn server_config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(self.port)
+            .dbname(&self.database)
+            .ssl_mode(self.ssl_mode)
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(user) = &self.user {
+            config.user(user);
+        }
+        config
+    }
+}
+
+/// Why a checkout failed: the pool's own words, and our typed error if the adapter exposes it.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) text: String,
+    pub(crate) reason: Option<Reason>,
+}
+
+/// Our typed error, in a form a scenario can compare across adapters.
+#[derive(Debug, Clone)]
+pub(crate) struct Reason {
+    /// The variant: `Token`, `LoginRejected`, `Tls`, `Config`, `Connect` or `Postgres`.
+    pub(crate) variant: &'static str,
+    pub(crate) text: String,
+}
+
+impl Reason {
+    fn of(error: &Error) -> Self {
+        let variant = match error {
+            Error::Token(_) => "Token",
+            Error::LoginRejected(_) => "LoginRejected",
+            Error::Tls { .. } => "Tls",
+            Error::Config { .. } => "Config",
+            Error::Connect { .. } => "Connect",
+            Error::Postgres(_) => "Postgres",
+            _ => "other",
+        };
+        Self {
+            variant,
+            text: error.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.reason {
+            Some(reason) => write!(f, "{} ({}: {})", self.text, reason.variant, reason.text),
+            None => f.write_str(&self.text),
+        }
+    }
+}
+
+/// How many connections a pool holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) open: usize,
+    pub(crate) idle: usize,
+}
+
+/// A pool adapter, as the scenarios drive it.
+pub(crate) trait PoolUnderTest: Clone + Send + Sync + 'static {
+    /// What a checkout hands out; the connection goes back to the pool when it is dropped.
+    type Connection: Send + 'static;
+
+    /// Builds the pool; an error is what the adapter reports when the pool is made.
+    fn build(spec: PoolSpec) -> impl Future<Output = Result<Self, Error>> + Send;
+
+    /// Checks a connection out.
+    fn checkout(&self) -> impl Future<Output = Result<Self::Connection, Failure>> + Send;
+
+    /// The client inside a checked-out connection.
+    fn client(connection: &Self::Connection) -> &tokio_postgres::Client;
+
+    /// Connections open, and idle among them.
+    fn counts(&self) -> Counts;
+
+    /// Checks a connection out and keeps it until the returned guard is dropped.
+    fn hold(&self) -> impl Future<Output = Result<Box<dyn Any + Send>, Failure>> + Send {
+        async move { Ok(Box::new(self.checkout().await?) as Box<dyn Any + Send>) }
+    }
+
+    /// Checks a connection out, runs `sql` and returns the first column of the first row.
+    fn query(&self, sql: &'static str) -> impl Future<Output = Result<String, Failure>> + Send {
+        async move {
+            let connection = self.checkout().await?;
+            let messages = Self::client(&connection)
+                .simple_query(sql)
+                .await
+                .map_err(|e| Failure {
+                    text: chain(&e),
+                    reason: None,
+                })?;
+            Ok(first_value(messages))
+        }
+    }
+
+    /// Checks a connection out and checks it is logged in as `role`: the unit of every load.
+    fn checkout_as(&self, role: &'static str) -> impl Future<Output = Result<(), String>> + Send {
+        async move {
+            let user = self
+                .query("select current_user")
+                .await
+                .map_err(|e| e.to_string())?;
+            if user == role {
+                Ok(())
+            } else {
+                Err(format!("logged in as {user}"))
+            }
+        }
+    }
+}
+
+fn first_value(messages: Vec<SimpleQueryMessage>) -> String {
+    messages
+        .into_iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// deadpool-postgres through `postgres_entra_deadpool::create_pool_with`, as a user configures it.
+#[derive(Clone)]
+pub(crate) struct Deadpool(deadpool_postgres::Pool);
+
+impl Deadpool {
+    /// The kind of `deadpool_postgres::Config` a user loads from env or serde.
+    pub(crate) fn user_config(spec: &PoolSpec) -> deadpool_postgres::Config {
+        let mut config = deadpool_postgres::Config::new();
+        config.host = Some(spec.host.clone());
+        config.port = Some(spec.port);
+        config.dbname = Some(spec.database.clone());
+        config.user = spec.user.clone();
+        config.ssl_mode = Some(match spec.ssl_mode {
+            SslMode::Disable => deadpool_postgres::SslMode::Disable,
+            SslMode::Prefer => deadpool_postgres::SslMode::Prefer,
+            _ => deadpool_postgres::SslMode::Require,
+        });
+        config.connect_timeout = Some(Duration::from_secs(10));
+        config.manager = Some(ManagerConfig {
+            recycling_method: RecyclingMethod::Verified,
+        });
+        let mut pool = PoolConfig::new(spec.max_size);
+        pool.timeouts = Timeouts {
+            wait: Some(spec.timeout),
+            create: Some(spec.timeout),
+            recycle: Some(Duration::from_secs(5).min(spec.timeout)),
+        };
+        config.pool = Some(pool);
+        config
+    }
+}
+
+impl PoolUnderTest for Deadpool {
+    type Connection = deadpool_postgres::Object;
+
+    async fn build(spec: PoolSpec) -> Result<Self, Error> {
+        let options = match spec.max_age {
+            Some(age) => PoolOptions::new().max_age(age, age / 5),
+            None => PoolOptions::new(),
+        };
+        create_pool_with(&Self::user_config(&spec), spec.connector, options).map(Deadpool)
+    }
+
+    async fn checkout(&self) -> Result<Self::Connection, Failure> {
+        self.0.get().await.map_err(|error| Failure {
+            text: chain(&error),
+            reason: entra_error(&error).map(Reason::of),
+        })
+    }
+
+    fn client(connection: &Self::Connection) -> &tokio_postgres::Client {
+        connection
+    }
+
+    fn counts(&self) -> Counts {
+        let status = self.0.status();
+        Counts {
+            open: status.size,
+            idle: status.available,
+        }
+    }
+}
+
+/// bb8 with `postgres_entra_bb8::EntraConnectionManager`, checking connections on checkout, its
+/// connect errors kept by a `LastErrorSink`.
+#[derive(Clone)]
+pub(crate) struct Bb8 {
+    pool: bb8::Pool<EntraConnectionManager>,
+    errors: LastErrorSink,
+}
+
+impl PoolUnderTest for Bb8 {
+    type Connection = bb8::PooledConnection<'static, EntraConnectionManager>;
+
+    async fn build(spec: PoolSpec) -> Result<Self, Error> {
+        let manager = EntraConnectionManager::new(spec.server_config(), spec.connector)?;
+        let errors = LastErrorSink::new();
+        let pool = bb8::Pool::builder()
+            .max_size(spec.max_size as u32)
+            .max_lifetime(spec.max_age)
+            .connection_timeout(spec.timeout)
+            .test_on_check_out(true)
+            .error_sink(Box::new(errors.clone()))
+            .build(manager)
+            .await?;
+        Ok(Self { pool, errors })
+    }
+
+    async fn checkout(&self) -> Result<Self::Connection, Failure> {
+        self.pool.get_owned().await.map_err(|error| Failure {
+            text: format!("{error:?}"),
+            reason: match &error {
+                bb8::RunError::User(e) => Some(Reason::of(e)),
+                bb8::RunError::TimedOut => self.errors.last_error().map(|e| Reason::of(&e)),
+            },
+        })
+    }
+
+    fn client(connection: &Self::Connection) -> &tokio_postgres::Client {
+        connection
+    }
+
+    fn counts(&self) -> Counts {
+        let state = self.pool.state();
+        Counts {
+            open: state.connections as usize,
+            idle: state.idle_connections as usize,
+        }
+    }
+}

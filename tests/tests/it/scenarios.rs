@@ -1,0 +1,608 @@
+//! End-to-end scenarios, each written once and run for every pool adapter (`scenarios::deadpool::*`,
+//! `scenarios::bb8::*`): churn across token lifetimes, identity-provider outages and stalls, a
+//! server restart, network cuts and stalls, sessions killed server-side, a stale token, load, and
+//! a plaintext server that must never see a token.
+
+use postgres_entra::{AccessToken, EntraConnector, FnTokenSource, TlsRoots};
+use postgres_entra_testkit::{
+    Endpoint, Fault, PlaintextListener, Rejection, Relay, Signer, TokenOptions,
+};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio_postgres::config::SslMode;
+
+use crate::pools::{PoolSpec, PoolUnderTest};
+use crate::{
+    Load, Suite, captured_len, connector, connector_with, expected_requests, hammer,
+    wrong_secret_connector,
+};
+
+const HOUR: Duration = Duration::from_secs(3600);
+/// The emulator's service principal, whose role every connector here logs in as.
+const ROLE: &str = "orders-api";
+
+/// Runs `scenarios` as tests for each pool adapter: one module per adapter.
+macro_rules! for_each_pool {
+    ($($scenario:ident),* $(,)?) => {
+        for_each_pool!(@pool deadpool, crate::pools::Deadpool, $($scenario),*);
+        for_each_pool!(@pool bb8, crate::pools::Bb8, $($scenario),*);
+    };
+    (@pool $module:ident, $pool:ty, $($scenario:ident),*) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario::<$pool>().await
+                }
+            )*
+        }
+    };
+}
+
+for_each_pool!(
+    churn_across_token_lifetimes_never_fails,
+    a_cold_start_with_thirty_two_checkouts_makes_one_token_request,
+    connections_past_their_age_are_replaced,
+    an_outage_of_server_errors_shorter_than_the_token_life_fails_no_checkout,
+    an_outage_of_dropped_connections_shorter_than_the_token_life_fails_no_checkout,
+    an_outage_past_expiry_is_a_typed_error_in_time_and_recovery_takes_one_backoff_step,
+    a_thirty_second_stall_of_the_token_endpoint_leaves_checkouts_unaffected,
+    the_pool_recovers_when_the_server_restarts_mid_run,
+    connections_killed_server_side_while_idle_are_replaced,
+    a_token_failure_reaches_the_caller_as_our_typed_error,
+    a_login_rejected_for_a_stale_token_is_retried_once_with_a_fresh_one,
+    checkouts_fail_fast_when_connections_are_cut_and_the_pool_heals,
+    a_stalled_network_fails_checkouts_within_the_pool_timeouts_and_heals,
+    load_of_256_tasks_on_16_connections_for_30_seconds,
+    a_plaintext_server_receives_no_token_byte_whatever_the_sslmode,
+);
+
+async fn pool<P: PoolUnderTest>(spec: PoolSpec) -> P {
+    P::build(spec).await.expect("the pool builds")
+}
+
+/// `hammer` on `checkout_as(ROLE)`.
+async fn churn<P: PoolUnderTest>(pool: &P, tasks: usize, run: Duration) -> Load {
+    let pool = pool.clone();
+    hammer(tasks, run, move || {
+        let pool = pool.clone();
+        async move { pool.checkout_as(ROLE).await }
+    })
+    .await
+}
+
+async fn churn_across_token_lifetimes_never_fails<P: PoolUnderTest>() {
+    const LIFETIME: Duration = Duration::from_secs(3);
+    const RUN: Duration = Duration::from_secs(10);
+    let emulator = Suite::start(LIFETIME).await;
+    let spec = PoolSpec::new(&emulator, connector(&emulator)).max_age(Duration::from_millis(800));
+    let pool: P = pool(spec).await;
+
+    let load = churn(&pool, 32, RUN).await;
+
+    let requests = emulator.requests(Endpoint::Token);
+    let logins = emulator.logins().len() as u64;
+    println!(
+        "{} checkouts, {logins} logins, {requests} token requests",
+        load.ok
+    );
+    assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
+    assert!(load.ok > 500, "{} checkouts", load.ok);
+    assert!(
+        logins > 3 * 8,
+        "connections were retired and replaced: {logins} logins"
+    );
+    assert!(
+        expected_requests(RUN, LIFETIME).contains(&requests),
+        "{requests} token requests"
+    );
+    assert!(
+        emulator.logins().iter().all(|l| l.outcome.is_ok()),
+        "never an expired token"
+    );
+    assert!(pool.counts().open <= 8);
+}
+
+async fn a_cold_start_with_thirty_two_checkouts_makes_one_token_request<P: PoolUnderTest>() {
+    let emulator = Suite::start(HOUR).await;
+    emulator.set_latency(Endpoint::Token, Duration::from_millis(300));
+    let pool: P = pool(PoolSpec::new(&emulator, connector(&emulator)).size(32)).await;
+
+    let checkouts: Vec<_> = (0..32)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.hold().await.map_err(|e| e.to_string()) })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for checkout in checkouts {
+        held.push(checkout.await.unwrap().unwrap());
+    }
+
+    assert_eq!(held.len(), 32);
+    assert_eq!(emulator.requests(Endpoint::Token), 1);
+    assert_eq!(emulator.logins().len(), 32);
+}
+
+async fn connections_past_their_age_are_replaced<P: PoolUnderTest>() {
+    let emulator = Suite::start(HOUR).await;
+    let spec = PoolSpec::new(&emulator, connector(&emulator))
+        .size(1)
+        .max_age(Duration::from_millis(500));
+    let pool: P = pool(spec).await;
+    let backend = || async { pool.query("select pg_backend_pid()").await.unwrap() };
+
+    let first = backend().await;
+    assert_eq!(backend().await, first, "a young connection is reused");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // bb8 retires an old connection when it comes back, deadpool before handing it out.
+    let _ = backend().await;
+    let second = backend().await;
+
+    assert_ne!(second, first, "the old connection was retired");
+    assert_eq!(emulator.logins().len(), 2);
+    assert_eq!(
+        emulator.requests(Endpoint::Token),
+        1,
+        "the new connection reused the cached token"
+    );
+}
+
+/// 16 tasks churn for 6.5 s while the token endpoint serves `fault` for 7 s, starting now. With
+/// 8 s tokens fetched just before, the outage covers the refresh point (6 s) and ends before
+/// expiry (8 s), and the load stops inside the usable life (7.2 s): no checkout may fail, and new
+/// connections must have been made during the outage.
+async fn outage_shorter_than_the_token_life<P: PoolUnderTest>(fault: Fault) {
+    let emulator = Suite::start(Duration::from_secs(8)).await;
+    let spec = PoolSpec::new(&emulator, connector(&emulator)).max_age(Duration::from_millis(500));
+    let pool: P = pool(spec).await;
+    pool.checkout_as(ROLE).await.unwrap();
+    emulator.set_fault_for(Endpoint::Token, fault, Duration::from_millis(7000));
+
+    let load = churn(&pool, 16, Duration::from_millis(6500)).await;
+
+    assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
+    assert!(
+        emulator.faulted_requests(Endpoint::Token) >= 1,
+        "the refresh met the outage"
+    );
+    assert!(
+        emulator.logins().len() > 16,
+        "new connections were made during the outage"
+    );
+    // After the outage the cache recovers.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pool.checkout_as(ROLE).await.unwrap();
+    assert!(emulator.tokens_issued(Endpoint::Token) >= 2);
+}
+
+async fn an_outage_of_server_errors_shorter_than_the_token_life_fails_no_checkout<
+    P: PoolUnderTest,
+>() {
+    outage_shorter_than_the_token_life::<P>(Fault::ServerError).await;
+}
+
+async fn an_outage_of_dropped_connections_shorter_than_the_token_life_fails_no_checkout<
+    P: PoolUnderTest,
+>() {
+    outage_shorter_than_the_token_life::<P>(Fault::DropConnection).await;
+}
+
+async fn an_outage_past_expiry_is_a_typed_error_in_time_and_recovery_takes_one_backoff_step<
+    P: PoolUnderTest,
+>() {
+    let emulator = Suite::start(Duration::from_secs(3)).await;
+    let options = postgres_entra::CacheOptions::default()
+        .backoff(Duration::from_millis(200), Duration::from_secs(2))
+        .fetch_timeout(Duration::from_secs(1));
+    let spec = PoolSpec::new(&emulator, connector_with(&emulator, options))
+        .size(4)
+        .max_age(Duration::from_millis(200))
+        .timeout(Duration::from_secs(3));
+    let pool: P = pool(spec).await;
+    // Held, so that the checkout below needs a new connection (bb8 would hand out an idle one
+    // past its lifetime; it retires connections when they come back).
+    let held = pool.hold().await.unwrap();
+    emulator.set_fault(Endpoint::Token, Fault::DropConnection);
+    tokio::time::sleep(Duration::from_secs(4)).await; // the token has expired
+
+    let started = Instant::now();
+    let failure = pool.query("select 1").await.unwrap_err();
+    drop(held);
+    let waited = started.elapsed();
+
+    assert!(
+        waited < Duration::from_secs(5),
+        "no hang: answered in {waited:?}"
+    );
+    let reason = failure.reason.expect("the adapter gives our error");
+    assert_eq!(reason.variant, "Token", "{reason:?}");
+    assert!(
+        reason.text.contains("unreachable") || reason.text.contains("check network access"),
+        "{reason:?}"
+    );
+
+    emulator.clear_fault(Endpoint::Token);
+    let healed = Instant::now();
+    while pool.checkout_as(ROLE).await.is_err() {
+        assert!(
+            healed.elapsed() < Duration::from_secs(6),
+            "not recovered within one backoff step (2 s), a fetch and a checkout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "typed error after {waited:?}; recovered {:?} after the provider came back",
+        healed.elapsed()
+    );
+}
+
+async fn a_thirty_second_stall_of_the_token_endpoint_leaves_checkouts_unaffected<
+    P: PoolUnderTest,
+>() {
+    // Refresh at 9 s, usable until 10.8 s: the refresh meets the stall inside the window.
+    let emulator = Suite::start(Duration::from_secs(12)).await;
+    let spec = PoolSpec::new(&emulator, connector(&emulator)).max_age(Duration::from_millis(300));
+    let pool: P = pool(spec).await;
+    pool.checkout_as(ROLE).await.unwrap();
+    emulator.set_latency(Endpoint::Token, Duration::from_secs(30));
+
+    let slowest = Arc::new(Mutex::new(Duration::ZERO));
+    let (pool2, slowest2) = (pool.clone(), slowest.clone());
+    let load = hammer(16, Duration::from_secs(10), move || {
+        let (pool, slowest) = (pool2.clone(), slowest2.clone());
+        async move {
+            let started = Instant::now();
+            pool.checkout_as(ROLE).await?;
+            let mut slowest = slowest.lock().unwrap();
+            *slowest = (*slowest).max(started.elapsed());
+            Ok(())
+        }
+    })
+    .await;
+
+    assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
+    assert!(
+        emulator.requests(Endpoint::Token) >= 2,
+        "the refresh is stuck in the stall"
+    );
+    assert_eq!(emulator.tokens_issued(Endpoint::Token), 1);
+    let slowest = *slowest.lock().unwrap();
+    assert!(
+        slowest < Duration::from_secs(5),
+        "no caller waited on the 30 s stall (slowest {slowest:?})"
+    );
+    println!(
+        "{} checkouts during the stall, slowest {slowest:?}",
+        load.ok
+    );
+}
+
+async fn the_pool_recovers_when_the_server_restarts_mid_run<P: PoolUnderTest>() {
+    let emulator = Arc::new(Suite::start(HOUR).await);
+    let pool: P = pool(PoolSpec::new(&emulator, connector(&emulator))).await;
+
+    let restarting = emulator.clone();
+    let restarter = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        restarting.restart_server().unwrap();
+    });
+    let during = churn(&pool, 16, Duration::from_secs(5)).await;
+    restarter.await.unwrap();
+    let after = churn(&pool, 16, Duration::from_secs(2)).await;
+
+    println!(
+        "during restart: {} ok, {} failed; after: {} ok, {} failed",
+        during.ok, during.failed, after.ok, after.failed
+    );
+    assert!(during.ok > 0);
+    assert!(after.ok > 100);
+    assert_eq!(
+        after.failed, 0,
+        "first failure after the restart: {:?}",
+        after.first_error
+    );
+}
+
+async fn connections_killed_server_side_while_idle_are_replaced<P: PoolUnderTest>() {
+    let emulator = Suite::start(HOUR).await;
+    let pool: P = pool(PoolSpec::new(&emulator, connector(&emulator)).size(4)).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(pool.hold().await.unwrap());
+    }
+    drop(held);
+    let logins_before = emulator.logins().len();
+
+    let admin = emulator.admin_client().await.unwrap();
+    let killed: i64 = admin
+        .query_one(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity where usename = 'orders-api'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    for _ in 0..50 {
+        pool.checkout_as(ROLE).await.unwrap();
+    }
+    assert!(
+        emulator.logins().len() > logins_before,
+        "dead connections were replaced"
+    );
+}
+
+async fn a_token_failure_reaches_the_caller_as_our_typed_error<P: PoolUnderTest>() {
+    let emulator = Suite::start(HOUR).await;
+    let spec = PoolSpec::new(&emulator, wrong_secret_connector(&emulator))
+        .size(2)
+        .timeout(Duration::from_secs(2));
+    let pool: P = pool(spec).await;
+
+    let failure = pool.query("select 1").await.unwrap_err();
+
+    let reason = failure
+        .reason
+        .unwrap_or_else(|| panic!("no typed reason in {}", failure.text));
+    assert_eq!(reason.variant, "Token");
+    assert!(
+        reason.text.contains("no valid Entra ID access token"),
+        "{reason:?}"
+    );
+    assert!(
+        reason
+            .text
+            .contains("HTTP 401 invalid_client (AADSTS7000215)"),
+        "{reason:?}"
+    );
+    assert!(emulator.logins().is_empty());
+}
+
+async fn a_login_rejected_for_a_stale_token_is_retried_once_with_a_fresh_one<P: PoolUnderTest>() {
+    let emulator = Arc::new(Suite::start(HOUR).await);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (minter, counter) = (emulator.clone(), calls.clone());
+    let source = FnTokenSource::new("stale-then-fresh", move |_| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // The first token is one the server no longer accepts (a rotated-out signing key).
+        let signer = if n == 0 {
+            Signer::Rogue
+        } else {
+            Signer::Issuer
+        };
+        let token = minter
+            .issue_token(&minter.user(), TokenOptions::default().signer(signer))
+            .unwrap();
+        async move { Ok(AccessToken::new(token, SystemTime::now() + HOUR)) }
+    });
+    let connector = EntraConnector::builder(source)
+        .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+        .build()
+        .unwrap();
+    let pool: P = pool(PoolSpec::new(&emulator, connector.clone()).size(2)).await;
+
+    let user = pool.query("select current_user").await.unwrap();
+
+    assert_eq!(user, "alice@contoso.onmicrosoft.com");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let outcomes: Vec<_> = emulator.logins().into_iter().map(|l| l.outcome).collect();
+    assert_eq!(outcomes, [Err(Rejection::BadSignature), Ok(())]);
+    assert_eq!(connector.cache().stats().invalidations, 1);
+}
+
+async fn relay_to(emulator: &Suite) -> Relay {
+    Relay::start(([127, 0, 0, 1], emulator.port()).into())
+        .await
+        .unwrap()
+}
+
+async fn checkouts_fail_fast_when_connections_are_cut_and_the_pool_heals<P: PoolUnderTest>() {
+    const RUN: Duration = Duration::from_secs(4);
+    let emulator = Suite::start(HOUR).await;
+    let relay = Arc::new(relay_to(&emulator).await);
+    let pool: P = pool(PoolSpec::new(&emulator, connector(&emulator)).port(relay.port())).await;
+
+    let started = Instant::now();
+    let cutter = {
+        let relay = relay.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            relay.cut();
+        })
+    };
+    let slowest_failure = Arc::new(Mutex::new(Duration::ZERO));
+    let late_failures = Arc::new(Mutex::new(0u64));
+    let (slowest, late, churning) = (slowest_failure.clone(), late_failures.clone(), pool.clone());
+    let load = hammer(8, RUN, move || {
+        let (slowest, late, pool) = (slowest.clone(), late.clone(), churning.clone());
+        async move {
+            let t = Instant::now();
+            let result = pool.checkout_as(ROLE).await;
+            if result.is_err() {
+                let mut s = slowest.lock().unwrap();
+                *s = (*s).max(t.elapsed());
+                if started.elapsed() > RUN - Duration::from_secs(1) {
+                    *late.lock().unwrap() += 1;
+                }
+            }
+            result
+        }
+    })
+    .await;
+    cutter.await.unwrap();
+    let slowest = *slowest_failure.lock().unwrap();
+    let late = *late_failures.lock().unwrap();
+
+    println!(
+        "through a cut: {} ok, {} failed (slowest failure {slowest:?}), {late} failures in the last second",
+        load.ok, load.failed
+    );
+    assert!(load.ok > 100);
+    assert!(
+        slowest < Duration::from_secs(2),
+        "failures were fast: {slowest:?}"
+    );
+    assert_eq!(late, 0, "the pool healed");
+    assert!(
+        relay.accepted() > 8,
+        "new connections replaced the cut ones"
+    );
+}
+
+async fn a_stalled_network_fails_checkouts_within_the_pool_timeouts_and_heals<P: PoolUnderTest>() {
+    let emulator = Suite::start(HOUR).await;
+    let relay = relay_to(&emulator).await;
+    let spec = PoolSpec::new(&emulator, connector(&emulator))
+        .size(4)
+        .port(relay.port())
+        .timeout(Duration::from_secs(2));
+    let pool: P = pool(spec).await;
+    pool.checkout_as(ROLE).await.unwrap();
+
+    relay.set_stalled(true);
+    let started = Instant::now();
+    let error = pool.checkout_as(ROLE).await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(6),
+        "a stalled checkout ends with the pool's timeouts, not a hang: {waited:?}"
+    );
+    println!("stalled checkout failed after {waited:?}: {error}");
+
+    relay.set_stalled(false);
+    let healed = Instant::now();
+    while pool.checkout_as(ROLE).await.is_err() {
+        assert!(
+            healed.elapsed() < Duration::from_secs(10),
+            "the pool did not heal"
+        );
+    }
+    for _ in 0..20 {
+        pool.checkout_as(ROLE).await.unwrap();
+    }
+}
+
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+async fn load_of_256_tasks_on_16_connections_for_30_seconds<P: PoolUnderTest>() {
+    const LIFETIME: Duration = Duration::from_secs(6);
+    const PHASE: Duration = Duration::from_secs(15);
+    let emulator = Suite::start(LIFETIME).await;
+    let spec = PoolSpec::new(&emulator, connector(&emulator))
+        .size(16)
+        .max_age(Duration::from_secs(2))
+        .timeout(Duration::from_secs(20));
+    let pool: P = pool(spec).await;
+
+    let first = churn(&pool, 256, PHASE).await;
+    let (rss_before, capture_before) = (rss() as i64, captured_len() as i64);
+    let second = churn(&pool, 256, PHASE).await;
+    // Less what the TRACE capture itself grew by.
+    let growth = (rss() as i64 - rss_before) - (captured_len() as i64 - capture_before);
+
+    println!(
+        "{} + {} checkouts, {} failed, {} logins, {} token requests, memory growth in the second half {:.1} MiB",
+        first.ok,
+        second.ok,
+        first.failed + second.failed,
+        emulator.logins().len(),
+        emulator.requests(Endpoint::Token),
+        growth as f64 / (1024.0 * 1024.0)
+    );
+    assert_eq!(
+        first.failed + second.failed,
+        0,
+        "first failure: {:?} {:?}",
+        first.first_error,
+        second.first_error
+    );
+    assert!(first.ok > 1000 && second.ok > 1000);
+    assert!(
+        growth < 32 * 1024 * 1024,
+        "memory grew by {growth} bytes under steady load"
+    );
+    assert!(emulator.requests(Endpoint::Token) <= 2 * 30 / LIFETIME.as_secs() + 2);
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let counts = pool.counts();
+    assert!(counts.open <= 16);
+    assert_eq!(
+        counts.idle, counts.open,
+        "every connection came back to the pool"
+    );
+    let admin = emulator.admin_client().await.unwrap();
+    let sessions: i64 = admin
+        .query_one(
+            "select count(*) from pg_stat_activity where usename = 'orders-api'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        sessions, counts.open as i64,
+        "no connection leaked server-side"
+    );
+}
+
+async fn a_plaintext_server_receives_no_token_byte_whatever_the_sslmode<P: PoolUnderTest>() {
+    let emulator = Suite::start(HOUR).await;
+    let trap = PlaintextListener::start().await.unwrap();
+    let connector = connector(&emulator);
+    let token = connector.cache().get().await.unwrap();
+
+    for mode in [SslMode::Disable, SslMode::Prefer, SslMode::Require] {
+        let spec = PoolSpec::new(&emulator, connector.clone())
+            .size(2)
+            .port(trap.port())
+            .ssl_mode(mode)
+            .timeout(Duration::from_secs(2));
+        match P::build(spec).await {
+            // Plaintext is refused when the pool is made...
+            Err(error) => assert!(
+                mode == SslMode::Disable && matches!(error, postgres_entra::Error::Config { .. }),
+                "{mode:?}: {error}"
+            ),
+            // ...and a server declining TLS at the first checkout.
+            Ok(pool) => {
+                let failure = pool.query("select 1").await.unwrap_err();
+                let reason = failure
+                    .reason
+                    .unwrap_or_else(|| panic!("{mode:?}: {}", failure.text));
+                assert_eq!(reason.variant, "Tls", "{mode:?}: {reason:?}");
+                assert!(reason.text.contains("declined TLS"), "{reason:?}");
+            }
+        }
+    }
+
+    assert!(
+        trap.connections() >= 2,
+        "prefer and require reached the listener"
+    );
+    assert!(
+        !trap.received_contains(token.secret().as_bytes()),
+        "the token reached a plaintext server"
+    );
+    let signature = token.secret().rsplit('.').next().unwrap();
+    assert!(!trap.received_contains(signature.as_bytes()));
+    assert!(
+        trap.received()
+            .chunks(8)
+            .all(|c| c.len() == 8 && c[4..8] == [0x04, 0xd2, 0x16, 0x2f]),
+        "only SSL requests were sent: {:?}",
+        trap.received()
+    );
+    assert_eq!(
+        emulator.tokens_issued(Endpoint::Token),
+        1,
+        "the token fetched up front, nothing more"
+    );
+}
