@@ -18,8 +18,6 @@
 //! once. (On a VM, azure_identity's IMDS credential keeps its own retries whatever is asked.)
 //!
 //! Without `PGHOST`, they start the local emulator and log in as its service principal.
-#![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 use azure_core::credentials::TokenCredential;
 use azure_core::http::{ClientOptions, RetryOptions};

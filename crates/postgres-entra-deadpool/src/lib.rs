@@ -1,6 +1,4 @@
 #![doc = include_str!("../README.md")]
-#![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 use deadpool_postgres::{
     Config, Connect, Hook, HookError, Manager, Pool, PoolBuilder, PoolError, Runtime,
