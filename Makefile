@@ -42,9 +42,9 @@ examples:
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example bb8_quickstart
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example web_service -- --check
 
-## Criterion benches with the summary table (target/postgres-entra-bench.md).
+## Criterion benches; the summary table goes to target/postgres-entra-bench.md and docs/benchmarks.md.
 bench: deps
-	$(CARGO) bench --locked -p postgres-entra-benches
+	POSTGRES_ENTRA_BENCH_DOCS=$(CURDIR)/docs/benchmarks.md $(CARGO) bench --locked -p postgres-entra-benches
 
 ## Coverage-guided fuzzing of the claims parser for FUZZ_SECONDS (cargo-fuzz; `make test` replays
 ## the corpus instead). cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP lets the stable toolchain
