@@ -41,6 +41,20 @@ impl Tally {
     }
 }
 
+/// Runs `select 1` on a checked-out `client`; returns how long the checkout, started at
+/// `checkout_started`, took.
+async fn select_1(
+    client: &tokio_postgres::Client,
+    checkout_started: Instant,
+) -> Result<Duration, String> {
+    let latency = checkout_started.elapsed();
+    client
+        .query_one("select 1", &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(latency)
+}
+
 /// Runs `checkout` in a loop on several tasks until the run ends, timing each checkout.
 fn churn<F, Fut>(
     tally: Arc<Tally>,
@@ -120,12 +134,7 @@ async fn main() -> Result<(), BoxError> {
                 .get()
                 .await
                 .map_err(|e| format!("{e}: {:?}", postgres_entra_deadpool::entra_error(&e)))?;
-            let latency = t.elapsed();
-            client
-                .query_one("select 1", &[])
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(latency)
+            select_1(&client, t).await
         }
     });
     let bb8_pool = bb8.clone();
@@ -134,12 +143,7 @@ async fn main() -> Result<(), BoxError> {
         async move {
             let t = Instant::now();
             let client = pool.get().await.map_err(|e| format!("{e}"))?;
-            let latency = t.elapsed();
-            client
-                .query_one("select 1", &[])
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(latency)
+            select_1(&client, t).await
         }
     }));
 

@@ -229,43 +229,62 @@ fn managed_identity_token(shared: &Shared, query: &HashMap<String, String>) -> R
     }
 }
 
+/// The managed-identity request a shape of endpoint accepts: the header it requires, and what it
+/// answers when the header is missing or wrong.
+struct Requires {
+    header: &'static str,
+    value: fn(&Shared) -> &str,
+    refusal: (StatusCode, &'static str),
+}
+
+async fn managed_identity(
+    shared: &Shared,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    requires: Requires,
+) -> Response {
+    if let Some(response) = gate(shared, Endpoint::ManagedIdentity).await {
+        return response;
+    }
+    let presented = headers.get(requires.header).and_then(|v| v.to_str().ok());
+    if presented != Some((requires.value)(shared)) {
+        return requires.refusal.into_response();
+    }
+    managed_identity_token(shared, query)
+}
+
+/// App Service: the secret from `IDENTITY_HEADER` in `X-IDENTITY-HEADER`.
 async fn app_service_token(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Some(response) = gate(&shared, Endpoint::ManagedIdentity).await {
-        return response;
-    }
-    let presented = headers
-        .get("x-identity-header")
-        .and_then(|v| v.to_str().ok());
-    if presented != Some(shared.identity_header.as_str()) {
-        return (
+    let requires = Requires {
+        header: "x-identity-header",
+        value: |shared| &shared.identity_header,
+        refusal: (
             StatusCode::UNAUTHORIZED,
             "X-IDENTITY-HEADER is missing or wrong",
-        )
-            .into_response();
-    }
-    managed_identity_token(&shared, &query)
+        ),
+    };
+    managed_identity(&shared, &headers, &query, requires).await
 }
 
+/// IMDS: `Metadata: true`.
 async fn imds_token(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Some(response) = gate(&shared, Endpoint::ManagedIdentity).await {
-        return response;
-    }
-    if headers.get("metadata").and_then(|v| v.to_str().ok()) != Some("true") {
-        return (
+    let requires = Requires {
+        header: "metadata",
+        value: |_| "true",
+        refusal: (
             StatusCode::BAD_REQUEST,
             "Required metadata header not specified",
-        )
-            .into_response();
-    }
-    managed_identity_token(&shared, &query)
+        ),
+    };
+    managed_identity(&shared, &headers, &query, requires).await
 }
 
 async fn keys(State(shared): State<Arc<Shared>>) -> Response {
