@@ -167,6 +167,14 @@ async fn token(
             "Application was not found in the directory",
         );
     };
+    if identity.disabled {
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            7000112,
+            "Application is disabled",
+        );
+    }
     let authenticated = match (form.get("client_secret"), form.get("client_assertion")) {
         (Some(secret), None) => identity.client_secret.as_ref() == Some(secret),
         (None, Some(assertion)) => {
@@ -211,8 +219,9 @@ fn managed_identity_token(shared: &Shared, query: &HashMap<String, String>) -> R
             .into_iter()
             .find(|i| i.kind == IdentityKind::ManagedIdentity),
     };
-    let Some(identity) = identity else {
-        // What both real endpoints answer when the identity is not assigned to the resource.
+    let Some(identity) = identity.filter(|i| !i.disabled) else {
+        // What both real endpoints answer when the identity is not assigned to the resource (or
+        // was deleted).
         return (StatusCode::BAD_REQUEST, "Identity not found").into_response();
     };
     match issue(shared, Endpoint::ManagedIdentity, &identity, resource) {

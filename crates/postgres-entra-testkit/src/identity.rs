@@ -12,6 +12,9 @@ pub enum IdentityKind {
     ServicePrincipal,
     /// A managed identity; the role is named after its display name (the identity resource's name).
     ManagedIdentity,
+    /// A group; its role is named after its display name, and any member logs in as it with the
+    /// member's own token.
+    Group,
 }
 
 /// An Entra principal registered with the emulated server.
@@ -30,6 +33,10 @@ pub struct Identity {
     pub client_secret: Option<String>,
     /// Subject of the federated credential, for workload identities.
     pub federated_subject: Option<String>,
+    /// For a group: the object ids of its members.
+    pub members: Vec<String>,
+    /// Disabled (or deleted) in the directory: the identity provider issues it no tokens.
+    pub disabled: bool,
 }
 
 impl fmt::Debug for Identity {
@@ -41,6 +48,8 @@ impl fmt::Debug for Identity {
             .field("client_id", &self.client_id)
             .field("client_secret", &self.client_secret.as_ref().map(|_| "_"))
             .field("federated_subject", &self.federated_subject)
+            .field("members", &self.members)
+            .field("disabled", &self.disabled)
             .finish()
     }
 }
@@ -55,7 +64,16 @@ impl Identity {
             client_id: uuid::Uuid::new_v4().to_string(),
             client_secret: None,
             federated_subject: None,
+            members: Vec::new(),
+            disabled: false,
         }
+    }
+
+    /// A group named `name` whose members are the identities with these object ids.
+    pub fn group(name: impl Into<String>, members: impl IntoIterator<Item = String>) -> Self {
+        let mut group = Self::new(IdentityKind::Group, name);
+        group.members = members.into_iter().collect();
+        group
     }
 
     /// Gives the identity a client secret.

@@ -176,6 +176,8 @@ pub enum Rejection {
     NotYetValid,
     /// The role logged in to is not registered as an Entra principal.
     UnknownRole,
+    /// The role is a group's, and the token's principal is not (or no longer) a member.
+    NotAMember,
     /// The token's `oid` is not the object id registered for the role.
     WrongIdentity,
     /// A password role (see `Emulator::add_password_role`) got the wrong password.
@@ -189,11 +191,12 @@ impl fmt::Display for Rejection {
             Rejection::WrongAlgorithm => "token is not signed with RS256",
             Rejection::UnknownKey => "token's kid is not a published signing key",
             Rejection::BadSignature => "token signature does not verify",
-            Rejection::WrongAudience => "token audience is not the PostgreSQL resource",
+            Rejection::WrongAudience => "token audience is not this server's resource",
             Rejection::WrongIssuer => "token issuer is not the tenant",
             Rejection::Expired => "token has expired",
             Rejection::NotYetValid => "token is not valid yet",
             Rejection::UnknownRole => "role is not an Entra principal",
+            Rejection::NotAMember => "token's principal is not a member of the role's group",
             Rejection::WrongIdentity => "token belongs to another identity than the role",
             Rejection::WrongPassword => "wrong password",
         })
@@ -247,6 +250,12 @@ impl Issuer {
         options: &TokenOptions,
         default_lifetime: Duration,
     ) -> Result<String, Error> {
+        if identity.kind == IdentityKind::Group {
+            return Err(Error::Setup(format!(
+                "{} is a group: groups get no tokens; mint one for a member",
+                identity.role_name
+            )));
+        }
         let now = now_secs();
         let exp = now
             + options
@@ -293,6 +302,7 @@ impl Issuer {
                 put("idtyp", json!("app"));
                 put("sub", json!(identity.object_id));
             }
+            IdentityKind::Group => {}
             IdentityKind::ManagedIdentity => {
                 put("appidacr", json!("2"));
                 put("idtyp", json!("app"));
@@ -356,11 +366,15 @@ impl Issuer {
             .ok_or(Rejection::Malformed)
     }
 
-    /// The login check: a valid RS256 token from this tenant for the PostgreSQL resource, inside its
-    /// validity window (no leeway). Returns the token's claims.
-    pub(crate) fn verify_access_token(&self, token: &str) -> Result<Map<String, Value>, Rejection> {
+    /// The login check: a valid RS256 token from this tenant for `audience` (the server's
+    /// resource), inside its validity window (no leeway). Returns the token's claims.
+    pub(crate) fn verify_access_token(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<Map<String, Value>, Rejection> {
         let mut validation = Validation::new(Algorithm::RS256);
-        validation.set_audience(&[TOKEN_AUDIENCE]);
+        validation.set_audience(&[audience]);
         validation.set_issuer(&[self.issuer()]);
         validation.set_required_spec_claims(&["exp", "nbf", "aud", "iss"]);
         validation.validate_nbf = true;

@@ -12,17 +12,37 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Decoder, Encoder, Framed};
 use tracing::Dispatch;
 
+use crate::servers::AzureServer;
 use crate::shared::Shared;
 
-/// The bind DN is `cn=<role>,ou=entra`; pg_hba's `ldapprefix` and `ldapsuffix` build it.
+/// The bind DN is `cn=<role>,ou=<server>`; pg_hba's `ldapprefix` and `ldapsuffix` build it, the
+/// suffix naming the server (by the address the client reached), so that the check knows which
+/// audience to expect.
 const DN_PREFIX: &str = "cn=";
-const DN_SUFFIX: &str = ",ou=entra";
 
-/// The `pg_hba.conf` method that hands each password to the responder on `port`.
-pub(crate) fn hba_method(port: u16) -> String {
-    format!(
-        "ldap ldapserver=127.0.0.1 ldapport={port} ldapprefix=\"{DN_PREFIX}\" ldapsuffix=\"{DN_SUFFIX}\""
-    )
+/// The `pg_hba.conf` lines that hand each password, over TLS only, to the responder on `port`.
+pub(crate) fn hba_lines(port: u16) -> String {
+    let method = |server: AzureServer| {
+        format!(
+            "ldap ldapserver=127.0.0.1 ldapport={port} ldapprefix=\"{DN_PREFIX}\" ldapsuffix=\",ou={}\"",
+            server.ldap_unit()
+        )
+    };
+    let mut lines: String = AzureServer::ALL
+        .iter()
+        .map(|server| {
+            format!(
+                "hostssl all all {}/32 {}\n",
+                server.address(),
+                method(*server)
+            )
+        })
+        .collect();
+    lines.push_str(&format!(
+        "hostssl all all ::1/128 {}\n",
+        method(AzureServer::Public)
+    ));
+    lines
 }
 
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -60,13 +80,14 @@ async fn handle(stream: TcpStream, shared: Arc<Shared>) {
             // PostgreSQL only binds and unbinds; anything else ends the session.
             break;
         };
-        let role = request
+        let (role, server) = request
             .dn
             .strip_prefix(DN_PREFIX)
-            .and_then(|dn| dn.strip_suffix(DN_SUFFIX))
-            .unwrap_or(&request.dn);
+            .and_then(|dn| dn.rsplit_once(",ou="))
+            .and_then(|(role, unit)| Some((role, AzureServer::from_ldap_unit(unit)?)))
+            .unwrap_or((&request.dn, AzureServer::Public));
         let (code, message) = match &request.cred {
-            LdapBindCred::Simple(password) => match shared.check_login(role, password) {
+            LdapBindCred::Simple(password) => match shared.check_login(role, password, server) {
                 Ok(()) => (LdapResultCode::Success, String::new()),
                 Err(rejection) => (LdapResultCode::InvalidCredentials, rejection.to_string()),
             },

@@ -9,6 +9,7 @@ pub use crate::issuer::{FEDERATED_AUDIENCE, FEDERATED_ISSUER, Rejection, Signer,
 pub use crate::pg::DIR_PREFIX;
 pub use crate::plaintext::PlaintextListener;
 pub use crate::relay::Relay;
+pub use crate::servers::AzureServer;
 pub use crate::shared::LoginAttempt;
 pub use crate::tls::client_config;
 pub use crate::trace::{TraceCapture, trace_capture};
@@ -24,6 +25,7 @@ mod ldap;
 mod pg;
 mod plaintext;
 mod relay;
+mod servers;
 mod shared;
 mod tls;
 mod trace;

@@ -6,6 +6,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, User, geteuid};
 use std::fs;
 use std::io::Write as _;
+use std::net::IpAddr;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -115,9 +116,9 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    /// Creates and starts a cluster whose TCP logins use `login_method` (a `pg_hba.conf`
-    /// method and its options) over TLS only.
-    pub(crate) fn start(pki: &Pki, login_method: &str) -> Result<Self, Error> {
+    /// Creates and starts a cluster listening on `addresses`, whose TCP logins follow
+    /// `tls_logins` (`hostssl` lines of `pg_hba.conf`); anything else over TCP is refused.
+    pub(crate) fn start(pki: &Pki, addresses: &[IpAddr], tls_logins: &str) -> Result<Self, Error> {
         let run_as = run_as()?;
         let initdb = find_program("initdb")?;
         let postgres = find_program("postgres")?;
@@ -158,13 +159,12 @@ impl Cluster {
             "local     all {SUPERUSER} trust\n\
              local     all all     reject\n\
              hostnossl all all all reject\n\
-             hostssl   all all 127.0.0.1/32 {login_method}\n\
-             hostssl   all all ::1/128 {login_method}\n"
+             {tls_logins}"
         );
         write_file(&data.join("pg_hba.conf"), &hba, run_as, 0o600)?;
         let conf = format!(
             "\n# postgres-entra emulator\n\
-             listen_addresses = 'localhost'\n\
+             listen_addresses = '{}'\n\
              unix_socket_directories = '{}'\n\
              ssl = on\n\
              ssl_cert_file = 'server.crt'\n\
@@ -177,6 +177,11 @@ impl Cluster {
              full_page_writes = off\n\
              log_min_messages = warning\n\
              logging_collector = off\n",
+            addresses
+                .iter()
+                .map(IpAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
             socket_dir.display()
         );
         fs::OpenOptions::new()

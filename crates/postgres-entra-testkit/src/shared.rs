@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::faults::Faults;
 use crate::identity::{Identity, IdentityKind};
 use crate::issuer::{Issuer, Rejection};
+use crate::servers::AzureServer;
 
 /// One login the emulated server checked, as the token verifier saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,8 +125,13 @@ impl Shared {
             .find(|i| i.kind == kind && i.client_id == client_id)
     }
 
-    /// The server-side login check, recorded for tests to inspect.
-    pub(crate) fn check_login(&self, role: &str, token: &str) -> Result<(), Rejection> {
+    /// The server-side login check for a login to `server`, recorded for tests to inspect.
+    pub(crate) fn check_login(
+        &self,
+        role: &str,
+        token: &str,
+        server: AzureServer,
+    ) -> Result<(), Rejection> {
         let static_password = self
             .static_passwords
             .read()
@@ -135,7 +141,7 @@ impl Shared {
         let outcome = match static_password {
             Some(password) if password == token => Ok(()),
             Some(_) => Err(Rejection::WrongPassword),
-            None => self.check_token(role, token),
+            None => self.check_token(role, token, server),
         };
         self.logins.lock().expect("logins lock").push(LoginAttempt {
             role: role.to_owned(),
@@ -144,17 +150,36 @@ impl Shared {
         outcome
     }
 
-    fn check_token(&self, role: &str, token: &str) -> Result<(), Rejection> {
-        self.issuer.verify_access_token(token).and_then(|claims| {
-            let identity = self
-                .identities()
-                .into_iter()
-                .find(|i| i.role_name == role)
-                .ok_or(Rejection::UnknownRole)?;
-            match claims.get("oid").and_then(|v| v.as_str()) {
-                Some(oid) if oid == identity.object_id => Ok(()),
-                _ => Err(Rejection::WrongIdentity),
+    /// As Azure matches a token to a role: by object id, or, for a group's role, by the token's
+    /// object id being a member of the group.
+    fn check_token(&self, role: &str, token: &str, server: AzureServer) -> Result<(), Rejection> {
+        let claims = self.issuer.verify_access_token(token, server.audience())?;
+        let identity = self
+            .identities()
+            .into_iter()
+            .find(|i| i.role_name == role)
+            .ok_or(Rejection::UnknownRole)?;
+        // A disabled principal's unexpired tokens still log in, as on Azure (Microsoft Learn:
+        // "The deleted Microsoft Entra user can still sign in until the token expires"); the
+        // identity provider refuses it new ones.
+        let oid = claims.get("oid").and_then(|v| v.as_str());
+        match (identity.kind, oid) {
+            (IdentityKind::Group, Some(oid)) if identity.members.iter().any(|m| m == oid) => Ok(()),
+            (IdentityKind::Group, _) => Err(Rejection::NotAMember),
+            (_, Some(oid)) if oid == identity.object_id => Ok(()),
+            _ => Err(Rejection::WrongIdentity),
+        }
+    }
+
+    /// Changes the registered identity whose role is `role`; false if there is none.
+    pub(crate) fn update_identity(&self, role: &str, change: impl FnOnce(&mut Identity)) -> bool {
+        let mut identities = self.identities.write().expect("identities lock");
+        match identities.iter_mut().find(|i| i.role_name == role) {
+            Some(identity) => {
+                change(identity);
+                true
             }
-        })
+            None => false,
+        }
     }
 }

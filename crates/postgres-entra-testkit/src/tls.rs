@@ -7,6 +7,7 @@ use rcgen::{
 use std::sync::Arc;
 
 use crate::Error;
+use crate::servers::AzureServer;
 
 /// PEM files for the emulator's TLS: a CA and a server certificate for `localhost` and `127.0.0.1`.
 pub(crate) struct Pki {
@@ -16,8 +17,12 @@ pub(crate) struct Pki {
 }
 
 impl Pki {
+    /// A server certificate for `localhost`, the loopback addresses and every Azure name the
+    /// emulator plays.
     pub(crate) fn generate() -> Result<Self, Error> {
-        Self::generate_for(&["localhost", "127.0.0.1", "::1"])
+        let mut names = vec!["localhost", "127.0.0.1", "::1"];
+        names.extend(AzureServer::ALL.iter().map(|s| s.host_name()));
+        Self::generate_for(&names)
     }
 
     /// A CA and a server certificate for exactly `names` (used by tests that need a mismatching name).

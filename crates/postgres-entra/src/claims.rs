@@ -251,10 +251,11 @@ impl TokenClaims {
     }
 }
 
-/// The principal's names and ids, for messages: `upn alice@contoso.com, oid …, appid …`.
+/// The audience, the principal's names and ids, for messages: `aud …, upn alice@contoso.com,
+/// oid …, appid …`.
 impl fmt::Display for TokenClaims {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
+        let mut parts: Vec<String> = self.audience.iter().map(|a| format!("aud {a}")).collect();
         if let Some(name) = self.managed_identity_name() {
             parts.push(format!("managed identity `{name}`"));
         }
@@ -366,7 +367,7 @@ mod tests {
         assert_eq!(claims.group_count(), 2);
         assert_eq!(
             claims.to_string(),
-            "upn alice@x, appid a-1, oid o-1, tid t-1"
+            "aud https://ossrdbms-aad.database.windows.net, upn alice@x, appid a-1, oid o-1, tid t-1"
         );
         let multi = jwt(json!({"aud": ["a", "b"]}));
         assert_eq!(TokenClaims::parse(&multi).unwrap().audience(), ["a", "b"]);

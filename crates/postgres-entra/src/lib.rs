@@ -10,7 +10,7 @@ pub use crate::clock::{Clock, SystemClock, TokioClock};
 pub use crate::connect::{Connection, EntraConnector, EntraConnectorBuilder};
 pub use crate::error::{Error, LoginRejected, LoginRetry, RoleSource, TokenError, TokenErrorKind};
 pub use crate::scope::Cloud;
-pub use crate::tls::TlsRoots;
+pub use crate::tls::{AZURE_ROOTS, AzureRoot, TlsRoots};
 pub use crate::token::{AccessToken, FnTokenSource, TokenSource, TokenSourceError};
 #[cfg(feature = "azure")]
 pub use azure_core;

@@ -1,27 +1,45 @@
-//! Which token scope a server needs: one per Azure cloud, inferred from the host name.
+//! Which token scope a server needs: one per Azure cloud and service, inferred from the host name.
+
+use std::fmt;
 
 use crate::Error;
 
-/// An Azure cloud, which decides the token audience of its PostgreSQL servers.
+/// An Azure cloud, or service, which decides the token audience of its PostgreSQL servers.
+///
+/// The scopes are Microsoft's: Azure Database for PostgreSQL takes tokens for
+/// `https://ossrdbms-aad.database.windows.net` (and the US Government and China equivalents), Azure
+/// Cosmos DB for PostgreSQL for `https://token.postgres.cosmos.azure.com` (Microsoft Learn, "Use
+/// Microsoft Entra ID ... with Azure Cosmos DB for PostgreSQL").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Cloud {
-    /// Azure public cloud (`*.postgres.database.azure.com`).
+    /// Azure Database for PostgreSQL, public cloud (`*.postgres.database.azure.com`).
     #[default]
     Public,
-    /// Azure US Government (`*.postgres.database.usgovcloudapi.net`).
+    /// Azure Database for PostgreSQL, Azure US Government (`*.postgres.database.usgovcloudapi.net`).
     UsGovernment,
-    /// Azure operated by 21Vianet, China (`*.postgres.database.chinacloudapi.cn`).
+    /// Azure Database for PostgreSQL, Azure operated by 21Vianet in China
+    /// (`*.postgres.database.chinacloudapi.cn`).
     China,
+    /// Azure Cosmos DB for PostgreSQL (`c-<cluster>.<id>.postgres.cosmos.azure.com`).
+    CosmosDb,
 }
 
+const ALL: [Cloud; 4] = [
+    Cloud::Public,
+    Cloud::UsGovernment,
+    Cloud::China,
+    Cloud::CosmosDb,
+];
+
 impl Cloud {
-    /// The scope to request tokens for on this cloud.
+    /// The scope to request tokens for.
     pub fn scope(self) -> &'static str {
         match self {
             Cloud::Public => "https://ossrdbms-aad.database.windows.net/.default",
             Cloud::UsGovernment => "https://ossrdbms-aad.database.usgovcloudapi.net/.default",
             Cloud::China => "https://ossrdbms-aad.database.chinacloudapi.cn/.default",
+            Cloud::CosmosDb => "https://token.postgres.cosmos.azure.com/.default",
         }
     }
 
@@ -30,20 +48,18 @@ impl Cloud {
         Self::from_server_name(host).unwrap_or_default()
     }
 
-    /// The cloud of an Azure Database for PostgreSQL server name (`*.postgres.database.<cloud
-    /// suffix>`), or `None` for any other name (a custom domain, `localhost`, an address).
+    /// The cloud or service of an Azure server name (`*.postgres.database.<cloud suffix>`,
+    /// `*.postgres.cosmos.azure.com`), or `None` for any other name (a custom domain,
+    /// `localhost`, an address).
     pub fn from_server_name(host: &str) -> Option<Self> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        [Cloud::Public, Cloud::UsGovernment, Cloud::China]
-            .into_iter()
+        ALL.into_iter()
             .find(|cloud| host.ends_with(cloud.server_suffix()))
     }
 
     /// The cloud whose scope `scope` is, if it is one of theirs.
     pub fn from_scope(scope: &str) -> Option<Self> {
-        [Cloud::Public, Cloud::UsGovernment, Cloud::China]
-            .into_iter()
-            .find(|cloud| cloud.scope() == scope)
+        ALL.into_iter().find(|cloud| cloud.scope() == scope)
     }
 
     fn server_suffix(self) -> &'static str {
@@ -51,7 +67,20 @@ impl Cloud {
             Cloud::Public => ".postgres.database.azure.com",
             Cloud::UsGovernment => ".postgres.database.usgovcloudapi.net",
             Cloud::China => ".postgres.database.chinacloudapi.cn",
+            Cloud::CosmosDb => ".postgres.cosmos.azure.com",
         }
+    }
+}
+
+/// What the cloud or service is called: `Azure US Government`, `Azure Cosmos DB for PostgreSQL`.
+impl fmt::Display for Cloud {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Cloud::Public => "Azure public cloud",
+            Cloud::UsGovernment => "Azure US Government",
+            Cloud::China => "Azure China (21Vianet)",
+            Cloud::CosmosDb => "Azure Cosmos DB for PostgreSQL",
+        })
     }
 }
 
@@ -60,7 +89,7 @@ impl Cloud {
 pub(crate) fn check_cloud(host: &str, scope: &str) -> Result<(), Error> {
     match (Cloud::from_server_name(host), Cloud::from_scope(scope)) {
         (Some(server), Some(token)) if server != token => Err(Error::config(format!(
-            "`{host}` is a {server:?} server but tokens are requested for the {token:?} cloud ({scope}); \
+            "`{host}` is a server of {server} but tokens are requested for {token} ({scope}); \
              build the connector with `.host(\"{host}\")` or `.cloud(Cloud::{server:?})`"
         ))),
         _ => Ok(()),
@@ -115,6 +144,15 @@ mod tests {
             Cloud::China.scope(),
             "https://ossrdbms-aad.database.chinacloudapi.cn/.default"
         );
+        assert_eq!(
+            Cloud::from_host("c-orders.abcdef0123456789.postgres.cosmos.azure.com"),
+            Cloud::CosmosDb
+        );
+        assert_eq!(
+            Cloud::CosmosDb.scope(),
+            "https://token.postgres.cosmos.azure.com/.default"
+        );
+        assert_eq!(Cloud::UsGovernment.to_string(), "Azure US Government");
     }
 
     #[test]

@@ -5,8 +5,10 @@ use deadpool_postgres::{ManagerConfig, PoolConfig, RecyclingMethod, Timeouts};
 use postgres_entra::{EntraConnector, Error};
 use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink};
 use postgres_entra_deadpool::{PoolOptions, create_pool_with, entra_error};
+use postgres_entra_testkit::AzureServer;
 use std::any::Any;
 use std::future::Future;
+use std::net::IpAddr;
 use std::time::Duration;
 use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::config::SslMode;
@@ -19,6 +21,8 @@ pub(crate) struct PoolSpec {
     /// Tokens, TLS and role.
     pub(crate) connector: EntraConnector,
     pub(crate) host: String,
+    /// The address to reach `host` at, when it is not resolved (an Azure name the emulator plays).
+    pub(crate) hostaddr: Option<IpAddr>,
     pub(crate) port: u16,
     pub(crate) database: String,
     pub(crate) user: Option<String>,
@@ -36,6 +40,7 @@ impl PoolSpec {
         Self {
             connector,
             host: emulator.host().to_owned(),
+            hostaddr: None,
             port: emulator.port(),
             database: emulator.database().to_owned(),
             user: None,
@@ -67,6 +72,21 @@ impl PoolSpec {
         self
     }
 
+    /// The same emulator under one of the Azure names it plays.
+    pub(crate) fn azure_server(mut self, emulator: &Suite, server: AzureServer) -> Self {
+        let config = emulator.server_config_for(server);
+        self.host = server.host_name().to_owned();
+        self.hostaddr = Some(server.address());
+        self.port = config.get_ports()[0];
+        self
+    }
+
+    /// The host name to connect as (still reached at the emulator's address).
+    pub(crate) fn host_name(mut self, name: &str) -> Self {
+        self.host = name.to_owned();
+        self
+    }
+
     pub(crate) fn user(mut self, role: &str) -> Self {
         self.user = Some(role.to_owned());
         self
@@ -80,8 +100,11 @@ impl PoolSpec {
     /// The settings as tokio-postgres takes them.
     pub(crate) fn server_config(&self) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
+        config.host(&self.host);
+        if let Some(address) = self.hostaddr {
+            config.hostaddr(address);
+        }
         config
-            .host(&self.host)
             .port(self.port)
             .dbname(&self.database)
             .ssl_mode(self.ssl_mode)
@@ -214,6 +237,7 @@ impl Deadpool {
     pub(crate) fn user_config(spec: &PoolSpec) -> deadpool_postgres::Config {
         let mut config = deadpool_postgres::Config::new();
         config.host = Some(spec.host.clone());
+        config.hostaddr = spec.hostaddr;
         config.port = Some(spec.port);
         config.dbname = Some(spec.database.clone());
         config.user = spec.user.clone();

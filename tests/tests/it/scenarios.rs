@@ -1,11 +1,11 @@
 //! End-to-end scenarios, each written once and run for every pool adapter (`scenarios::deadpool::*`,
 //! `scenarios::bb8::*`): churn across token lifetimes, identity-provider outages and stalls, a
-//! server restart, network cuts and stalls, sessions killed server-side, a stale token, load, and
-//! a plaintext server that must never see a token.
+//! server restart, network cuts and stalls, sessions killed server-side, a stale token, load, a
+//! plaintext server that must never see a token, and every Azure cloud and service by its name.
 
-use postgres_entra::{AccessToken, EntraConnector, FnTokenSource, TlsRoots};
+use postgres_entra::{AccessToken, Cloud, EntraConnector, FnTokenSource, TlsRoots};
 use postgres_entra_testkit::{
-    Endpoint, Fault, PlaintextListener, Rejection, Relay, Signer, TokenOptions,
+    AzureServer, Endpoint, Fault, PlaintextListener, Rejection, Relay, Signer, TokenOptions,
 };
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -55,6 +55,8 @@ for_each_pool!(
     a_stalled_network_fails_checkouts_within_the_pool_timeouts_and_heals,
     load_of_256_tasks_on_16_connections_for_30_seconds,
     a_plaintext_server_receives_no_token_byte_whatever_the_sslmode,
+    every_azure_name_logs_in_with_the_scope_its_host_implies,
+    a_token_for_another_cloud_is_refused_by_the_library_and_by_the_server,
 );
 
 async fn pool<P: PoolUnderTest>(spec: PoolSpec) -> P {
@@ -604,5 +606,96 @@ async fn a_plaintext_server_receives_no_token_byte_whatever_the_sslmode<P: PoolU
         emulator.tokens_issued(Endpoint::Token),
         1,
         "the token fetched up front, nothing more"
+    );
+}
+
+/// The cloud (and service) an emulated Azure server belongs to.
+fn cloud_of(server: AzureServer) -> Cloud {
+    match server {
+        AzureServer::UsGovernment => Cloud::UsGovernment,
+        AzureServer::China => Cloud::China,
+        AzureServer::CosmosDb => Cloud::CosmosDb,
+        _ => Cloud::Public,
+    }
+}
+
+async fn every_azure_name_logs_in_with_the_scope_its_host_implies<P: PoolUnderTest>() {
+    let emulator = Suite::start(HOUR).await;
+
+    for server in AzureServer::ALL {
+        // A connector told nothing: the pool's host decides the scope, and TLS verifies the name.
+        let connector = connector(&emulator);
+        let spec = PoolSpec::new(&emulator, connector.clone())
+            .size(2)
+            .azure_server(&emulator, server);
+        let pool: P = pool(spec).await;
+
+        pool.checkout_as(ROLE).await.unwrap();
+
+        assert_eq!(
+            connector.cache().scope(),
+            cloud_of(server).scope(),
+            "{server:?}"
+        );
+        let login = emulator.logins().pop().unwrap();
+        assert_eq!(login.outcome, Ok(()), "{server:?}");
+    }
+    assert_eq!(emulator.requests(Endpoint::Token), 4, "one token per cloud");
+}
+
+async fn a_token_for_another_cloud_is_refused_by_the_library_and_by_the_server<P: PoolUnderTest>() {
+    let emulator = Suite::start(HOUR).await;
+
+    // A connector told the public cloud refuses, when the pool is made, every server whose name
+    // says it is elsewhere: nothing is fetched or sent.
+    for server in AzureServer::ALL
+        .into_iter()
+        .filter(|s| *s != AzureServer::Public)
+    {
+        let sp = emulator.service_principal();
+        let public = EntraConnector::builder(postgres_entra::AzureTokenSource::new(
+            emulator.client_secret_credential(&sp).unwrap(),
+        ))
+        .cloud(Cloud::Public)
+        .role_name(ROLE)
+        .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+        .build()
+        .unwrap();
+        let spec = PoolSpec::new(&emulator, public).azure_server(&emulator, server);
+        let error = P::build(spec).await.err().expect("refused");
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("Cloud::{:?}", cloud_of(server))),
+            "{server:?}: {error}"
+        );
+    }
+    assert_eq!(emulator.requests(Endpoint::Token), 0);
+    assert!(emulator.logins().is_empty());
+
+    // Reached under a name that says nothing about its cloud (here `localhost`, as a custom
+    // domain would), the US Government server gets a public-cloud token and refuses it.
+    let spec = PoolSpec::new(&emulator, connector(&emulator))
+        .size(1)
+        .timeout(Duration::from_secs(2))
+        .azure_server(&emulator, AzureServer::UsGovernment)
+        .host_name(emulator.host());
+    let pool: P = pool(spec).await;
+    let failure = pool.query("select 1").await.unwrap_err();
+    let reason = failure.reason.unwrap_or_else(|| panic!("{}", failure.text));
+    assert_eq!(reason.variant, "LoginRejected", "{reason:?}");
+    assert!(
+        reason
+            .text
+            .contains("aud https://ossrdbms-aad.database.windows.net"),
+        "{reason:?}"
+    );
+    assert!(
+        emulator
+            .logins()
+            .iter()
+            .all(|l| l.outcome == Err(Rejection::WrongAudience)),
+        "{:?}",
+        emulator.logins()
     );
 }

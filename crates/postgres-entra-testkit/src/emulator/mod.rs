@@ -6,8 +6,9 @@
 mod controls;
 mod principals;
 
+use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,10 +16,11 @@ use std::time::Duration;
 use crate::identity::{self, Identity};
 use crate::issuer::Issuer;
 use crate::pg::{Cluster, SUPERUSER};
+use crate::servers::AzureServer;
 use crate::shared::Shared;
 use crate::tls::{self, Pki};
 use crate::transport::LoopbackTransport;
-use crate::{Error, entra, ldap};
+use crate::{Error, entra, ldap, servers};
 
 /// Database the emulator's roles log in to.
 pub const DATABASE: &str = "postgres";
@@ -92,7 +94,27 @@ impl EmulatorBuilder {
             }
         });
 
-        let cluster = Cluster::start(&pki, &ldap::hba_method(ldap_addr.port()))?;
+        let addresses = [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ];
+        let cluster = Cluster::start(&pki, &addresses, &ldap::hba_lines(ldap_addr.port()))?;
+        let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), cluster.port());
+        let mut server_ports = HashMap::new();
+        server_ports.insert(AzureServer::Public, cluster.port());
+        for server in AzureServer::ALL
+            .into_iter()
+            .filter(|s| *s != AzureServer::Public)
+        {
+            let listener = std::net::TcpListener::bind((server.address(), 0))?;
+            listener.set_nonblocking(true)?;
+            server_ports.insert(server, listener.local_addr()?.port());
+            runtime.spawn(async move {
+                if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
+                    servers::forward(listener, server.address(), target).await;
+                }
+            });
+        }
         let emulator = Emulator {
             transport: LoopbackTransport::new(http_addr),
             shared,
@@ -100,6 +122,7 @@ impl EmulatorBuilder {
             runtime: Some(runtime),
             http_addr,
             ca_pem: pki.ca_pem,
+            server_ports,
         };
         let sql: String = identities.iter().map(principals::role_sql).collect();
         emulator.execute_blocking(sql)?;
@@ -125,6 +148,8 @@ pub struct Emulator {
     http_addr: SocketAddr,
     ca_pem: String,
     transport: Arc<LoopbackTransport>,
+    /// The port each Azure name is reached on (the public one is PostgreSQL's own).
+    server_ports: HashMap<AzureServer, u16>,
 }
 
 impl fmt::Debug for Emulator {
@@ -253,11 +278,34 @@ impl Emulator {
     }
 
     /// Connection settings without a user, for a connector that decides the role; TLS required.
+    /// The server is reached as `localhost`, and plays Azure Database for PostgreSQL in the public
+    /// cloud; [`Emulator::server_config_for`] reaches it under another Azure name.
     pub fn server_config(&self) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
+        config.host(self.host());
+        self.with_server_settings(config)
+    }
+
+    /// Connection settings for `server`: its Azure name (for TLS and the cloud) and the loopback
+    /// address that plays it (`hostaddr`); no user; TLS required.
+    pub fn server_config_for(&self, server: AzureServer) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        let port = match server {
+            AzureServer::Public => self.port(),
+            other => self.server_ports[&other],
+        };
         config
-            .host(self.host())
-            .port(self.port())
+            .host(server.host_name())
+            .hostaddr(server.address())
+            .port(port);
+        self.with_server_settings(config)
+    }
+
+    fn with_server_settings(&self, mut config: tokio_postgres::Config) -> tokio_postgres::Config {
+        if config.get_ports().is_empty() {
+            config.port(self.port());
+        }
+        config
             .dbname(DATABASE)
             .ssl_mode(tokio_postgres::config::SslMode::Require)
             .connect_timeout(Duration::from_secs(10));

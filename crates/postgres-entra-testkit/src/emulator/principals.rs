@@ -44,6 +44,38 @@ impl Emulator {
         Ok(())
     }
 
+    /// Creates a group role named `name` whose members are `members`: each logs in as the group
+    /// with a token of its own, as Azure allows (Microsoft Learn: "the only difference between
+    /// signing in as a group member and as an individual user lies in the username").
+    pub async fn add_group(&self, name: &str, members: &[Identity]) -> Result<Identity, Error> {
+        let group = Identity::group(name, members.iter().map(|m| m.object_id.clone()));
+        self.add_identity(group.clone()).await?;
+        Ok(group)
+    }
+
+    /// Removes `member` from `group`: its next login as the group is refused (sessions already
+    /// open stay, as on Azure, until they end).
+    pub fn remove_group_member(&self, group: &Identity, member: &Identity) -> Result<(), Error> {
+        self.change_identity(&group.role_name, |g| {
+            g.members.retain(|oid| *oid != member.object_id)
+        })
+    }
+
+    /// Disables `identity` in the directory: the identity provider refuses it new tokens (HTTP
+    /// 400, AADSTS7000112 for an application; "Identity not found" for a managed identity), while
+    /// its unexpired tokens still log in, as on Azure.
+    pub fn disable(&self, identity: &Identity) -> Result<(), Error> {
+        self.change_identity(&identity.role_name, |i| i.disabled = true)
+    }
+
+    fn change_identity(&self, role: &str, change: impl FnOnce(&mut Identity)) -> Result<(), Error> {
+        if self.shared.update_identity(role, change) {
+            Ok(())
+        } else {
+            Err(Error::Setup(format!("no identity with role `{role}`")))
+        }
+    }
+
     /// Creates a role that logs in with a fixed `password` over the same TLS and LDAP path as
     /// tokens: the baseline for benchmarks ("what if there were no token to fetch").
     pub async fn add_password_role(&self, role: &str, password: &str) -> Result<(), Error> {

@@ -1,6 +1,7 @@
 //! Integration tests of the emulator against real PostgreSQL, real TLS and azure_identity's real
 //! credential types. One binary, one emulator per test (each cleans up after itself).
 
+mod azure_names;
 mod binary;
 mod credentials;
 mod lifecycle;

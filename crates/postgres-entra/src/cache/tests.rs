@@ -564,3 +564,75 @@ fn backoff_delay_grows_and_is_capped() {
         Duration::from_secs(30)
     );
 }
+
+/// When the provider was called, as offsets from `start`, with a token lifetime of `lifetime`,
+/// after `run` of paused time: the cache over a direct source, or over one that caches like
+/// azure_identity.
+async fn provider_calls(
+    lifetime: Duration,
+    run: Duration,
+    like_azure_identity: bool,
+) -> Vec<Duration> {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), lifetime);
+    let source = if like_azure_identity {
+        caching_like_azure_identity(&provider)
+    } else {
+        provider.source("direct")
+    };
+    let cache = TokenCache::builder(source)
+        .clock(Arc::new(provider.clock))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    cache.get().await.unwrap();
+    // A caller every 15 s: none may ever wait, nor get a token within 30 s of its expiry.
+    const STEP: Duration = Duration::from_secs(15);
+    let mut elapsed = Duration::ZERO;
+    while elapsed < run {
+        advance(STEP).await;
+        settle().await;
+        elapsed += STEP;
+        let token = cache.get().await.unwrap();
+        let left = token
+            .expires_on()
+            .duration_since(provider.clock.now())
+            .unwrap();
+        assert!(
+            left > Duration::from_secs(30),
+            "{left:?} left at {elapsed:?}"
+        );
+    }
+    assert_eq!(cache.stats().waits, 1, "only the first caller waited");
+    let times = provider.call_times.lock().unwrap().clone();
+    times.into_iter().map(|t| t - start).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_hour_long_token_is_refreshed_fifteen_minutes_ahead_from_a_direct_source() {
+    let calls = provider_calls(HOUR, 2 * HOUR, false).await;
+    // At 45 min, then 45 min into each new token.
+    assert_eq!(calls, [Duration::ZERO, 45 * MINUTE, 90 * MINUTE]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_hour_long_token_from_azure_identity_is_renewed_three_minutes_and_three_quarters_ahead()
+{
+    let calls = provider_calls(HOUR, 2 * HOUR, true).await;
+    // At 45 min the credential hands back the same token (its window is 5 minutes); the cache
+    // asks again a quarter of the remaining 15 minutes before expiry, at 56:15, and the credential
+    // renews: 3 min 45 s ahead of expiry.
+    let renewal = 56 * MINUTE + Duration::from_secs(15);
+    assert_eq!(calls, [Duration::ZERO, renewal, renewal + renewal]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_day_long_managed_identity_token_is_renewed_on_the_same_schedule() {
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let direct = provider_calls(DAY, DAY, false).await;
+    assert_eq!(direct, [Duration::ZERO, DAY - 15 * MINUTE]);
+    let cached = provider_calls(DAY, DAY, true).await;
+    assert_eq!(
+        cached,
+        [Duration::ZERO, DAY - 3 * MINUTE - Duration::from_secs(45)]
+    );
+}
