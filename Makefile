@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: test demo deps fmt clippy build unit-tests examples fuzz bench
+.PHONY: test demo deps fmt clippy build unit-tests examples fuzz bench test-azure
 
 ## Runs the main job against the local emulator (real Azure when PG*/AZURE_* are set, see README).
 demo: deps
@@ -41,6 +41,12 @@ examples:
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example deadpool_quickstart
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example bb8_quickstart
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example web_service -- --check
+
+## The live-Azure suite: the emulator's checks against a real server and credential named by PGHOST
+## and AZURE_*/IDENTITY_* (see README); says what to set and passes when they are missing. Never
+## part of `make test`.
+test-azure:
+	$(CARGO) test --locked -p postgres-entra-tests --test live_azure -- --ignored --nocapture --test-threads=1
 
 ## Criterion benches; the summary table goes to target/postgres-entra-bench.md and docs/benchmarks.md.
 bench: deps

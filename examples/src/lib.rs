@@ -11,7 +11,8 @@
 //! | none of these | `DeveloperToolsCredential` (`az login` / `azd auth login`) |
 //!
 //! plus `PGPORT` (5432), `PGDATABASE` (postgres), `PGUSER` (the role; needed for service
-//! principals) and `PGSSLROOTCERT` (a CA file instead of the Azure roots).
+//! principals), `PGHOSTADDR` (an address to reach `PGHOST` at, e.g. a private endpoint's) and
+//! `PGSSLROOTCERT` (a CA file instead of the Azure roots).
 //!
 //! The credentials are built without azure_core's own retry policy, so that the token cache's
 //! backoff is the only one and an identity provider's error reaches the cache (and the log) at
@@ -42,6 +43,8 @@ pub struct Target {
     pub pg_config: tokio_postgres::Config,
     /// Tokens, TLS and role name.
     pub connector: EntraConnector,
+    /// The credential behind the connector.
+    pub credential: Arc<dyn TokenCredential>,
     /// The emulator, when running locally (stopped and removed when dropped).
     pub emulator: Option<Emulator>,
     /// One line saying what this is, for the example's output.
@@ -102,9 +105,17 @@ impl Target {
     /// Real Azure when `PGHOST` is set, otherwise a fresh local emulator whose tokens live
     /// `emulator_token_lifetime`.
     pub fn from_env(emulator_token_lifetime: Duration) -> Result<Self, BoxError> {
+        match Self::azure_from_env()? {
+            Some(target) => Ok(target),
+            None => Self::emulator(emulator_token_lifetime),
+        }
+    }
+
+    /// The Azure server and credential the environment names, or `None` when `PGHOST` is unset.
+    pub fn azure_from_env() -> Result<Option<Self>, BoxError> {
         match var("PGHOST") {
-            Ok(host) if !host.is_empty() => Self::azure(host),
-            _ => Self::emulator(emulator_token_lifetime),
+            Ok(host) if !host.is_empty() => Self::azure(host).map(Some),
+            _ => Ok(None),
         }
     }
 
@@ -124,17 +135,24 @@ impl Target {
         if let Ok(user) = var("PGUSER") {
             pg_config.user(user);
         }
+        if let Ok(address) = var("PGHOSTADDR") {
+            let address = address
+                .parse()
+                .map_err(|e| format!("PGHOSTADDR `{address}`: {e}"))?;
+            pg_config.hostaddr(address);
+        }
         let roots = match var("PGSSLROOTCERT") {
             Ok(path) if !path.is_empty() => TlsRoots::CaFile(path.into()),
             _ => TlsRoots::Azure,
         };
         // The cloud, and so the token scope, follows the host of the pool it serves.
-        let connector = EntraConnector::builder(AzureTokenSource::new(credential))
+        let connector = EntraConnector::builder(AzureTokenSource::new(credential.clone()))
             .tls_roots(roots)
             .build()?;
         Ok(Self {
             pg_config,
             connector,
+            credential,
             emulator: None,
             description: format!("Azure server {host}, credential: {how}"),
         })
@@ -143,8 +161,8 @@ impl Target {
     fn emulator(token_lifetime: Duration) -> Result<Self, BoxError> {
         let emulator = Emulator::builder().token_lifetime(token_lifetime).start()?;
         let sp = emulator.service_principal();
-        let credential = emulator.client_secret_credential(&sp)?;
-        let connector = EntraConnector::builder(AzureTokenSource::new(credential))
+        let credential: Arc<dyn TokenCredential> = emulator.client_secret_credential(&sp)?;
+        let connector = EntraConnector::builder(AzureTokenSource::new(credential.clone()))
             .role_name(&sp.role_name)
             .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
             .build()?;
@@ -159,6 +177,7 @@ impl Target {
         Ok(Self {
             pg_config,
             connector,
+            credential,
             emulator: Some(emulator),
             description,
         })

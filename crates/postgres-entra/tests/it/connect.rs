@@ -357,3 +357,43 @@ async fn debug_of_connectors_and_errors_shows_no_token() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_group_member_logs_in_as_the_group_with_its_own_token_until_removed() {
+    let emulator = Arc::new(Emulator::start_async().await.unwrap());
+    let alice = emulator.user();
+    let readers = emulator
+        .add_group("db-readers", std::slice::from_ref(&alice))
+        .await
+        .unwrap();
+    let (source, _) = minting(&emulator, alice.clone(), |_| TokenOptions::default());
+    let connector = connector(&emulator, source, None);
+    // The group's name as the user: the token (alice's) must not override it.
+    let mut as_group = emulator.server_config();
+    as_group.user("db-readers");
+
+    assert_eq!(
+        current_user(&connector, &as_group).await.unwrap(),
+        "db-readers"
+    );
+    assert_eq!(
+        current_user(&connector, &emulator.server_config())
+            .await
+            .unwrap(),
+        "alice@contoso.onmicrosoft.com",
+        "without a user, the token names her own role"
+    );
+
+    emulator.remove_group_member(&readers, &alice).unwrap();
+    let error = current_user(&connector, &as_group).await.unwrap_err();
+    let Error::LoginRejected(rejected) = &error else {
+        panic!("expected LoginRejected, got {error:?}");
+    };
+    assert_eq!(*rejected.role_source(), RoleSource::ConnectionConfig);
+    assert!(
+        error.to_string().contains("must be a member of the group"),
+        "{error}"
+    );
+    let outcomes: Vec<_> = emulator.logins().into_iter().map(|l| l.outcome).collect();
+    assert_eq!(outcomes.last(), Some(&Err(Rejection::NotAMember)));
+}
