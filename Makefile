@@ -22,6 +22,8 @@ fmt:
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p postgres-entra --all-targets --all-features --locked -- -D warnings
+	# The libraries as users build them by default: the tests' features (opentelemetry, test-util) off.
+	$(CARGO) clippy -p postgres-entra -p postgres-entra-deadpool -p postgres-entra-bb8 --lib --locked -- -D warnings
 
 build:
 	$(CARGO) build --workspace --all-targets --locked

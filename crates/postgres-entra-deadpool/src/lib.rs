@@ -23,6 +23,8 @@ pub use postgres_entra::tokio_postgres;
 #[cfg(feature = "azure")]
 pub use postgres_entra::{AzureTokenSource, azure_core};
 pub use postgres_entra::{CacheOptions, Cloud, EntraConnector, Error, TlsRoots, TokenCache};
+#[cfg(feature = "opentelemetry")]
+pub use postgres_entra::{metrics::PoolMetrics, opentelemetry};
 
 /// How the pool retires connections, beyond deadpool's own settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,6 +32,8 @@ pub use postgres_entra::{CacheOptions, Cloud, EntraConnector, Error, TlsRoots, T
 pub struct PoolOptions {
     max_age: Option<Duration>,
     max_age_jitter: Duration,
+    #[cfg(feature = "opentelemetry")]
+    pool_name: Option<String>,
 }
 
 impl PoolOptions {
@@ -45,6 +49,15 @@ impl PoolOptions {
     pub fn max_age(mut self, max_age: Duration, jitter: Duration) -> Self {
         self.max_age = Some(max_age);
         self.max_age_jitter = jitter;
+        self
+    }
+
+    /// The pool's name in its metrics (`db.client.connection.pool.name`; feature
+    /// `opentelemetry`). Default: `host:port/database`, from the connection settings.
+    #[cfg(feature = "opentelemetry")]
+    #[must_use]
+    pub fn pool_name(mut self, name: impl Into<String>) -> Self {
+        self.pool_name = Some(name.into());
         self
     }
 
@@ -66,6 +79,8 @@ impl PoolOptions {
 #[derive(Clone)]
 struct EntraConnect {
     connector: EntraConnector,
+    #[cfg(feature = "opentelemetry")]
+    metrics: PoolMetrics,
 }
 
 impl fmt::Debug for EntraConnect {
@@ -93,8 +108,12 @@ impl Connect for EntraConnect {
     > {
         let pg_config = pg_config.clone();
         Box::pin(async move {
+            #[cfg(feature = "opentelemetry")]
+            let started = std::time::Instant::now();
             match self.connector.connect(&pg_config).await {
                 Ok((client, connection)) => {
+                    #[cfg(feature = "opentelemetry")]
+                    self.metrics.record_create_time(started.elapsed());
                     let task = tokio::spawn(async move {
                         if let Err(error) = connection.await {
                             tracing::debug!(%error, "PostgreSQL connection ended with an error");
@@ -208,11 +227,24 @@ pub fn entra_error<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a Error>
 /// The connection settings are checked here (TLS, host, cloud): a mistake fails now, not at the
 /// first checkout. When the configuration names no user, the role comes from the connector or
 /// the token (deadpool would otherwise take `$USER`).
+///
+/// With the `opentelemetry` feature, the pool's connections record
+/// `db.client.connection.create_time`; call [`observe_pool`] once the pool is built for its
+/// connection counts ([`create_pool_with`] does both).
 pub fn pool_builder(
     config: &Config,
     connector: EntraConnector,
     options: PoolOptions,
 ) -> Result<PoolBuilder, Error> {
+    Ok(builder_and_connect(config, connector, options)?.0)
+}
+
+/// The pool builder, and the `Connect` it uses.
+fn builder_and_connect(
+    config: &Config,
+    connector: EntraConnector,
+    options: PoolOptions,
+) -> Result<(PoolBuilder, EntraConnect), Error> {
     options.check()?;
     let mut pg_config = config
         .get_pg_config()
@@ -221,18 +253,25 @@ pub fn pool_builder(
         pg_config.user("");
     }
     connector.prepare(&pg_config)?;
-    let manager = Manager::from_connect(
-        pg_config,
-        EntraConnect { connector },
-        config.get_manager_config(),
-    );
+    let connect = EntraConnect {
+        #[cfg(feature = "opentelemetry")]
+        metrics: PoolMetrics::new(
+            &connector,
+            options
+                .pool_name
+                .clone()
+                .unwrap_or_else(|| PoolMetrics::default_name(&pg_config)),
+        ),
+        connector,
+    };
+    let manager = Manager::from_connect(pg_config, connect.clone(), config.get_manager_config());
     let mut builder = Pool::builder(manager)
         .config(config.get_pool_config())
         .runtime(Runtime::Tokio1);
     if let Some(age) = options.max_age {
         builder = builder.pre_recycle(max_age(age, options.max_age_jitter));
     }
-    Ok(builder)
+    Ok((builder, connect))
 }
 
 /// Whether `config` names a user itself (rather than deadpool falling back to `$USER`).
@@ -251,15 +290,48 @@ pub fn create_pool(config: &Config, connector: EntraConnector) -> Result<Pool, E
     create_pool_with(config, connector, PoolOptions::default())
 }
 
-/// [`create_pool`] with retirement `options`, e.g. `PoolOptions::new().max_age(..)`.
+/// [`create_pool`] with `options`, e.g. `PoolOptions::new().max_age(..)`. With the
+/// `opentelemetry` feature, the pool's metrics are recorded (see [`observe_pool`]).
 pub fn create_pool_with(
     config: &Config,
     connector: EntraConnector,
     options: PoolOptions,
 ) -> Result<Pool, Error> {
-    pool_builder(config, connector, options)?
+    let (builder, _connect) = builder_and_connect(config, connector, options)?;
+    let pool = builder
         .build()
-        .map_err(|e| Error::config_from(format!("building the deadpool pool: {e}"), e))
+        .map_err(|e| Error::config_from(format!("building the deadpool pool: {e}"), e))?;
+    #[cfg(feature = "opentelemetry")]
+    observe(&pool, &_connect.metrics);
+    Ok(pool)
+}
+
+/// Observes a pool built from [`pool_builder`] through `connector`'s meter, under `pool_name`
+/// (give the name you gave [`PoolOptions::pool_name`], or [`PoolMetrics::default_name`] of its
+/// connection settings): `db.client.connection.count` (idle, used), `db.client.connection.max`
+/// and `db.client.connection.pending_requests`, read from `Pool::status` when metrics are
+/// collected, for as long as the pool lives. Observe each pool once.
+///
+/// deadpool keeps no count of checkout timeouts and has no hook around a checkout, so
+/// `db.client.connection.timeouts`, `wait_time` and `use_time` are not recorded: a checkout
+/// timeout is the `PoolError::Timeout` your code receives.
+#[cfg(feature = "opentelemetry")]
+pub fn observe_pool(pool: &Pool, connector: &EntraConnector, pool_name: &str) {
+    observe(pool, &PoolMetrics::new(connector, pool_name));
+}
+
+#[cfg(feature = "opentelemetry")]
+fn observe(pool: &Pool, metrics: &PoolMetrics) {
+    let pool = pool.weak();
+    metrics.observe(move || {
+        let status = pool.upgrade()?.status();
+        let idle = status.available as u64;
+        let used = (status.size - status.available) as u64;
+        Some(
+            postgres_entra::metrics::PoolCounts::new(idle, used, status.max_size as u64)
+                .pending(status.waiting as u64),
+        )
+    });
 }
 
 /// A `pre_recycle` hook that retires connections older than `max_age` minus up to `jitter`,

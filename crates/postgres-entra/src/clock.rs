@@ -32,11 +32,13 @@ impl Clock for SystemClock {
 
 /// A clock driven by Tokio's time, which tests can pause and advance
 /// (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`): wall-clock time is a fixed
-/// start plus the Tokio time elapsed since the clock was made.
-#[derive(Debug, Clone, Copy)]
+/// start plus the Tokio time elapsed since the clock was made. Read from a thread outside the
+/// runtime (e.g. a metrics reader's), it reads the time of the runtime it was made in.
+#[derive(Debug, Clone)]
 pub struct TokioClock {
     start: SystemTime,
     origin: tokio::time::Instant,
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl TokioClock {
@@ -45,12 +47,19 @@ impl TokioClock {
         Self {
             start,
             origin: tokio::time::Instant::now(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 }
 
 impl Clock for TokioClock {
     fn now(&self) -> SystemTime {
+        let _entered = match &self.runtime {
+            Some(runtime) if tokio::runtime::Handle::try_current().is_err() => {
+                Some(runtime.enter())
+            }
+            _ => None,
+        };
         self.start + self.origin.elapsed()
     }
 

@@ -73,6 +73,9 @@ struct ConnectorInner {
     settle: Mutex<()>,
     /// The host that settled the scope, for messages.
     settled_by: OnceLock<String>,
+    /// The meter for the metrics of pools built on this connector.
+    #[cfg(feature = "opentelemetry")]
+    meter: opentelemetry::metrics::Meter,
 }
 
 /// Opens PostgreSQL connections that log in with Entra ID access tokens.
@@ -110,6 +113,8 @@ pub struct EntraConnectorBuilder {
     tls_roots: TlsRoots,
     options: Option<CacheOptions>,
     clock: Option<Arc<dyn Clock>>,
+    #[cfg(feature = "opentelemetry")]
+    meter: Option<opentelemetry::metrics::Meter>,
 }
 
 impl fmt::Debug for EntraConnectorBuilder {
@@ -176,6 +181,16 @@ impl EntraConnectorBuilder {
         self
     }
 
+    /// The OpenTelemetry meter to record metrics with (feature `opentelemetry`): the token
+    /// cache's, and those of the pools built on this connector. Default: the meter of the global
+    /// provider installed when the connector is built. A connector over a shared [`TokenCache`]
+    /// uses the cache's meter unless given one here (the cache's metrics stay with the cache's).
+    #[cfg(feature = "opentelemetry")]
+    pub fn meter(mut self, meter: opentelemetry::metrics::Meter) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
     /// The scope given explicitly, if any.
     fn explicit_scope(&self) -> Option<String> {
         if let Some(scope) = &self.scope {
@@ -215,6 +230,11 @@ impl EntraConnectorBuilder {
                 let builder = TokenCache::builder(source)
                     .options(self.options.unwrap_or_default())
                     .set_clock(self.clock);
+                #[cfg(feature = "opentelemetry")]
+                let builder = match &self.meter {
+                    Some(meter) => builder.meter(meter.clone()),
+                    None => builder,
+                };
                 match explicit {
                     Some(scope) => (
                         Some(builder.scope(scope).build()?),
@@ -223,7 +243,7 @@ impl EntraConnectorBuilder {
                     ),
                     None => {
                         // Check the options now, not when the first server settles the scope.
-                        builder.clone().build()?;
+                        builder.check_options()?;
                         (None, Some(builder), ScopeChoice::FirstServer)
                     }
                 }
@@ -232,6 +252,12 @@ impl EntraConnectorBuilder {
         if let (Some(cache), Some(host)) = (&cache, &self.host) {
             check_cloud(host, cache.scope())?;
         }
+        #[cfg(feature = "opentelemetry")]
+        let meter = match (self.meter, &cache) {
+            (Some(meter), _) => meter,
+            (None, Some(cache)) => cache.meter().clone(),
+            (None, None) => crate::metrics::default_meter(),
+        };
         let inner = ConnectorInner {
             role_name: self.role_name,
             tls,
@@ -240,6 +266,8 @@ impl EntraConnectorBuilder {
             pending,
             settle: Mutex::new(()),
             settled_by: OnceLock::new(),
+            #[cfg(feature = "opentelemetry")]
+            meter,
         };
         if let Some(cache) = cache {
             let _ = inner.cache.set(cache);
@@ -428,7 +456,15 @@ impl EntraConnector {
             tls_roots: TlsRoots::default(),
             options: None,
             clock: None,
+            #[cfg(feature = "opentelemetry")]
+            meter: None,
         }
+    }
+
+    /// The meter for the metrics of pools built on this connector.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn meter(&self) -> &opentelemetry::metrics::Meter {
+        &self.inner.meter
     }
 
     /// The token cache this connector takes tokens from. If the connector was given no scope,
@@ -542,7 +578,9 @@ impl EntraConnector {
             code = first.as_db_error().map(|db| db.code().code()).unwrap_or_default(),
             "login rejected; retrying once if a different token can be had"
         );
-        let fresh = match cache.replacement_for(&token).await {
+        let replacement = cache.replacement_for(&token).await;
+        cache.note_login_rejected(matches!(replacement, Ok(Some(_))));
+        let fresh = match replacement {
             Ok(Some(fresh)) => fresh,
             Ok(None) => {
                 let retry = if token.after_rejection() {
@@ -560,13 +598,16 @@ impl EntraConnector {
         let (role, role_source) = self.role_for(&config, &fresh)?;
         match self.login(&mut config, &role, &fresh).await {
             Ok(connected) => Ok(connected),
-            Err(error) if is_rejected_login(&error) => Err(rejected(
-                &error,
-                role,
-                role_source,
-                &fresh,
-                LoginRetry::FreshTokenRefused,
-            )),
+            Err(error) if is_rejected_login(&error) => {
+                cache.note_login_rejected(false);
+                Err(rejected(
+                    &error,
+                    role,
+                    role_source,
+                    &fresh,
+                    LoginRetry::FreshTokenRefused,
+                ))
+            }
             Err(error) => Err(classify(error, &config)),
         }
     }

@@ -14,6 +14,8 @@ pub use crate::tls::{AZURE_ROOTS, AzureRoot, TlsRoots};
 pub use crate::token::{AccessToken, FnTokenSource, TokenSource, TokenSourceError};
 #[cfg(feature = "azure")]
 pub use azure_core;
+#[cfg(feature = "opentelemetry")]
+pub use opentelemetry;
 pub use tokio_postgres;
 
 #[cfg(feature = "azure")]
@@ -23,6 +25,8 @@ mod claims;
 mod clock;
 mod connect;
 mod error;
+#[cfg(feature = "opentelemetry")]
+pub mod metrics;
 mod scope;
 mod tls;
 mod token;

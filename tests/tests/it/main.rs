@@ -4,14 +4,33 @@
 //! (`pools.rs`). Every test runs with tracing at TRACE captured (log records included), and ends
 //! by searching the capture for every token the emulator issued.
 
+/// Runs `scenarios` as tests for each pool adapter: one module per adapter.
+macro_rules! for_each_pool {
+    ($($scenario:ident),* $(,)?) => {
+        for_each_pool!(@pool deadpool, crate::pools::Deadpool, $($scenario),*);
+        for_each_pool!(@pool bb8, crate::pools::Bb8, $($scenario),*);
+    };
+    (@pool $module:ident, $pool:ty, $($scenario:ident),*) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario::<$pool>().await
+                }
+            )*
+        }
+    };
+}
+
 mod deadpool_only;
 mod faults;
+mod metrics;
 mod misconfiguration;
 mod pools;
 mod scenarios;
 mod secrecy;
 
-use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots};
+use postgres_entra::{AzureTokenSource, EntraConnector, EntraConnectorBuilder, TlsRoots};
 use postgres_entra_testkit::{Emulator, EmulatorBuilder, trace_capture};
 use std::ops::Deref;
 use std::sync::Arc;
@@ -91,7 +110,7 @@ impl Drop for Suite {
 /// A connector for the service principal of `emulator`, through azure_identity's
 /// `ClientSecretCredential`, trusting the emulator's CA.
 pub fn connector(emulator: &Emulator) -> EntraConnector {
-    connector_with(emulator, postgres_entra::CacheOptions::default())
+    connector_builder(emulator).build().unwrap()
 }
 
 /// [`connector`] with cache `options`.
@@ -99,14 +118,19 @@ pub fn connector_with(
     emulator: &Emulator,
     options: postgres_entra::CacheOptions,
 ) -> EntraConnector {
+    connector_builder(emulator)
+        .cache_options(options)
+        .build()
+        .unwrap()
+}
+
+/// [`connector`], to finish building.
+pub fn connector_builder(emulator: &Emulator) -> EntraConnectorBuilder {
     let sp = emulator.service_principal();
     let credential = emulator.client_secret_credential(&sp).unwrap();
     EntraConnector::builder(AzureTokenSource::new(credential))
         .role_name(sp.role_name)
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
-        .cache_options(options)
-        .build()
-        .unwrap()
 }
 
 /// A connector whose credential has the wrong client secret: no token can be had.

@@ -3,12 +3,13 @@
 
 use deadpool_postgres::{ManagerConfig, PoolConfig, RecyclingMethod, Timeouts};
 use postgres_entra::{EntraConnector, Error};
-use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink};
+use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink, PoolObservation};
 use postgres_entra_deadpool::{PoolOptions, create_pool_with, entra_error};
 use postgres_entra_testkit::AzureServer;
 use std::any::Any;
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::config::SslMode;
@@ -32,6 +33,8 @@ pub(crate) struct PoolSpec {
     pub(crate) max_age: Option<Duration>,
     /// deadpool: wait and create timeouts; bb8: `connection_timeout`.
     pub(crate) timeout: Duration,
+    /// The pool's name in its metrics (default: `host:port/database`).
+    pub(crate) pool_name: Option<String>,
 }
 
 impl PoolSpec {
@@ -48,7 +51,13 @@ impl PoolSpec {
             max_size: 8,
             max_age: None,
             timeout: Duration::from_secs(10),
+            pool_name: None,
         }
+    }
+
+    pub(crate) fn pool_name(mut self, name: &str) -> Self {
+        self.pool_name = Some(name.to_owned());
+        self
     }
 
     pub(crate) fn size(mut self, max_size: usize) -> Self {
@@ -170,6 +179,9 @@ pub(crate) trait PoolUnderTest: Clone + Send + Sync + 'static {
     /// What a checkout hands out; the connection goes back to the pool when it is dropped.
     type Connection: Send + 'static;
 
+    /// Whether the pool counts checkouts that timed out (`db.client.connection.timeouts`).
+    const COUNTS_TIMEOUTS: bool;
+
     /// Builds the pool; an error is what the adapter reports when the pool is made.
     fn build(spec: PoolSpec) -> impl Future<Output = Result<Self, Error>> + Send;
 
@@ -263,12 +275,16 @@ impl Deadpool {
 
 impl PoolUnderTest for Deadpool {
     type Connection = deadpool_postgres::Object;
+    const COUNTS_TIMEOUTS: bool = false;
 
     async fn build(spec: PoolSpec) -> Result<Self, Error> {
-        let options = match spec.max_age {
+        let mut options = match spec.max_age {
             Some(age) => PoolOptions::new().max_age(age, age / 5),
             None => PoolOptions::new(),
         };
+        if let Some(name) = &spec.pool_name {
+            options = options.pool_name(name);
+        }
         create_pool_with(&Self::user_config(&spec), spec.connector, options).map(Deadpool)
     }
 
@@ -298,13 +314,18 @@ impl PoolUnderTest for Deadpool {
 pub(crate) struct Bb8 {
     pool: bb8::Pool<EntraConnectionManager>,
     errors: LastErrorSink,
+    _observed: Arc<PoolObservation>,
 }
 
 impl PoolUnderTest for Bb8 {
     type Connection = bb8::PooledConnection<'static, EntraConnectionManager>;
+    const COUNTS_TIMEOUTS: bool = true;
 
     async fn build(spec: PoolSpec) -> Result<Self, Error> {
-        let manager = EntraConnectionManager::new(spec.server_config(), spec.connector)?;
+        let mut manager = EntraConnectionManager::new(spec.server_config(), spec.connector)?;
+        if let Some(name) = &spec.pool_name {
+            manager = manager.pool_name(name);
+        }
         let errors = LastErrorSink::new();
         let pool = bb8::Pool::builder()
             .max_size(spec.max_size as u32)
@@ -312,9 +333,14 @@ impl PoolUnderTest for Bb8 {
             .connection_timeout(spec.timeout)
             .test_on_check_out(true)
             .error_sink(Box::new(errors.clone()))
-            .build(manager)
+            .build(manager.clone())
             .await?;
-        Ok(Self { pool, errors })
+        let observed = Arc::new(manager.observe(&pool));
+        Ok(Self {
+            pool,
+            errors,
+            _observed: observed,
+        })
     }
 
     async fn checkout(&self) -> Result<Self::Connection, Failure> {

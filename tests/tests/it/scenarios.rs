@@ -21,24 +21,6 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// The emulator's service principal, whose role every connector here logs in as.
 const ROLE: &str = "orders-api";
 
-/// Runs `scenarios` as tests for each pool adapter: one module per adapter.
-macro_rules! for_each_pool {
-    ($($scenario:ident),* $(,)?) => {
-        for_each_pool!(@pool deadpool, crate::pools::Deadpool, $($scenario),*);
-        for_each_pool!(@pool bb8, crate::pools::Bb8, $($scenario),*);
-    };
-    (@pool $module:ident, $pool:ty, $($scenario:ident),*) => {
-        mod $module {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario::<$pool>().await
-                }
-            )*
-        }
-    };
-}
-
 for_each_pool!(
     churn_across_token_lifetimes_never_fails,
     a_cold_start_with_thirty_two_checkouts_makes_one_token_request,

@@ -128,6 +128,7 @@ impl CacheOptions {
 /// A cached access token, as handed out by [`TokenCache::get`]. `Debug` never shows the secret.
 pub struct Token {
     access: AccessToken,
+    received_at: SystemTime,
     refresh_at: SystemTime,
     usable_until: SystemTime,
     claims: Result<TokenClaims, RoleNameError>,
@@ -141,6 +142,11 @@ impl Token {
     /// The token: the PostgreSQL password. Treat it as one.
     pub fn secret(&self) -> &str {
         self.access.secret()
+    }
+
+    /// When the cache received the token from its source.
+    pub fn received_at(&self) -> SystemTime {
+        self.received_at
     }
 
     /// When the token expires.
@@ -256,6 +262,10 @@ impl State {
 }
 
 struct Inner {
+    #[cfg(feature = "opentelemetry")]
+    metrics: crate::metrics::TokenMetrics,
+    #[cfg(feature = "opentelemetry")]
+    meter: opentelemetry::metrics::Meter,
     source: Arc<dyn TokenSource>,
     identity: String,
     scope: String,
@@ -307,6 +317,8 @@ pub struct TokenCacheBuilder {
     scope: Option<String>,
     options: CacheOptions,
     clock: Arc<dyn Clock>,
+    #[cfg(feature = "opentelemetry")]
+    meter: Option<opentelemetry::metrics::Meter>,
 }
 
 impl TokenCacheBuilder {
@@ -329,11 +341,24 @@ impl TokenCacheBuilder {
         self
     }
 
+    /// The OpenTelemetry meter to record the cache's metrics with (feature `opentelemetry`;
+    /// default: the global meter provider's, as it is when the cache is built).
+    #[cfg(feature = "opentelemetry")]
+    pub fn meter(mut self, meter: opentelemetry::metrics::Meter) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
     pub(crate) fn set_clock(mut self, clock: Option<Arc<dyn Clock>>) -> Self {
         if let Some(clock) = clock {
             self.clock = clock;
         }
         self
+    }
+
+    /// Checks the options (the scope is checked when it is known).
+    pub(crate) fn check_options(&self) -> Result<(), Error> {
+        self.options.validate()
     }
 
     /// Checks the scope and options and builds the cache.
@@ -343,9 +368,21 @@ impl TokenCacheBuilder {
             .unwrap_or_else(|| Cloud::Public.scope().to_owned());
         validate_scope(&scope)?;
         self.options.validate()?;
+        let identity = self.source.identity();
+        #[cfg(feature = "opentelemetry")]
+        let meter = self.meter.unwrap_or_else(crate::metrics::default_meter);
         Ok(TokenCache {
-            inner: Arc::new(Inner {
-                identity: self.source.identity(),
+            inner: Arc::new_cyclic(|_cache| Inner {
+                #[cfg(feature = "opentelemetry")]
+                metrics: crate::metrics::TokenMetrics::new(
+                    &meter,
+                    &identity,
+                    &scope,
+                    Inner::reading(_cache.clone()),
+                ),
+                #[cfg(feature = "opentelemetry")]
+                meter,
+                identity,
                 source: self.source,
                 scope,
                 options: self.options,
@@ -374,6 +411,8 @@ impl TokenCache {
             scope: None,
             options: CacheOptions::default(),
             clock: Arc::new(SystemClock),
+            #[cfg(feature = "opentelemetry")]
+            meter: None,
         }
     }
 
@@ -429,6 +468,8 @@ impl TokenCache {
                             return Err(error);
                         }
                         inner.counters.invalidations.fetch_add(1, Relaxed);
+                        #[cfg(feature = "opentelemetry")]
+                        inner.metrics.invalidated();
                         tracing::info!(
                             identity = %inner.identity,
                             "the server rejected a token; asking the identity provider for a different one"
@@ -478,6 +519,25 @@ impl TokenCache {
         &self.inner.scope
     }
 
+    /// Counts a login the server refused, and whether it is retried (metrics).
+    pub(crate) fn note_login_rejected(&self, retried: bool) {
+        #[cfg(feature = "opentelemetry")]
+        {
+            self.inner.metrics.login_rejected();
+            if retried {
+                self.inner.metrics.login_retried();
+            }
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = retried;
+    }
+
+    /// The meter the cache records its metrics with.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn meter(&self) -> &opentelemetry::metrics::Meter {
+        &self.inner.meter
+    }
+
     /// Whether two handles share one cache.
     pub fn ptr_eq(&self, other: &TokenCache) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
@@ -485,6 +545,29 @@ impl TokenCache {
 }
 
 impl Inner {
+    /// What the metrics' gauges read: seconds until the current token stops being handed out (0
+    /// without one), and its age.
+    #[cfg(feature = "opentelemetry")]
+    fn reading(cache: std::sync::Weak<Inner>) -> crate::metrics::TokenReading {
+        Box::new(move || {
+            let inner = cache.upgrade()?;
+            let now = inner.clock.now();
+            Some(match inner.current.load().as_ref() {
+                Some(token) => (
+                    token
+                        .usable_until
+                        .duration_since(now)
+                        .unwrap_or_default()
+                        .as_secs_f64(),
+                    now.duration_since(token.received_at)
+                        .ok()
+                        .map(|age| age.as_secs_f64()),
+                ),
+                None => (0.0, None),
+            })
+        })
+    }
+
     fn lock_state(&self) -> MutexGuard<'_, State> {
         // The state stays consistent across a panic elsewhere: every update is a single assignment.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -625,12 +708,20 @@ impl Inner {
         runtime.spawn(
             async move {
                 tracing::debug!("requesting a token");
+                #[cfg(feature = "opentelemetry")]
+                let started = tokio::time::Instant::now();
                 let result = tokio::time::timeout(
                     inner.options.fetch_timeout_value(),
                     inner.source.get_token(&inner.scope),
                 )
                 .await;
                 let outcome = inner.complete(result, trigger);
+                #[cfg(feature = "opentelemetry")]
+                inner.metrics.request_done(
+                    trigger.as_str(),
+                    started.elapsed(),
+                    outcome.as_ref().err().map(TokenError::kind),
+                );
                 let _ = sender.send(Some(outcome));
             }
             .instrument(span),
@@ -734,6 +825,7 @@ impl Inner {
         let claims = TokenClaims::parse(access.secret());
         let token = Arc::new(Token {
             access,
+            received_at: now,
             refresh_at,
             usable_until,
             claims,

@@ -70,7 +70,7 @@ impl Provider {
 fn cache(provider: &Arc<Provider>, options: CacheOptions) -> TokenCache {
     TokenCache::builder(provider.source("test-identity"))
         .options(options)
-        .clock(Arc::new(provider.clock))
+        .clock(Arc::new(provider.clock.clone()))
         .build()
         .unwrap()
 }
@@ -339,9 +339,10 @@ async fn a_rejected_token_is_replaced_once_while_other_callers_keep_it() {
 fn caching_like_azure_identity(provider: &Arc<Provider>) -> Arc<dyn TokenSource> {
     let inner = provider.source("azure-like");
     let held: Arc<Mutex<Option<AccessToken>>> = Arc::default();
-    let clock = provider.clock;
+    let clock = provider.clock.clone();
     FnTokenSource::new("azure-like", move |scope| {
         let (inner, held, scope) = (inner.clone(), held.clone(), scope.to_owned());
+        let clock = clock.clone();
         async move {
             let cached = held.lock().unwrap().clone();
             if let Some(token) = cached
@@ -360,7 +361,7 @@ fn caching_like_azure_identity(provider: &Arc<Provider>) -> Arc<dyn TokenSource>
 async fn a_source_that_returns_the_same_token_gets_asked_once_per_rejected_token() {
     let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
     let cache = TokenCache::builder(caching_like_azure_identity(&provider))
-        .clock(Arc::new(provider.clock))
+        .clock(Arc::new(provider.clock.clone()))
         .build()
         .unwrap();
     let token = cache.get().await.unwrap();
@@ -580,7 +581,7 @@ async fn provider_calls(
         provider.source("direct")
     };
     let cache = TokenCache::builder(source)
-        .clock(Arc::new(provider.clock))
+        .clock(Arc::new(provider.clock.clone()))
         .build()
         .unwrap();
     let start = Instant::now();

@@ -1,35 +1,11 @@
 //! Role names, rejected logins and the single retry, against the emulator.
 
-use postgres_entra::{
-    AccessToken, AzureTokenSource, Error, FnTokenSource, LoginRetry, RoleSource, TokenSource,
-};
-use postgres_entra_testkit::{Emulator, Endpoint, Identity, Rejection, Signer, TokenOptions};
+use postgres_entra::{AzureTokenSource, Error, LoginRetry, RoleSource};
+use postgres_entra_testkit::{Emulator, Endpoint, Rejection, Signer, TokenOptions};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::Ordering;
 
-use crate::{connector, current_user};
-
-/// A source minting tokens from the emulator: the `n`-th call gets `options(n)`.
-fn minting(
-    emulator: &Arc<Emulator>,
-    identity: Identity,
-    options: fn(usize) -> TokenOptions,
-) -> (Arc<dyn TokenSource>, Arc<AtomicUsize>) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (emulator, counter) = (emulator.clone(), calls.clone());
-    let source = FnTokenSource::new(format!("minting-{}", identity.role_name), move |_| {
-        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-        let token = emulator.issue_token(&identity, options(n)).unwrap();
-        async move {
-            Ok(AccessToken::new(
-                token,
-                SystemTime::now() + Duration::from_secs(3600),
-            ))
-        }
-    });
-    (source, calls)
-}
+use crate::{connector, current_user, minting};
 
 #[tokio::test]
 async fn a_managed_identity_logs_in_as_the_role_named_in_its_token() {

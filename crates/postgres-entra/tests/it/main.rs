@@ -3,13 +3,17 @@
 
 mod connect;
 mod lifetimes;
+mod metrics;
 mod provider_errors;
 mod sharing;
 mod tls;
 
-use postgres_entra::{EntraConnector, TlsRoots, TokenSource};
+use postgres_entra::{AccessToken, EntraConnector, FnTokenSource, TlsRoots, TokenSource};
 use postgres_entra_testkit::Emulator;
+use postgres_entra_testkit::{Identity, TokenOptions};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
 
 /// A connector for `emulator` trusting its CA.
 pub fn connector(
@@ -34,4 +38,25 @@ pub async fn current_user(
     tokio::spawn(connection);
     let row = client.query_one("select current_user", &[]).await?;
     Ok(row.get(0))
+}
+
+/// A source minting tokens from the emulator: the `n`-th call gets `options(n)`.
+pub fn minting(
+    emulator: &Arc<Emulator>,
+    identity: Identity,
+    options: fn(usize) -> TokenOptions,
+) -> (Arc<dyn TokenSource>, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (emulator, counter) = (emulator.clone(), calls.clone());
+    let source = FnTokenSource::new(format!("minting-{}", identity.role_name), move |_| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let token = emulator.issue_token(&identity, options(n)).unwrap();
+        async move {
+            Ok(AccessToken::new(
+                token,
+                SystemTime::now() + Duration::from_secs(3600),
+            ))
+        }
+    });
+    (source, calls)
 }

@@ -1,0 +1,120 @@
+//! Pool and token metrics of every adapter, read back through the SDK's in-memory exporter after
+//! known checkouts against the emulator.
+
+use postgres_entra_testkit::MetricsReader;
+use std::time::Duration;
+
+use crate::pools::{PoolSpec, PoolUnderTest};
+use crate::{Suite, connector_builder};
+
+const HOUR: Duration = Duration::from_secs(3600);
+const CREATE_TIME: &str = "db.client.connection.create_time";
+const COUNT: &str = "db.client.connection.count";
+const POOL_NAME: &str = "db.client.connection.pool.name";
+
+for_each_pool!(
+    pool_metrics_follow_connections_made_checkouts_waits_and_timeouts,
+    a_pool_without_a_name_is_named_after_its_server,
+);
+
+async fn pool_metrics_follow_connections_made_checkouts_waits_and_timeouts<P: PoolUnderTest>() {
+    let emulator = Suite::start(HOUR).await;
+    let reader = MetricsReader::new();
+    let connector = connector_builder(&emulator)
+        .meter(reader.meter())
+        .build()
+        .unwrap();
+    let spec = PoolSpec::new(&emulator, connector)
+        .size(4)
+        .timeout(Duration::from_secs(1))
+        .pool_name("orders");
+    let pool = P::build(spec).await.unwrap();
+    let orders = [(POOL_NAME, "orders")];
+    let state = |state| [(POOL_NAME, "orders"), ("db.client.connection.state", state)];
+
+    // Four connections held at once: four made, four logins.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(pool.hold().await.unwrap());
+    }
+    let busy = reader.collect();
+    let logins = emulator.logins().len() as u64;
+    assert!(logins >= 4, "{logins} logins");
+    assert_eq!(busy.count(CREATE_TIME, &orders), logins, "{}", busy.text());
+    assert!(busy.sum(CREATE_TIME, &orders) > 0.0);
+    assert_eq!(busy.value(COUNT, &state("used")), Some(4.0));
+    assert_eq!(busy.value(COUNT, &state("idle")), Some(0.0));
+    assert_eq!(busy.value("db.client.connection.max", &orders), Some(4.0));
+    assert_eq!(
+        busy.value("db.client.connection.pending_requests", &orders),
+        Some(0.0)
+    );
+
+    // A fifth checkout waits, then times out.
+    let waiter = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.hold().await.is_err() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = reader.collect();
+    assert_eq!(
+        waiting.value("db.client.connection.pending_requests", &orders),
+        Some(1.0)
+    );
+    assert!(waiter.await.unwrap(), "the fifth checkout timed out");
+    let timed_out = reader.collect();
+    let timeouts = timed_out.value("db.client.connection.timeouts", &orders);
+    if P::COUNTS_TIMEOUTS {
+        assert_eq!(timeouts, Some(1.0));
+    } else {
+        assert_eq!(timeouts, None, "not observable, so not made up");
+    }
+    assert_eq!(
+        timed_out.value("db.client.connection.pending_requests", &orders),
+        Some(0.0)
+    );
+
+    // Returned: all idle, no new connection made.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let idle = reader.collect();
+    assert_eq!(idle.value(COUNT, &state("idle")), Some(4.0));
+    assert_eq!(idle.value(COUNT, &state("used")), Some(0.0));
+    assert_eq!(
+        idle.count(CREATE_TIME, &orders),
+        emulator.logins().len() as u64
+    );
+
+    // The token cache's metrics come along, from the same meter.
+    assert_eq!(
+        idle.sum("postgres_entra.token.refreshes", &[("outcome", "success")]),
+        1.0
+    );
+    for token in emulator.issued_tokens() {
+        assert!(!idle.text().contains(&token), "a token leaked");
+    }
+}
+
+async fn a_pool_without_a_name_is_named_after_its_server<P: PoolUnderTest>() {
+    let emulator = Suite::start(HOUR).await;
+    let reader = MetricsReader::new();
+    let connector = connector_builder(&emulator)
+        .meter(reader.meter())
+        .build()
+        .unwrap();
+    let spec = PoolSpec::new(&emulator, connector);
+    let expected = format!("{}:{}/{}", spec.host, spec.port, spec.database);
+    let pool = P::build(spec).await.unwrap();
+
+    pool.query("select 1").await.unwrap();
+
+    let metrics = reader.collect();
+    let names: Vec<_> = metrics
+        .points()
+        .iter()
+        .filter(|p| p.name.starts_with("db.client.connection."))
+        .map(|p| p.attribute(POOL_NAME).unwrap_or("none"))
+        .collect();
+    assert!(!names.is_empty());
+    assert!(names.iter().all(|n| *n == expected), "{names:?}");
+}
