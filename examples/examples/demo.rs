@@ -1,7 +1,8 @@
 //! The demo behind `make demo`: a deadpool pool and a bb8 pool, sharing one token cache, churn
 //! connections (each retired after about a second) for 20 seconds across several short token
 //! lifetimes, printing progress and then a summary: connections made, tokens fetched, failures,
-//! and checkout latency.
+//! checkout latency, and the pools' and tokens' OpenTelemetry metrics as a Prometheus scrape
+//! would see them.
 //!
 //! Run against the local emulator:   make demo   (or cargo run -p postgres-entra-examples --example demo)
 //! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
@@ -9,8 +10,10 @@
 
 use deadpool_postgres::Hook;
 use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink};
-use postgres_entra_deadpool::{PoolOptions, pool_builder};
-use postgres_entra_examples::{BoxError, Target};
+use postgres_entra_deadpool::{PoolOptions, observe_pool, pool_builder};
+use postgres_entra_examples::{
+    BoxError, Target, install_prometheus_metrics, metrics_summary, prometheus_text,
+};
 use postgres_entra_testkit::Endpoint;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -90,6 +93,8 @@ where
 async fn main() -> Result<(), BoxError> {
     println!("postgres-entra demo: Entra ID token login for deadpool and bb8 pools");
     let started_up = Instant::now();
+    // Metrics first: the connector built next records into the global meter provider.
+    let registry = install_prometheus_metrics()?;
     let target = Target::from_env(TOKEN_LIFETIME)?;
     println!(
         "  target: {}  [ready in {:.1?}]",
@@ -105,29 +110,34 @@ async fn main() -> Result<(), BoxError> {
     let deadpool = pool_builder(
         &target.deadpool_config(POOL_SIZE),
         target.connector.clone(),
-        PoolOptions::new().max_age(MAX_AGE, MAX_AGE / 4),
+        PoolOptions::new()
+            .max_age(MAX_AGE, MAX_AGE / 4)
+            .pool_name("deadpool"),
     )?
     .post_create(Hook::sync_fn(move |_, _| {
         created.fetch_add(1, Relaxed);
         Ok(())
     }))
     .build()?;
+    observe_pool(&deadpool, &target.connector, "deadpool");
     let bb8_errors = LastErrorSink::new();
+    let bb8_manager =
+        EntraConnectionManager::new(target.pg_config.clone(), target.connector.clone())?
+            .pool_name("bb8");
     let bb8 = bb8::Pool::builder()
         .max_size(POOL_SIZE as u32)
         .max_lifetime(Some(MAX_AGE))
         .connection_timeout(Duration::from_secs(20))
         .error_sink(Box::new(bb8_errors.clone()))
-        .build(EntraConnectionManager::new(
-            target.pg_config.clone(),
-            target.connector.clone(),
-        )?)
+        .build(bb8_manager.clone())
         .await?;
+    let _bb8_observed = bb8_manager.observe(&bb8);
 
     let started = Instant::now();
     let (dp_tally, bb_tally) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    let deadpool_pool = deadpool.clone();
     let mut tasks = churn(dp_tally.clone(), started, move || {
-        let pool = deadpool.clone();
+        let pool = deadpool_pool.clone();
         async move {
             let t = Instant::now();
             let client = pool
@@ -205,6 +215,10 @@ async fn main() -> Result<(), BoxError> {
         if let Some(first) = tally.first_failure.lock().unwrap().as_ref() {
             println!("  first failure: {first}");
         }
+    }
+    println!("\nmetrics (what GET /metrics would serve, shortened; see the web_service example):");
+    for line in metrics_summary(&prometheus_text(&registry)?) {
+        println!("  {line}");
     }
     if let Some(error) = bb8_errors.last_error() {
         println!("  last bb8 connect error: {error}");

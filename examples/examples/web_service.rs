@@ -1,9 +1,11 @@
 //! A small axum web service with a deadpool pool whose connections log in with Entra ID tokens.
-//! `GET /whoami` answers with the database role and the token cache's counters.
+//! `GET /whoami` answers with the database role and the token cache's counters; `GET /metrics`
+//! serves the pool's and the tokens' OpenTelemetry metrics in the Prometheus text format (the
+//! application picks the exporter: here `opentelemetry-prometheus`).
 //!
 //! Run against the local emulator:   cargo run -p postgres-entra-examples --example web_service
-//!   then: curl http://127.0.0.1:3000/whoami   (PORT changes the port; --check serves one request
-//!   to itself and exits)
+//!   then: curl http://127.0.0.1:3000/whoami ; curl http://127.0.0.1:3000/metrics
+//!   (PORT changes the port; --check serves both to itself, prints them and exits)
 //! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
 //! examples/src/lib.rs, then run the same command.
 
@@ -12,8 +14,10 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use postgres_entra::TokenCache;
-use postgres_entra_deadpool::{create_pool, entra_error};
-use postgres_entra_examples::{BoxError, Target};
+use postgres_entra_deadpool::{PoolOptions, create_pool_with, entra_error};
+use postgres_entra_examples::{
+    BoxError, Target, install_prometheus_metrics, metrics_summary, prometheus_text,
+};
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct App {
     pool: deadpool_postgres::Pool,
     cache: TokenCache,
+    registry: prometheus::Registry,
 }
 
 async fn whoami(State(app): State<App>) -> Result<Json<Value>, (StatusCode, String)> {
@@ -44,6 +49,10 @@ async fn whoami(State(app): State<App>) -> Result<Json<Value>, (StatusCode, Stri
     })))
 }
 
+async fn metrics(State(app): State<App>) -> Result<String, (StatusCode, String)> {
+    prometheus_text(&app.registry).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
 /// One plain HTTP/1.0 request to ourselves, for `--check`.
 async fn get_self(port: u16, path: &str) -> Result<String, BoxError> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
@@ -57,14 +66,22 @@ async fn get_self(port: u16, path: &str) -> Result<String, BoxError> {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    // First the metrics pipeline, so that the connector built next records into it.
+    let registry = install_prometheus_metrics()?;
     let target = Target::from_env(Duration::from_secs(3600))?;
-    let pool = create_pool(&target.deadpool_config(16), target.connector.clone())?;
+    let pool = create_pool_with(
+        &target.deadpool_config(16),
+        target.connector.clone(),
+        PoolOptions::new().pool_name("web"),
+    )?;
     let app = App {
         pool,
         cache: target.connector.cache().clone(),
+        registry,
     };
     let router = Router::new()
         .route("/whoami", get(whoami))
+        .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
         .with_state(app);
     let port: u16 = std::env::var("PORT")
@@ -85,6 +102,15 @@ async fn main() -> Result<(), BoxError> {
         println!("GET /whoami -> {body}");
         if !response.starts_with("HTTP/1.0 200") && !response.starts_with("HTTP/1.1 200") {
             return Err(format!("unexpected answer: {response}").into());
+        }
+        let response = get_self(port, "/metrics").await?;
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        println!("GET /metrics -> (pools and tokens, shortened)");
+        for line in metrics_summary(body) {
+            println!("  {line}");
+        }
+        if !body.contains("db_client_connection_create_time_seconds_count{") {
+            return Err(format!("no pool metrics in /metrics: {body}").into());
         }
         return Ok(());
     }

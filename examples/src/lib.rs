@@ -196,3 +196,62 @@ impl Target {
         config
     }
 }
+
+/// Installs, as the global OpenTelemetry meter provider, an SDK provider whose metrics a
+/// Prometheus registry serves; returns the registry. Call it before building connectors: they
+/// take the global provider's meter when built (or give them one with `.meter(..)`).
+///
+/// This is the application's choice, not the library's: the library records through the
+/// `opentelemetry` API only, and any exporter (OTLP, Prometheus, ...) works.
+pub fn install_prometheus_metrics() -> Result<prometheus::Registry, BoxError> {
+    let registry = prometheus::Registry::new();
+    let exporter = opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .build()?;
+    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_reader(exporter)
+        .build();
+    postgres_entra::opentelemetry::global::set_meter_provider(provider);
+    Ok(registry)
+}
+
+/// `registry`'s metrics in the Prometheus text format, as `GET /metrics` serves them.
+pub fn prometheus_text(registry: &prometheus::Registry) -> Result<String, BoxError> {
+    Ok(prometheus::TextEncoder::new().encode_to_string(&registry.gather())?)
+}
+
+/// The samples of Prometheus `text` about pools and tokens, shortened for a terminal: no
+/// histogram buckets, and without the scope, identity and token-scope labels every sample carries.
+pub fn metrics_summary(text: &str) -> Vec<String> {
+    const DROPPED: [&str; 5] = [
+        "otel_scope_name",
+        "otel_scope_version",
+        "otel_scope_schema_url",
+        "postgres_entra_identity",
+        "postgres_entra_scope",
+    ];
+    text.lines()
+        .filter(|line| {
+            (line.starts_with("db_client_connection") || line.starts_with("postgres_entra"))
+                && !line.contains("_bucket{")
+        })
+        .map(|line| {
+            let Some((name, rest)) = line.split_once('{') else {
+                return line.to_owned();
+            };
+            let Some((labels, value)) = rest.rsplit_once('}') else {
+                return line.to_owned();
+            };
+            let kept: Vec<&str> = labels
+                .split("\",")
+                .map(|label| label.trim_end_matches('"'))
+                .filter(|label| !DROPPED.iter().any(|d| label.starts_with(&format!("{d}="))))
+                .collect();
+            if kept.is_empty() {
+                format!("{name}{value}")
+            } else {
+                format!("{name}{{{}\"}}{value}", kept.join("\","))
+            }
+        })
+        .collect()
+}

@@ -26,9 +26,18 @@ pub(crate) fn default_meter() -> Meter {
     )
 }
 
+/// Bucket boundaries for durations in seconds, as OpenTelemetry's semantic conventions advise for
+/// duration histograms (e.g. `http.client.request.duration`); the SDK's default boundaries are
+/// for milliseconds.
+fn duration_boundaries() -> Vec<f64> {
+    vec![
+        0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    ]
+}
+
 /// What a gauge callback reads from the cache: seconds until the current token stops being
-/// handed out, and its age; `None` when the cache is gone.
-pub(crate) type TokenReading = Box<dyn Fn() -> Option<(f64, Option<f64>)> + Send + Sync>;
+/// handed out, and its age; `None` before the first token, or once the cache is gone.
+pub(crate) type TokenReading = Box<dyn Fn() -> Option<(f64, f64)> + Send + Sync>;
 
 /// The token cache's instruments.
 pub(crate) struct TokenMetrics {
@@ -52,7 +61,7 @@ impl TokenMetrics {
             .f64_observable_gauge("postgres_entra.token.time_to_expiry")
             .with_unit("s")
             .with_description(
-                "Seconds until the cached token stops being handed out (0 when there is none)",
+                "Seconds until the cached token stops being handed out (0 once it has; absent before the first token)",
             )
             .with_callback(move |gauge| {
                 if let Some((left, _)) = reader() {
@@ -66,7 +75,7 @@ impl TokenMetrics {
             .with_unit("s")
             .with_description("Seconds since the cached token was received")
             .with_callback(move |gauge| {
-                if let Some((_, Some(age))) = read() {
+                if let Some((_, age)) = read() {
                     gauge.observe(age, &gauge_attributes);
                 }
             })
@@ -82,7 +91,8 @@ impl TokenMetrics {
             request_duration: meter
                 .f64_histogram("postgres_entra.token.request.duration")
                 .with_unit("s")
-                .with_description("How long the token source took to answer, by outcome")
+                .with_description("How long the token source took to answer, by outcome and error.type")
+                .with_boundaries(duration_boundaries())
                 .build(),
             invalidations: meter
                 .u64_counter("postgres_entra.token.invalidations")
@@ -120,21 +130,19 @@ impl TokenMetrics {
         took: Duration,
         failure: Option<TokenErrorKind>,
     ) {
-        let outcome = KeyValue::new(
-            "outcome",
-            if failure.is_some() {
-                "failure"
-            } else {
-                "success"
-            },
-        );
-        let mut attributes = vec![outcome.clone(), KeyValue::new("trigger", trigger)];
+        let outcome = if failure.is_some() {
+            "failure"
+        } else {
+            "success"
+        };
+        let mut attributes = self.with(&[KeyValue::new("postgres_entra.outcome", outcome)]);
         if let Some(kind) = failure {
             attributes.push(KeyValue::new("error.type", kind.as_str()));
         }
-        self.refreshes.add(1, &self.with(&attributes));
         self.request_duration
-            .record(took.as_secs_f64(), &self.with(&[outcome]));
+            .record(took.as_secs_f64(), &attributes);
+        attributes.push(KeyValue::new("postgres_entra.trigger", trigger));
+        self.refreshes.add(1, &attributes);
     }
 
     pub(crate) fn invalidated(&self) {
@@ -223,6 +231,7 @@ impl PoolMetrics {
                 .f64_histogram("db.client.connection.create_time")
                 .with_unit("s")
                 .with_description("The time it took to create a new connection")
+                .with_boundaries(duration_boundaries())
                 .build(),
             meter,
         }

@@ -87,7 +87,10 @@ async fn pool_metrics_follow_connections_made_checkouts_waits_and_timeouts<P: Po
 
     // The token cache's metrics come along, from the same meter.
     assert_eq!(
-        idle.sum("postgres_entra.token.refreshes", &[("outcome", "success")]),
+        idle.sum(
+            "postgres_entra.token.refreshes",
+            &[("postgres_entra.outcome", "success")]
+        ),
         1.0
     );
     for token in emulator.issued_tokens() {

@@ -546,25 +546,16 @@ impl TokenCache {
 
 impl Inner {
     /// What the metrics' gauges read: seconds until the current token stops being handed out (0
-    /// without one), and its age.
+    /// once it has), and its age; nothing before the first token.
     #[cfg(feature = "opentelemetry")]
     fn reading(cache: std::sync::Weak<Inner>) -> crate::metrics::TokenReading {
         Box::new(move || {
             let inner = cache.upgrade()?;
+            let token = inner.current.load_full()?;
             let now = inner.clock.now();
-            Some(match inner.current.load().as_ref() {
-                Some(token) => (
-                    token
-                        .usable_until
-                        .duration_since(now)
-                        .unwrap_or_default()
-                        .as_secs_f64(),
-                    now.duration_since(token.received_at)
-                        .ok()
-                        .map(|age| age.as_secs_f64()),
-                ),
-                None => (0.0, None),
-            })
+            let left = token.usable_until.duration_since(now).unwrap_or_default();
+            let age = now.duration_since(token.received_at).unwrap_or_default();
+            Some((left.as_secs_f64(), age.as_secs_f64()))
         })
     }
 

@@ -71,9 +71,15 @@ async fn a_provider_outage_shows_as_failed_refreshes_and_a_falling_time_to_expir
         "{left_at_start} s left, expected {expected}"
     );
     assert_eq!(start.value(AGE, &ours), Some(0.0));
-    let success = [("outcome", "success"), ("trigger", "caller")];
+    let success = [
+        ("postgres_entra.outcome", "success"),
+        ("postgres_entra.trigger", "caller"),
+    ];
     assert_eq!(start.sum(REFRESHES, &success), 1.0);
-    assert_eq!(start.sum(REFRESHES, &[("outcome", "failure")]), 0.0);
+    assert_eq!(
+        start.sum(REFRESHES, &[("postgres_entra.outcome", "failure")]),
+        0.0
+    );
 
     // The provider goes down; the background refresh (15 minutes before expiry) and its retries
     // fail, while the token keeps being handed out.
@@ -84,8 +90,8 @@ async fn a_provider_outage_shows_as_failed_refreshes_and_a_falling_time_to_expir
     settle().await;
     let early = reader.collect();
     let failed = [
-        ("outcome", "failure"),
-        ("trigger", "background"),
+        ("postgres_entra.outcome", "failure"),
+        ("postgres_entra.trigger", "background"),
         ("error.type", "server_error"),
     ];
     let failures_early = early.sum(REFRESHES, &failed);
@@ -119,8 +125,8 @@ async fn a_provider_outage_shows_as_failed_refreshes_and_a_falling_time_to_expir
     let requests = end.count(DURATION, &ours);
     assert_eq!(requests, u64::from(calls.load(Ordering::SeqCst)));
     assert_eq!(
-        end.count(DURATION, &[("outcome", "failure")]) as f64,
-        end.sum(REFRESHES, &[("outcome", "failure")])
+        end.count(DURATION, &[("postgres_entra.outcome", "failure")]) as f64,
+        end.sum(REFRESHES, &[("postgres_entra.outcome", "failure")])
     );
     assert!(!end.text().contains("secret-token"), "{}", end.text());
 }
@@ -160,7 +166,10 @@ async fn logins_with_a_real_credential_are_counted_with_a_readable_identity_and_
         identity.starts_with("ClientSecretCredential") && identity.contains(&sp.client_id),
         "{identity}"
     );
-    assert_eq!(metrics.sum(REFRESHES, &[("outcome", "success")]), 1.0);
+    assert_eq!(
+        metrics.sum(REFRESHES, &[("postgres_entra.outcome", "success")]),
+        1.0
+    );
     assert_eq!(metrics.sum("postgres_entra.login.rejections", &[]), 0.0);
     let text = metrics.text();
     let secret = sp.client_secret.as_deref().unwrap();
@@ -205,11 +214,17 @@ async fn a_refused_login_counts_a_rejection_a_retry_and_an_invalidation() {
     assert_eq!(
         metrics.sum(
             REFRESHES,
-            &[("trigger", "rejected"), ("outcome", "success")]
+            &[
+                ("postgres_entra.trigger", "rejected"),
+                ("postgres_entra.outcome", "success")
+            ]
         ),
         1.0
     );
-    assert_eq!(metrics.sum(REFRESHES, &[("trigger", "caller")]), 1.0);
+    assert_eq!(
+        metrics.sum(REFRESHES, &[("postgres_entra.trigger", "caller")]),
+        1.0
+    );
     for token in emulator.issued_tokens() {
         assert!(!metrics.text().contains(&token), "a token leaked");
     }
@@ -249,7 +264,10 @@ async fn an_entra_outage_seen_by_a_real_credential_counts_failures_as_the_token_
     tokio::time::sleep(Duration::from_millis(500)).await;
     let second = reader.collect();
 
-    let failed = [("outcome", "failure"), ("error.type", "server_error")];
+    let failed = [
+        ("postgres_entra.outcome", "failure"),
+        ("error.type", "server_error"),
+    ];
     let (before, after) = (
         first.sum(REFRESHES, &failed),
         second.sum(REFRESHES, &failed),
