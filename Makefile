@@ -24,6 +24,9 @@ clippy:
 	$(CARGO) clippy -p postgres-entra --all-targets --all-features --locked -- -D warnings
 	# The libraries as users build them by default: the tests' features (opentelemetry, test-util) off.
 	$(CARGO) clippy -p postgres-entra -p postgres-entra-deadpool -p postgres-entra-bb8 --lib --locked -- -D warnings
+	# The published crates' docs, links included, with and without the optional features.
+	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked -p postgres-entra -p postgres-entra-deadpool -p postgres-entra-bb8
+	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked -p postgres-entra -p postgres-entra-deadpool -p postgres-entra-bb8 --features postgres-entra/opentelemetry,postgres-entra-deadpool/opentelemetry,postgres-entra-bb8/opentelemetry
 
 build:
 	$(CARGO) build --workspace --all-targets --locked

@@ -3,7 +3,7 @@
 //! criterion, as samples, and paired with a baseline.
 
 use azure_core::credentials::TokenCredential;
-use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots};
+use postgres_entra::{AzureTokenSource, EntraConnector, EntraConnectorBuilder, TlsRoots};
 use postgres_entra_testkit::{Emulator, Endpoint};
 use std::future::Future;
 use std::sync::Arc;
@@ -35,6 +35,16 @@ pub(crate) struct Bench {
     pub(crate) recorder: Recorder,
 }
 
+/// The service principal's connector, trusting the emulator's CA.
+fn connector_builder(
+    emulator: &Emulator,
+    credential: &Arc<dyn TokenCredential>,
+) -> EntraConnectorBuilder {
+    EntraConnector::builder(AzureTokenSource::new(credential.clone()))
+        .role_name(emulator.service_principal().role_name)
+        .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+}
+
 impl Bench {
     pub(crate) fn new() -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -51,11 +61,7 @@ impl Bench {
             .unwrap();
         let sp = emulator.service_principal();
         let credential: Arc<dyn TokenCredential> = emulator.client_secret_credential(&sp).unwrap();
-        let connector = EntraConnector::builder(AzureTokenSource::new(credential.clone()))
-            .role_name(&sp.role_name)
-            .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
-            .build()
-            .unwrap();
+        let connector = connector_builder(&emulator, &credential).build().unwrap();
         let tls = emulator.tls().unwrap();
         let mut static_config = emulator.pg_config(STATIC_ROLE);
         static_config.password(STATIC_PASSWORD);
@@ -70,6 +76,11 @@ impl Bench {
             token_config,
             recorder: Recorder::default(),
         }
+    }
+
+    /// A connector like [`Bench::connector`] (its own token cache), to finish building.
+    pub(crate) fn connector_builder(&self) -> EntraConnectorBuilder {
+        connector_builder(&self.emulator, &self.credential)
     }
 
     /// Runs `op` `iters` times and returns the total time: criterion's `iter_custom`.
@@ -114,13 +125,31 @@ impl Bench {
             .set_latency(Endpoint::Token, Duration::from_millis(ms));
     }
 
-    /// Measures `candidate` against `baseline` in alternating chunks, so that drift over the run
-    /// (a shared machine, sockets piling up in TIME_WAIT) weighs on both alike, and records both
-    /// for the summary: the candidate's ratios compare with the baseline samples taken beside it.
+    /// Measures `candidate` against the static-password `baseline` in alternating chunks, so
+    /// that drift over the run (a shared machine, sockets piling up in TIME_WAIT) weighs on both
+    /// alike, and records both for the summary: the candidate's ratios compare with the baseline
+    /// samples taken beside it.
     pub(crate) fn paired<B, BF, C, CF>(
         &self,
         operation: &str,
         baseline: B,
+        candidate: (&str, C),
+        rounds: usize,
+        chunk: usize,
+    ) where
+        B: Fn() -> BF,
+        BF: Future<Output = ()>,
+        C: Fn() -> CF,
+        CF: Future<Output = ()>,
+    {
+        self.paired_with(operation, (BASELINE, baseline), candidate, rounds, chunk);
+    }
+
+    /// [`Bench::paired`] with another baseline, named `base_strategy`.
+    pub(crate) fn paired_with<B, BF, C, CF>(
+        &self,
+        operation: &str,
+        (base_strategy, baseline): (&str, B),
         (strategy, candidate): (&str, C),
         rounds: usize,
         chunk: usize,
@@ -148,9 +177,9 @@ impl Bench {
                 }
             }
         });
-        self.recorder.record(operation, BASELINE, base.clone());
+        self.recorder.record(operation, base_strategy, base.clone());
         self.recorder
-            .record_requests(operation, BASELINE, base_requests);
+            .record_requests(operation, base_strategy, base_requests);
         self.recorder.record_paired(operation, strategy, ours, base);
         self.recorder.record_requests(operation, strategy, requests);
     }

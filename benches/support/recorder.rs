@@ -130,15 +130,20 @@ impl Recorder {
         self.row_figures(operation, strategy, |row| &row.samples)
     }
 
-    /// The summary as Markdown: one row per strategy, with ratios to `baseline` (the strategy
-    /// measured as the physical limit in the same run) where the operation has one.
+    /// The summary as Markdown: one row per strategy, with ratios to the baseline samples taken
+    /// beside it, or else to the operation's `baseline` row (the strategy measured as the
+    /// physical limit in the same run).
     pub(crate) fn markdown(&self, baseline: &str, machine: &str) -> String {
         let rows = self.rows.lock().unwrap();
         let mut out = String::new();
         let _ = writeln!(out, "Measured on {machine}.\n");
         let _ = writeln!(
             out,
-            "| operation | strategy | median | p99 | ops/s | median ÷ {baseline} | p99 ÷ {baseline} | provider requests per 1,000 ops |"
+            "Ratios are to the {baseline} measured alternately with each row, except in the metrics rows: there, to the same pool with metrics off.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| operation | strategy | median | p99 | ops/s | median ÷ baseline | p99 ÷ baseline | provider requests per 1,000 ops |"
         );
         let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
         for ((_, operation, strategy), row) in rows.iter() {

@@ -57,6 +57,7 @@ fn main() {
     report.push('\n');
     for line in connect::targets(&bench.recorder)
         .into_iter()
+        .chain(pool::targets(&bench.recorder, &pools))
         .chain(cache::targets(&bench.recorder))
     {
         report.push_str(&format!("- {line}\n"));

@@ -1,25 +1,37 @@
 //! Pool churn: a checkout and `select 1` from deadpool and bb8 pools whose connections retire
 //! every 50 ms, so that a good share of checkouts open a new connection: with a static password
-//! and with tokens from the cache, in the same run.
+//! and with tokens from the cache, in the same run; and with tokens, metrics on (an
+//! OpenTelemetry SDK provider) against metrics off (no provider: the API's no-op meter).
 
 use criterion::{BenchmarkId, Criterion};
-use postgres_entra_bb8::EntraConnectionManager;
-use postgres_entra_deadpool::{PoolOptions, max_age, pool_builder};
+use postgres_entra::EntraConnector;
+use postgres_entra_bb8::{EntraConnectionManager, PoolObservation};
+use postgres_entra_deadpool::{PoolOptions, max_age, observe_pool, pool_builder};
+use postgres_entra_testkit::MetricsReader;
 use std::time::Duration;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::support::harness::{BASELINE, Bench, STATIC_PASSWORD, STATIC_ROLE};
+use crate::support::recorder::Recorder;
 
 const POOL_MAX_AGE: Duration = Duration::from_millis(50);
 const DEADPOOL: &str = "deadpool checkout + select 1 (max age 50 ms)";
 const BB8: &str = "bb8 checkout + select 1 (max lifetime 50 ms)";
+const DEADPOOL_METRICS: &str = "deadpool checkout + select 1 (max age 50 ms), metrics";
+const BB8_METRICS: &str = "bb8 checkout + select 1 (max lifetime 50 ms), metrics";
+const METRICS_OFF: &str = "cached token, metrics off";
+const METRICS_ON: &str = "cached token, metrics on";
 
-/// Each library with a static password and with tokens.
+/// Each library with a static password and with tokens, and with tokens and metrics.
 pub(crate) struct Pools {
     deadpool_static: deadpool_postgres::Pool,
     deadpool_token: deadpool_postgres::Pool,
+    deadpool_metered: deadpool_postgres::Pool,
     bb8_static: bb8::Pool<bb8_postgres::PostgresConnectionManager<MakeRustlsConnect>>,
     bb8_token: bb8::Pool<EntraConnectionManager>,
+    bb8_metered: bb8::Pool<EntraConnectionManager>,
+    _bb8_observed: PoolObservation,
+    metrics: MetricsReader,
 }
 
 async fn select_1(client: &tokio_postgres::Client) {
@@ -60,14 +72,29 @@ impl Pools {
             .pre_recycle(max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5))
             .build()
             .unwrap();
-        let deadpool_token = pool_builder(
-            &deadpool_config("orders-api"),
-            bench.connector.clone(),
-            PoolOptions::new().max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5),
-        )
-        .unwrap()
-        .build()
-        .unwrap();
+        let deadpool_with = |connector: &EntraConnector, name: &str| {
+            let pool = pool_builder(
+                &deadpool_config("orders-api"),
+                connector.clone(),
+                PoolOptions::new()
+                    .max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5)
+                    .pool_name(name),
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+            observe_pool(&pool, connector, name);
+            pool
+        };
+        // No meter provider is installed: the connector's meter is the API's no-op one.
+        let deadpool_token = deadpool_with(&bench.connector, "deadpool");
+        let metrics = MetricsReader::new();
+        let metered = bench
+            .connector_builder()
+            .meter(metrics.meter())
+            .build()
+            .unwrap();
+        let deadpool_metered = deadpool_with(&metered, "deadpool");
         fn bb8_builder<M: bb8::ManageConnection>() -> bb8::Builder<M> {
             bb8::Pool::builder()
                 .max_size(4)
@@ -82,18 +109,29 @@ impl Pools {
                 )),
             )
             .unwrap();
-        let manager =
-            EntraConnectionManager::new(bench.token_config.clone(), bench.connector.clone())
+        let bb8_with = |connector: &EntraConnector| {
+            let manager =
+                EntraConnectionManager::new(bench.token_config.clone(), connector.clone())
+                    .unwrap()
+                    .pool_name("bb8");
+            let pool = bench
+                .runtime
+                .block_on(bb8_builder().build(manager.clone()))
                 .unwrap();
-        let bb8_token = bench
-            .runtime
-            .block_on(bb8_builder().build(manager))
-            .unwrap();
+            let observed = manager.observe(&pool);
+            (pool, observed)
+        };
+        let (bb8_token, _no_op) = bb8_with(&bench.connector);
+        let (bb8_metered, _bb8_observed) = bb8_with(&metered);
         Self {
             deadpool_static,
             deadpool_token,
+            deadpool_metered,
             bb8_static,
             bb8_token,
+            bb8_metered,
+            _bb8_observed,
+            metrics,
         }
     }
 }
@@ -134,4 +172,47 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
         rounds,
         250,
     );
+    bench.paired_with(
+        DEADPOOL_METRICS,
+        (METRICS_OFF, || checkout_deadpool(&pools.deadpool_token)),
+        (METRICS_ON, || checkout_deadpool(&pools.deadpool_metered)),
+        rounds,
+        250,
+    );
+    bench.paired_with(
+        BB8_METRICS,
+        (METRICS_OFF, || checkout_bb8(&pools.bb8_token)),
+        (METRICS_ON, || checkout_bb8(&pools.bb8_metered)),
+        rounds,
+        250,
+    );
+}
+
+/// The metrics target, and what the metered pools recorded (so "on" is seen to be on).
+pub(crate) fn targets(recorder: &Recorder, pools: &Pools) -> Vec<String> {
+    let ratio = |operation: &str| {
+        let on = recorder.figures(operation, METRICS_ON)?;
+        let off = recorder.paired_baseline(operation, METRICS_ON)?;
+        Some(on.median.as_secs_f64() / off.median.as_secs_f64().max(1e-12))
+    };
+    let (Some(deadpool), Some(bb8)) = (ratio(DEADPOOL_METRICS), ratio(BB8_METRICS)) else {
+        return Vec::new();
+    };
+    let collected = pools.metrics.collect();
+    let created = |pool: &str| {
+        collected.count(
+            "db.client.connection.create_time",
+            &[("db.client.connection.pool.name", pool)],
+        )
+    };
+    vec![format!(
+        "pool churn, metrics on ÷ off (median): deadpool {deadpool:.3}, bb8 {bb8:.3} (target ≤ 1.02: {}); with metrics on, the SDK recorded {} deadpool and {} bb8 connections made",
+        if deadpool.max(bb8) <= 1.02 {
+            "met"
+        } else {
+            "missed"
+        },
+        created("deadpool"),
+        created("bb8"),
+    )]
 }

@@ -229,7 +229,7 @@ pub fn entra_error<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a Error>
 /// the token (deadpool would otherwise take `$USER`).
 ///
 /// With the `opentelemetry` feature, the pool's connections record
-/// `db.client.connection.create_time`; call [`observe_pool`] once the pool is built for its
+/// `db.client.connection.create_time`; call `observe_pool` once the pool is built for its
 /// connection counts ([`create_pool_with`] does both).
 pub fn pool_builder(
     config: &Config,
@@ -291,7 +291,7 @@ pub fn create_pool(config: &Config, connector: EntraConnector) -> Result<Pool, E
 }
 
 /// [`create_pool`] with `options`, e.g. `PoolOptions::new().max_age(..)`. With the
-/// `opentelemetry` feature, the pool's metrics are recorded (see [`observe_pool`]).
+/// `opentelemetry` feature, the pool's metrics are recorded (see `observe_pool`).
 pub fn create_pool_with(
     config: &Config,
     connector: EntraConnector,
