@@ -10,7 +10,7 @@
 
 use deadpool_postgres::Hook;
 use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink};
-use postgres_entra_deadpool::{PoolOptions, observe_pool, pool_builder};
+use postgres_entra_deadpool::{PoolOptions, create_pool_customized};
 use postgres_entra_examples::{
     BoxError, Target, install_prometheus_metrics, metrics_summary, prometheus_text,
 };
@@ -107,19 +107,19 @@ async fn main() -> Result<(), BoxError> {
 
     let deadpool_created = Arc::new(AtomicU64::new(0));
     let created = deadpool_created.clone();
-    let deadpool = pool_builder(
+    let deadpool = create_pool_customized(
         &target.deadpool_config(POOL_SIZE),
         target.connector.clone(),
         PoolOptions::new()
             .max_age(MAX_AGE, MAX_AGE / 4)
             .pool_name("deadpool"),
-    )?
-    .post_create(Hook::sync_fn(move |_, _| {
-        created.fetch_add(1, Relaxed);
-        Ok(())
-    }))
-    .build()?;
-    observe_pool(&deadpool, &target.connector, "deadpool");
+        |builder| {
+            builder.post_create(Hook::sync_fn(move |_, _| {
+                created.fetch_add(1, Relaxed);
+                Ok(())
+            }))
+        },
+    )?;
     let bb8_errors = LastErrorSink::new();
     let bb8_manager =
         EntraConnectionManager::new(target.pg_config.clone(), target.connector.clone())?

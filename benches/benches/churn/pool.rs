@@ -6,7 +6,7 @@
 use criterion::{BenchmarkId, Criterion};
 use postgres_entra::EntraConnector;
 use postgres_entra_bb8::{EntraConnectionManager, PoolObservation};
-use postgres_entra_deadpool::{PoolOptions, max_age, observe_pool, pool_builder};
+use postgres_entra_deadpool::{PoolOptions, create_pool_with, max_age};
 use postgres_entra_testkit::MetricsReader;
 use std::time::Duration;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -42,12 +42,17 @@ async fn checkout_deadpool(pool: &deadpool_postgres::Pool) {
     select_1(&pool.get().await.unwrap()).await;
 }
 
+/// A bb8 pool of either manager: `bb8-postgres`'s hands out `Client`s, ours `EntraClient`s
+/// (which dereference to one).
 async fn checkout_bb8<M>(pool: &bb8::Pool<M>)
 where
-    M: bb8::ManageConnection<Connection = tokio_postgres::Client>,
+    M: bb8::ManageConnection,
+    M::Connection: std::borrow::Borrow<tokio_postgres::Client>,
     M::Error: std::fmt::Debug,
 {
-    select_1(&pool.get().await.unwrap()).await;
+    use std::borrow::Borrow;
+    let connection = pool.get().await.unwrap();
+    select_1((*connection).borrow()).await;
 }
 
 impl Pools {
@@ -73,7 +78,7 @@ impl Pools {
             .build()
             .unwrap();
         let deadpool_with = |connector: &EntraConnector, name: &str| {
-            let pool = pool_builder(
+            create_pool_with(
                 &deadpool_config("orders-api"),
                 connector.clone(),
                 PoolOptions::new()
@@ -81,10 +86,6 @@ impl Pools {
                     .pool_name(name),
             )
             .unwrap()
-            .build()
-            .unwrap();
-            observe_pool(&pool, connector, name);
-            pool
         };
         // No meter provider is installed: the connector's meter is the API's no-op one.
         let deadpool_token = deadpool_with(&bench.connector, "deadpool");

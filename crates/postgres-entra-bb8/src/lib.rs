@@ -1,6 +1,9 @@
 #![doc = include_str!("../README.md")]
 
+use std::fmt;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 // The public interface is:
 #[cfg(feature = "azure")]
@@ -10,11 +13,76 @@ pub use postgres_entra;
 pub use postgres_entra::tokio_postgres;
 #[cfg(feature = "azure")]
 pub use postgres_entra::{AzureTokenSource, azure_core};
-pub use postgres_entra::{CacheOptions, Cloud, EntraConnector, Error, TlsRoots, TokenCache};
+pub use postgres_entra::{
+    CacheOptions, Cloud, EntraConnector, Error, TlsRoots, TokenBound, TokenCache,
+};
 #[cfg(feature = "opentelemetry")]
 pub use postgres_entra::{metrics::PoolMetrics, opentelemetry};
 
+use postgres_entra::{Session, Sessions};
 use tokio_postgres::Client;
+
+/// A connection of the pool: a `tokio_postgres::Client` (it dereferences to one, so
+/// `conn.query(..)`, `&*conn` where a `&Client` is wanted, and `conn.transaction()` work as with
+/// `bb8-postgres`), with the login token's expiry the pool retires it by.
+pub struct EntraClient {
+    client: Client,
+    session: Session,
+}
+
+impl EntraClient {
+    /// When the token this connection logged in with expires.
+    pub fn token_expires_on(&self) -> SystemTime {
+        self.session.token_expires_on()
+    }
+
+    /// When the pool retires this connection (if its manager bounds sessions by their token).
+    pub fn retire_at(&self) -> Option<SystemTime> {
+        self.session.retire_at()
+    }
+
+    /// The `tokio_postgres::Client`, out of the pool's accounting.
+    pub fn into_inner(self) -> Client {
+        self.client
+    }
+}
+
+impl Deref for EntraClient {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl DerefMut for EntraClient {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+impl AsRef<Client> for EntraClient {
+    fn as_ref(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// For code generic over bb8 managers of `Client`s (`bb8-postgres`'s and this one):
+/// `M::Connection: Borrow<Client>` holds for both.
+impl std::borrow::Borrow<Client> for EntraClient {
+    fn borrow(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl fmt::Debug for EntraClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EntraClient")
+            .field("closed", &self.client.is_closed())
+            .field("session", &self.session)
+            .finish()
+    }
+}
 
 /// A bb8 connection manager whose connections log in with Entra ID access tokens.
 ///
@@ -25,6 +93,7 @@ use tokio_postgres::Client;
 pub struct EntraConnectionManager {
     config: tokio_postgres::Config,
     connector: EntraConnector,
+    sessions: Sessions,
     #[cfg(feature = "opentelemetry")]
     metrics: PoolMetrics,
 }
@@ -41,7 +110,29 @@ impl EntraConnectionManager {
             metrics: PoolMetrics::new(&connector, PoolMetrics::default_name(&config)),
             config,
             connector,
+            sessions: Sessions::new(Some(TokenBound::default())),
         })
+    }
+
+    /// Retire each connection once the token it logged in with has expired, as `bound` says
+    /// (grace, jitter), or never for `None` (sessions then outlive their token until bb8 drops
+    /// them). Default: [`TokenBound::default`]. Set it before building the pool.
+    ///
+    /// A connection is retired when it is returned, or when it is checked out (with bb8's
+    /// default `test_on_check_out`): then it is replaced in place by a new login, so the checkout
+    /// gets a fresh connection and never fails because of it (only a failing new login is an
+    /// error, as for any new connection). bb8's reaper knows only `max_lifetime` and
+    /// `idle_timeout`: an idle connection nobody checks out stays open until one of them (or a
+    /// checkout) ends it, so set `idle_timeout` to bound idle sessions too.
+    #[must_use]
+    pub fn token_bound(mut self, bound: Option<TokenBound>) -> Self {
+        self.sessions = Sessions::new(bound);
+        self
+    }
+
+    /// The pool's open connections and the tokens they logged in with.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
     }
 
     /// The pool's name in its metrics (`db.client.connection.pool.name`; feature
@@ -74,6 +165,7 @@ impl EntraConnectionManager {
     /// ```
     #[cfg(feature = "opentelemetry")]
     pub fn observe(&self, pool: &bb8::Pool<Self>) -> PoolObservation {
+        self.metrics.track(&self.sessions);
         let slot = Arc::new(Mutex::new(Some(pool.clone())));
         let read = slot.clone();
         self.metrics.observe(move || {
@@ -99,6 +191,33 @@ impl EntraConnectionManager {
         &self.connector
     }
 
+    /// Opens a connection, logged in and registered with the pool's sessions.
+    async fn open(&self) -> Result<EntraClient, Error> {
+        #[cfg(feature = "opentelemetry")]
+        let started = std::time::Instant::now();
+        match self.connector.connect(&self.config).await {
+            Ok((client, connection)) => {
+                #[cfg(feature = "opentelemetry")]
+                self.metrics.record_create_time(started.elapsed());
+                let session = self.sessions.open(
+                    connection.token_received_at(),
+                    connection.token_expires_on(),
+                );
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "PostgreSQL connection ended with an error");
+                    }
+                });
+                Ok(EntraClient { client, session })
+            }
+            Err(error) => {
+                // bb8 reports only a timeout to the caller; say here what went wrong.
+                tracing::warn!(%error, "bb8 could not open a connection");
+                Err(error)
+            }
+        }
+    }
+
     /// Opens one connection and closes it: the startup check. bb8's `get()` retries a failing
     /// connect until `connection_timeout` and then reports only `RunError::TimedOut`; this
     /// returns the reason at once: an untrusted certificate, a missing role, an identity
@@ -114,38 +233,34 @@ impl EntraConnectionManager {
 }
 
 impl bb8::ManageConnection for EntraConnectionManager {
-    type Connection = Client;
+    type Connection = EntraClient;
     type Error = Error;
 
-    async fn connect(&self) -> Result<Client, Error> {
-        #[cfg(feature = "opentelemetry")]
-        let started = std::time::Instant::now();
-        match self.connector.connect(&self.config).await {
-            Ok((client, connection)) => {
-                #[cfg(feature = "opentelemetry")]
-                self.metrics.record_create_time(started.elapsed());
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "PostgreSQL connection ended with an error");
-                    }
-                });
-                Ok(client)
-            }
-            Err(error) => {
-                // bb8 reports only a timeout to the caller; say here what went wrong.
-                tracing::warn!(%error, "bb8 could not open a connection");
-                Err(error)
-            }
-        }
+    async fn connect(&self) -> Result<EntraClient, Error> {
+        self.open().await
     }
 
-    async fn is_valid(&self, client: &mut Client) -> Result<(), Error> {
-        client.simple_query("").await?;
+    async fn is_valid(&self, conn: &mut EntraClient) -> Result<(), Error> {
+        if conn.session.is_due() {
+            // Replaced in place: bb8 would report a failed check to its error sink, and a
+            // retirement is not an error.
+            conn.session.retired();
+            *conn = self.open().await?;
+            return Ok(());
+        }
+        conn.client.simple_query("").await?;
         Ok(())
     }
 
-    fn has_broken(&self, client: &mut Client) -> bool {
-        client.is_closed()
+    fn has_broken(&self, conn: &mut EntraClient) -> bool {
+        if conn.client.is_closed() {
+            return true;
+        }
+        if conn.session.is_due() {
+            conn.session.retired();
+            return true;
+        }
+        false
     }
 }
 

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::hash::BuildHasher;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -22,24 +23,65 @@ pub use postgres_entra;
 pub use postgres_entra::tokio_postgres;
 #[cfg(feature = "azure")]
 pub use postgres_entra::{AzureTokenSource, azure_core};
-pub use postgres_entra::{CacheOptions, Cloud, EntraConnector, Error, TlsRoots, TokenCache};
+pub use postgres_entra::{
+    CacheOptions, Cloud, EntraConnector, Error, TlsRoots, TokenBound, TokenCache,
+};
 #[cfg(feature = "opentelemetry")]
 pub use postgres_entra::{metrics::PoolMetrics, opentelemetry};
 
-/// How the pool retires connections, beyond deadpool's own settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+mod sessions;
+
+use crate::sessions::Tracker;
+
+/// How the pool retires connections, beyond deadpool's own settings, and names itself in metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PoolOptions {
     max_age: Option<Duration>,
     max_age_jitter: Duration,
+    token_bound: Option<TokenBound>,
+    reap_interval: Duration,
     #[cfg(feature = "opentelemetry")]
     pool_name: Option<String>,
 }
 
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            max_age: None,
+            max_age_jitter: Duration::ZERO,
+            token_bound: Some(TokenBound::default()),
+            reap_interval: Duration::from_secs(30),
+            #[cfg(feature = "opentelemetry")]
+            pool_name: None,
+        }
+    }
+}
+
 impl PoolOptions {
-    /// No retirement beyond deadpool's own recycling.
+    /// Sessions bounded by their login token ([`TokenBound::default`]: retired up to five
+    /// minutes after the token expires), checked every 30 seconds; no other retirement beyond
+    /// deadpool's own recycling.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Retire each connection once the token it logged in with has expired, as `bound` says
+    /// (grace, jitter), or never for `None` (sessions then outlive their token until deadpool
+    /// drops them). An idle connection is retired when it is checked out or at the next periodic
+    /// check ([`PoolOptions::reap_interval`]), a busy one once it is back in the pool; a checkout
+    /// never fails because of it. Default: [`TokenBound::default`].
+    #[must_use]
+    pub fn token_bound(mut self, bound: Option<TokenBound>) -> Self {
+        self.token_bound = bound;
+        self
+    }
+
+    /// How often idle connections are checked against their token's bound (default 30 s).
+    #[must_use]
+    pub fn reap_interval(mut self, interval: Duration) -> Self {
+        self.reap_interval = interval;
+        self
     }
 
     /// Retire connections when they are recycled once they are older than `max_age` minus up to
@@ -62,6 +104,11 @@ impl PoolOptions {
     }
 
     fn check(&self) -> Result<(), Error> {
+        if self.token_bound.is_some() && self.reap_interval.is_zero() {
+            return Err(Error::config(
+                "a reap_interval of zero would check the pool without pause",
+            ));
+        }
         match self.max_age {
             Some(age) if age.is_zero() => Err(Error::config(
                 "a max_age of zero would retire every connection at once",
@@ -79,6 +126,7 @@ impl PoolOptions {
 #[derive(Clone)]
 struct EntraConnect {
     connector: EntraConnector,
+    tracker: Arc<Tracker>,
     #[cfg(feature = "opentelemetry")]
     metrics: PoolMetrics,
 }
@@ -114,6 +162,7 @@ impl Connect for EntraConnect {
                 Ok((client, connection)) => {
                     #[cfg(feature = "opentelemetry")]
                     self.metrics.record_create_time(started.elapsed());
+                    self.tracker.arrived(&connection);
                     let task = tokio::spawn(async move {
                         if let Err(error) = connection.await {
                             tracing::debug!(%error, "PostgreSQL connection ended with an error");
@@ -220,30 +269,11 @@ pub fn entra_error<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a Error>
     None
 }
 
-/// A pool builder for the user's `deadpool_postgres::Config` (pool size, timeouts, recycling
-/// method, ...) whose connections log in with Entra ID tokens, on the Tokio runtime, with
-/// `options`' retirement hook; add hooks of your own before building.
-///
-/// The connection settings are checked here (TLS, host, cloud): a mistake fails now, not at the
-/// first checkout. When the configuration names no user, the role comes from the connector or
-/// the token (deadpool would otherwise take `$USER`).
-///
-/// With the `opentelemetry` feature, the pool's connections record
-/// `db.client.connection.create_time`; call `observe_pool` once the pool is built for its
-/// connection counts ([`create_pool_with`] does both).
-pub fn pool_builder(
-    config: &Config,
-    connector: EntraConnector,
-    options: PoolOptions,
-) -> Result<PoolBuilder, Error> {
-    Ok(builder_and_connect(config, connector, options)?.0)
-}
-
-/// The pool builder, and the `Connect` it uses.
+/// The pool builder, its `Connect`, and the options the pool is finished with.
 fn builder_and_connect(
     config: &Config,
     connector: EntraConnector,
-    options: PoolOptions,
+    options: &PoolOptions,
 ) -> Result<(PoolBuilder, EntraConnect), Error> {
     options.check()?;
     let mut pg_config = config
@@ -253,6 +283,7 @@ fn builder_and_connect(
         pg_config.user("");
     }
     connector.prepare(&pg_config)?;
+    let tracker = Tracker::new(postgres_entra::Sessions::new(options.token_bound));
     let connect = EntraConnect {
         #[cfg(feature = "opentelemetry")]
         metrics: PoolMetrics::new(
@@ -263,11 +294,16 @@ fn builder_and_connect(
                 .unwrap_or_else(|| PoolMetrics::default_name(&pg_config)),
         ),
         connector,
+        tracker: tracker.clone(),
     };
     let manager = Manager::from_connect(pg_config, connect.clone(), config.get_manager_config());
     let mut builder = Pool::builder(manager)
         .config(config.get_pool_config())
-        .runtime(Runtime::Tokio1);
+        .runtime(Runtime::Tokio1)
+        .post_create(tracker.hook_post_create());
+    if options.token_bound.is_some() {
+        builder = builder.pre_recycle(tracker.hook_pre_recycle());
+    }
     if let Some(age) = options.max_age {
         builder = builder.pre_recycle(max_age(age, options.max_age_jitter));
     }
@@ -290,34 +326,53 @@ pub fn create_pool(config: &Config, connector: EntraConnector) -> Result<Pool, E
     create_pool_with(config, connector, PoolOptions::default())
 }
 
-/// [`create_pool`] with `options`, e.g. `PoolOptions::new().max_age(..)`. With the
-/// `opentelemetry` feature, the pool's metrics are recorded (see `observe_pool`).
+/// [`create_pool`] with `options`: retirement (`PoolOptions::new().max_age(..)`,
+/// [`PoolOptions::token_bound`]) and, with the `opentelemetry` feature, the pool's name in its
+/// metrics.
 pub fn create_pool_with(
     config: &Config,
     connector: EntraConnector,
     options: PoolOptions,
 ) -> Result<Pool, Error> {
-    let (builder, _connect) = builder_and_connect(config, connector, options)?;
-    let pool = builder
-        .build()
-        .map_err(|e| Error::config_from(format!("building the deadpool pool: {e}"), e))?;
-    #[cfg(feature = "opentelemetry")]
-    observe(&pool, &_connect.metrics);
-    Ok(pool)
+    create_pool_customized(config, connector, options, |builder| builder)
 }
 
-/// Observes a pool built from [`pool_builder`] through `connector`'s meter, under `pool_name`
-/// (give the name you gave [`PoolOptions::pool_name`], or [`PoolMetrics::default_name`] of its
-/// connection settings): `db.client.connection.count` (idle, used), `db.client.connection.max`
-/// and `db.client.connection.pending_requests`, read from `Pool::status` when metrics are
-/// collected, for as long as the pool lives. Observe each pool once.
+/// [`create_pool_with`], letting `customize` change deadpool's pool builder before the pool is
+/// built: hooks of your own (`post_create`, `pre_recycle`, `post_recycle`, which run after this
+/// crate's), queue mode, or settings not in your `Config`.
 ///
+/// The connection settings are checked here (TLS, host, cloud): a mistake fails now, not at the
+/// first checkout. When the configuration names no user, the role comes from the connector or
+/// the token (deadpool would otherwise take `$USER`). Call it within a Tokio runtime: a task of
+/// it retires idle connections past their token's bound.
+///
+/// With the `opentelemetry` feature the pool records, through its connector's meter, under
+/// `db.client.connection.pool.name`: `db.client.connection.count` (idle, used),
+/// `db.client.connection.max` and `db.client.connection.pending_requests` (read from
+/// `Pool::status` when metrics are collected), `db.client.connection.create_time`, and the
+/// sessions' `postgres_entra.connection.retired` and `postgres_entra.connection.oldest_token_age`.
 /// deadpool keeps no count of checkout timeouts and has no hook around a checkout, so
 /// `db.client.connection.timeouts`, `wait_time` and `use_time` are not recorded: a checkout
 /// timeout is the `PoolError::Timeout` your code receives.
-#[cfg(feature = "opentelemetry")]
-pub fn observe_pool(pool: &Pool, connector: &EntraConnector, pool_name: &str) {
-    observe(pool, &PoolMetrics::new(connector, pool_name));
+pub fn create_pool_customized(
+    config: &Config,
+    connector: EntraConnector,
+    options: PoolOptions,
+    customize: impl FnOnce(PoolBuilder) -> PoolBuilder,
+) -> Result<Pool, Error> {
+    let (builder, connect) = builder_and_connect(config, connector, &options)?;
+    let pool = customize(builder)
+        .build()
+        .map_err(|e| Error::config_from(format!("building the deadpool pool: {e}"), e))?;
+    if options.token_bound.is_some() {
+        connect.tracker.start_reaper(&pool, options.reap_interval);
+    }
+    #[cfg(feature = "opentelemetry")]
+    {
+        observe(&pool, &connect.metrics);
+        connect.metrics.track(&connect.tracker.sessions);
+    }
+    Ok(pool)
 }
 
 #[cfg(feature = "opentelemetry")]

@@ -21,6 +21,8 @@ pub struct LoginAttempt {
     pub role: String,
     /// `Ok` when the token was accepted, otherwise why it was refused.
     pub outcome: Result<(), Rejection>,
+    /// When the server checked it.
+    pub at: std::time::Instant,
 }
 
 /// State shared by the mock endpoints, the LDAP responder and the emulator handle.
@@ -146,6 +148,7 @@ impl Shared {
         self.logins.lock().expect("logins lock").push(LoginAttempt {
             role: role.to_owned(),
             outcome: outcome.clone(),
+            at: std::time::Instant::now(),
         });
         outcome
     }

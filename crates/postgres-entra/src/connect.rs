@@ -7,6 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 use tokio_postgres::config::{ChannelBinding, Host, SslMode};
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{AsyncMessage, Client, Config, Socket};
@@ -24,12 +25,27 @@ type TlsStream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
 
 /// The connection half of a login made by [`EntraConnector::connect`]: it drives the socket and
 /// must be spawned (or polled), as with `tokio_postgres::connect`. Resolves when the connection
-/// closes.
+/// closes. It also tells which token the connection logged in with (when that token was received
+/// and when it expires), so that a pool can retire the session once the token has expired (see
+/// [`crate::Sessions`]).
 pub struct Connection {
     inner: tokio_postgres::Connection<Socket, TlsStream>,
+    token_received_at: SystemTime,
+    token_expires_on: SystemTime,
 }
 
 impl Connection {
+    /// When the token this connection logged in with expires. The server checks the token only
+    /// at login: the session itself outlives it unless something retires it.
+    pub fn token_expires_on(&self) -> SystemTime {
+        self.token_expires_on
+    }
+
+    /// When the token cache received the token this connection logged in with.
+    pub fn token_received_at(&self) -> SystemTime {
+        self.token_received_at
+    }
+
     /// Polls for asynchronous messages from the server (notices, `NOTIFY`), as
     /// `tokio_postgres::Connection::poll_message` does.
     pub fn poll_message(
@@ -554,7 +570,14 @@ impl EntraConnector {
     ) -> Result<(Client, Connection), tokio_postgres::Error> {
         config.user(role).password(token.secret());
         let (client, inner) = config.connect(self.inner.tls.clone()).await?;
-        Ok((client, Connection { inner }))
+        Ok((
+            client,
+            Connection {
+                inner,
+                token_received_at: token.received_at(),
+                token_expires_on: token.expires_on(),
+            },
+        ))
     }
 
     /// Opens a connection: TLS required, user and password from the token cache. When the server

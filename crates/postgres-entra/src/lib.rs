@@ -10,6 +10,7 @@ pub use crate::clock::{Clock, SystemClock, TokioClock};
 pub use crate::connect::{Connection, EntraConnector, EntraConnectorBuilder};
 pub use crate::error::{Error, LoginRejected, LoginRetry, RoleSource, TokenError, TokenErrorKind};
 pub use crate::scope::Cloud;
+pub use crate::session::{Session, Sessions, TokenBound};
 pub use crate::tls::{AZURE_ROOTS, AzureRoot, TlsRoots};
 pub use crate::token::{AccessToken, FnTokenSource, TokenSource, TokenSourceError};
 #[cfg(feature = "azure")]
@@ -28,5 +29,6 @@ mod error;
 #[cfg(feature = "opentelemetry")]
 pub mod metrics;
 mod scope;
+mod session;
 mod tls;
 mod token;

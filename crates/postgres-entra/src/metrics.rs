@@ -158,6 +158,18 @@ impl TokenMetrics {
     }
 }
 
+/// The counter of connections retired because their login token expired, with the pool's name.
+pub(crate) struct RetiredCounter {
+    counter: Counter<u64>,
+    name: KeyValue,
+}
+
+impl RetiredCounter {
+    pub(crate) fn add(&self) {
+        self.counter.add(1, std::slice::from_ref(&self.name));
+    }
+}
+
 /// Connections of a pool at one moment, for [`PoolMetrics::observe`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolCounts {
@@ -265,6 +277,38 @@ impl PoolMetrics {
     pub fn record_create_time(&self, took: Duration) {
         self.create_time
             .record(took.as_secs_f64(), std::slice::from_ref(&self.name));
+    }
+
+    /// Records `sessions`' metrics under this pool's name: `postgres_entra.connection.retired`
+    /// (connections retired because their login token expired) and
+    /// `postgres_entra.connection.oldest_token_age` (seconds since the oldest login token still
+    /// used by an open connection was received), until the sessions are gone.
+    pub fn track(&self, sessions: &crate::Sessions) {
+        sessions.count_retired_with(RetiredCounter {
+            counter: self
+                .meter
+                .u64_counter("postgres_entra.connection.retired")
+                .with_unit("{connection}")
+                .with_description(
+                    "Connections retired because the token they logged in with expired",
+                )
+                .build(),
+            name: self.name.clone(),
+        });
+        let read = sessions.oldest_token_age_reader();
+        let name = self.name.clone();
+        self.meter
+            .f64_observable_gauge("postgres_entra.connection.oldest_token_age")
+            .with_unit("s")
+            .with_description(
+                "Seconds since the oldest login token still used by an open connection was received",
+            )
+            .with_callback(move |gauge| {
+                if let Some(Some(age)) = read() {
+                    gauge.observe(age.as_secs_f64(), std::slice::from_ref(&name));
+                }
+            })
+            .build();
     }
 
     /// Observes the pool through `counts` each time metrics are collected, until `counts` returns

@@ -29,6 +29,7 @@ mod misconfiguration;
 mod pools;
 mod scenarios;
 mod secrecy;
+mod sessions;
 
 use postgres_entra::{AzureTokenSource, EntraConnector, EntraConnectorBuilder, TlsRoots};
 use postgres_entra_testkit::{Emulator, EmulatorBuilder, trace_capture};

@@ -2,7 +2,7 @@
 //! adapter. Adding an adapter means one more impl here and one more line in `scenarios.rs`.
 
 use deadpool_postgres::{ManagerConfig, PoolConfig, RecyclingMethod, Timeouts};
-use postgres_entra::{EntraConnector, Error};
+use postgres_entra::{EntraConnector, Error, TokenBound};
 use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink, PoolObservation};
 use postgres_entra_deadpool::{PoolOptions, create_pool_with, entra_error};
 use postgres_entra_testkit::AzureServer;
@@ -35,6 +35,10 @@ pub(crate) struct PoolSpec {
     pub(crate) timeout: Duration,
     /// The pool's name in its metrics (default: `host:port/database`).
     pub(crate) pool_name: Option<String>,
+    /// Sessions bounded by their login token (default: the adapters' default).
+    pub(crate) token_bound: Option<TokenBound>,
+    /// deadpool: how often idle connections are checked against it (default: the adapter's).
+    pub(crate) reap_interval: Option<Duration>,
 }
 
 impl PoolSpec {
@@ -52,7 +56,15 @@ impl PoolSpec {
             max_age: None,
             timeout: Duration::from_secs(10),
             pool_name: None,
+            token_bound: Some(TokenBound::default()),
+            reap_interval: None,
         }
+    }
+
+    pub(crate) fn token_bound(mut self, bound: Option<TokenBound>, reap: Duration) -> Self {
+        self.token_bound = bound;
+        self.reap_interval = Some(reap);
+        self
     }
 
     pub(crate) fn pool_name(mut self, name: &str) -> Self {
@@ -285,6 +297,10 @@ impl PoolUnderTest for Deadpool {
         if let Some(name) = &spec.pool_name {
             options = options.pool_name(name);
         }
+        options = options.token_bound(spec.token_bound);
+        if let Some(interval) = spec.reap_interval {
+            options = options.reap_interval(interval);
+        }
         create_pool_with(&Self::user_config(&spec), spec.connector, options).map(Deadpool)
     }
 
@@ -326,6 +342,7 @@ impl PoolUnderTest for Bb8 {
         if let Some(name) = &spec.pool_name {
             manager = manager.pool_name(name);
         }
+        manager = manager.token_bound(spec.token_bound);
         let errors = LastErrorSink::new();
         let pool = bb8::Pool::builder()
             .max_size(spec.max_size as u32)

@@ -233,6 +233,20 @@ impl Emulator {
         Ok(client)
     }
 
+    /// The backend process ids of the client sessions logged in as `role` now
+    /// (`pg_stat_activity`).
+    pub async fn sessions_of(&self, role: &str) -> Result<Vec<i32>, Error> {
+        let rows = self
+            .admin_client()
+            .await?
+            .query(
+                "select pid from pg_stat_activity where usename = $1 and backend_type = 'client backend' order by pid",
+                &[&role],
+            )
+            .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
     /// Host name clients use (matches the server certificate).
     pub fn host(&self) -> &'static str {
         "localhost"
