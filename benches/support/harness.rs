@@ -35,6 +35,13 @@ pub(crate) struct Bench {
     pub(crate) recorder: Recorder,
 }
 
+/// The median of some samples.
+fn median(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}
+
 /// The service principal's connector, trusting the emulator's CA.
 fn connector_builder(
     emulator: &Emulator,
@@ -127,8 +134,10 @@ impl Bench {
 
     /// Measures `candidate` against the static-password `baseline` in alternating chunks, so
     /// that drift over the run (a shared machine, sockets piling up in TIME_WAIT) weighs on both
-    /// alike, and records both for the summary: the candidate's ratios compare with the baseline
-    /// samples taken beside it.
+    /// alike, and records both for the summary: the candidate's median ratio is the median of
+    /// the per-round ratios of each chunk's median to the baseline chunk's beside it (with chunks
+    /// of 50 or more; with smaller ones, the ratio of the medians of all samples), and its p99
+    /// ratio compares all its samples with all the baseline's.
     pub(crate) fn paired<B, BF, C, CF>(
         &self,
         operation: &str,
@@ -160,27 +169,36 @@ impl Bench {
         CF: Future<Output = ()>,
     {
         let (mut base, mut ours, mut requests, mut base_requests) = (Vec::new(), Vec::new(), 0, 0);
+        let mut round_ratios = Vec::with_capacity(rounds);
         self.runtime.block_on(async {
             // Baseline first in even rounds, candidate first in odd ones: neither always follows
             // the other.
             for round in 0..rounds {
+                let (mut ours_median, mut base_median) = (Duration::ZERO, Duration::ZERO);
                 for candidate_turn in [round % 2 == 1, round % 2 == 0] {
                     if candidate_turn {
                         let (s, r) = self.samples(chunk, &candidate).await;
+                        ours_median = median(&s);
                         ours.extend(s);
                         requests += r;
                     } else {
                         let (s, r) = self.samples(chunk, &baseline).await;
+                        base_median = median(&s);
                         base.extend(s);
                         base_requests += r;
                     }
+                }
+                // A round's ratio needs chunks big enough for their medians to mean something.
+                if chunk >= 50 && !base_median.is_zero() {
+                    round_ratios.push(ours_median.as_secs_f64() / base_median.as_secs_f64());
                 }
             }
         });
         self.recorder.record(operation, base_strategy, base.clone());
         self.recorder
             .record_requests(operation, base_strategy, base_requests);
-        self.recorder.record_paired(operation, strategy, ours, base);
+        self.recorder
+            .record_paired(operation, strategy, ours, base, round_ratios);
         self.recorder.record_requests(operation, strategy, requests);
     }
 }

@@ -11,6 +11,8 @@ struct Row {
     samples: Vec<Duration>,
     /// Baseline samples taken alternately with this row's, for its ratios.
     paired_baseline: Vec<Duration>,
+    /// Per round of alternation, this row's median ÷ the baseline's beside it.
+    round_ratios: Vec<f64>,
     provider_requests: u64,
     ops: u64,
 }
@@ -20,6 +22,12 @@ struct Row {
 pub(crate) struct Recorder {
     rows: Mutex<BTreeMap<(usize, String, String), Row>>,
     order: Mutex<Vec<(String, String)>>,
+}
+
+fn median_of(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -89,18 +97,37 @@ impl Recorder {
     }
 
     /// Adds latencies measured alternately with `baseline` ones (in chunks, so that drift over
-    /// the run weighs on both alike); the row's ratios compare with those.
+    /// the run weighs on both alike), and each round's ratio of medians; the row's ratios compare
+    /// with those.
     pub(crate) fn record_paired(
         &self,
         operation: &str,
         strategy: &str,
         samples: Vec<Duration>,
         baseline: Vec<Duration>,
+        round_ratios: Vec<f64>,
     ) {
         self.record(operation, strategy, samples);
         self.with_row(operation, strategy, |row| {
-            row.paired_baseline.extend(baseline)
+            row.paired_baseline.extend(baseline);
+            row.round_ratios.extend(round_ratios);
         });
+    }
+
+    /// A paired row's median ratio as the summary shows it: the median of its per-round ratios,
+    /// or the ratio of its median to its paired baseline's.
+    pub(crate) fn median_ratio(&self, operation: &str, strategy: &str) -> Option<f64> {
+        let rows = self.rows.lock().unwrap();
+        let (_, row) = rows
+            .iter()
+            .find(|((_, o, s), _)| o == operation && s == strategy)?;
+        median_of(&row.round_ratios).or_else(|| {
+            let (ours, base) = (
+                Figures::of(&row.samples)?,
+                Figures::of(&row.paired_baseline)?,
+            );
+            Some(ours.median.as_secs_f64() / base.median.as_secs_f64().max(1e-12))
+        })
     }
 
     /// Adds identity-provider requests made during the row's operations.
@@ -139,7 +166,7 @@ impl Recorder {
         let _ = writeln!(out, "Measured on {machine}.\n");
         let _ = writeln!(
             out,
-            "Ratios are to the {baseline} measured alternately with each row, except in the metrics rows: there, to the same pool with metrics off.\n"
+            "Ratios are to the {baseline} measured alternately with each row (the median ratio: the median over the rounds of alternation of each round's ratio of medians, or for rows alternating single operations the ratio of the medians), except in the metrics and token-bound rows: there, to the same pool with the feature off.\n"
         );
         let _ = writeln!(
             out,
@@ -166,9 +193,10 @@ impl Recorder {
                     format!("{:.3}", ours.as_secs_f64() / theirs.as_secs_f64())
                 }
             };
-            let (median_ratio, p99_ratio) = match base {
-                Some(base) => (ratio(ours.median, base.median), ratio(ours.p99, base.p99)),
-                None => ("–".to_owned(), "–".to_owned()),
+            let (median_ratio, p99_ratio) = match (base, median_of(&row.round_ratios)) {
+                (Some(base), Some(rounds)) => (format!("{rounds:.3}"), ratio(ours.p99, base.p99)),
+                (Some(base), None) => (ratio(ours.median, base.median), ratio(ours.p99, base.p99)),
+                (None, _) => ("–".to_owned(), "–".to_owned()),
             };
             let requests = format!(
                 "{:.1}",

@@ -111,8 +111,7 @@ pub(crate) fn targets(recorder: &Recorder) -> Vec<String> {
             .figures(CONNECT, strategy)
             .zip(recorder.paired_baseline(CONNECT, strategy))
     };
-    if let Some((cached, base)) = paired("cached token") {
-        let r = ratio(cached.median, base.median);
+    if let Some(r) = recorder.median_ratio(CONNECT, "cached token") {
         lines.push(format!(
             "cached-token connect ÷ static connect (median): {r:.3} (target ≤ 1.03: {})",
             if r <= 1.03 { "met" } else { "missed" }

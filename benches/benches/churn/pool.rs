@@ -1,10 +1,11 @@
 //! Pool churn: a checkout and `select 1` from deadpool and bb8 pools whose connections retire
 //! every 50 ms, so that a good share of checkouts open a new connection: with a static password
 //! and with tokens from the cache, in the same run; and with tokens, metrics on (an
-//! OpenTelemetry SDK provider) against metrics off (no provider: the API's no-op meter).
+//! OpenTelemetry SDK provider) against metrics off (no provider: the API's no-op meter), and
+//! sessions bounded by their login token (the default) against unbounded ones.
 
 use criterion::{BenchmarkId, Criterion};
-use postgres_entra::EntraConnector;
+use postgres_entra::{EntraConnector, TokenBound};
 use postgres_entra_bb8::{EntraConnectionManager, PoolObservation};
 use postgres_entra_deadpool::{PoolOptions, create_pool_with, max_age};
 use postgres_entra_testkit::MetricsReader;
@@ -20,6 +21,10 @@ const BB8: &str = "bb8 checkout + select 1 (max lifetime 50 ms)";
 const DEADPOOL_METRICS: &str = "deadpool checkout + select 1 (max age 50 ms), metrics";
 const BB8_METRICS: &str = "bb8 checkout + select 1 (max lifetime 50 ms), metrics";
 const METRICS_OFF: &str = "cached token, metrics off";
+const DEADPOOL_BOUND: &str = "deadpool checkout + select 1 (max age 50 ms), token bound";
+const BB8_BOUND: &str = "bb8 checkout + select 1 (max lifetime 50 ms), token bound";
+const BOUND_OFF: &str = "cached token, bound off";
+const BOUND_ON: &str = "cached token, bound on (default)";
 const METRICS_ON: &str = "cached token, metrics on";
 
 /// Each library with a static password and with tokens, and with tokens and metrics.
@@ -27,9 +32,11 @@ pub(crate) struct Pools {
     deadpool_static: deadpool_postgres::Pool,
     deadpool_token: deadpool_postgres::Pool,
     deadpool_metered: deadpool_postgres::Pool,
+    deadpool_unbound: deadpool_postgres::Pool,
     bb8_static: bb8::Pool<bb8_postgres::PostgresConnectionManager<MakeRustlsConnect>>,
     bb8_token: bb8::Pool<EntraConnectionManager>,
     bb8_metered: bb8::Pool<EntraConnectionManager>,
+    bb8_unbound: bb8::Pool<EntraConnectionManager>,
     _bb8_observed: PoolObservation,
     metrics: MetricsReader,
 }
@@ -77,25 +84,28 @@ impl Pools {
             .pre_recycle(max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5))
             .build()
             .unwrap();
-        let deadpool_with = |connector: &EntraConnector, name: &str| {
+        let deadpool_with = |connector: &EntraConnector, name: &str, bound| {
             create_pool_with(
                 &deadpool_config("orders-api"),
                 connector.clone(),
                 PoolOptions::new()
                     .max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5)
-                    .pool_name(name),
+                    .pool_name(name)
+                    .token_bound(bound),
             )
             .unwrap()
         };
+        let bound = Some(TokenBound::default());
         // No meter provider is installed: the connector's meter is the API's no-op one.
-        let deadpool_token = deadpool_with(&bench.connector, "deadpool");
+        let deadpool_token = deadpool_with(&bench.connector, "deadpool", bound);
+        let deadpool_unbound = deadpool_with(&bench.connector, "deadpool", None);
         let metrics = MetricsReader::new();
         let metered = bench
             .connector_builder()
             .meter(metrics.meter())
             .build()
             .unwrap();
-        let deadpool_metered = deadpool_with(&metered, "deadpool");
+        let deadpool_metered = deadpool_with(&metered, "deadpool", bound);
         fn bb8_builder<M: bb8::ManageConnection>() -> bb8::Builder<M> {
             bb8::Pool::builder()
                 .max_size(4)
@@ -110,11 +120,12 @@ impl Pools {
                 )),
             )
             .unwrap();
-        let bb8_with = |connector: &EntraConnector| {
+        let bb8_with = |connector: &EntraConnector, bound| {
             let manager =
                 EntraConnectionManager::new(bench.token_config.clone(), connector.clone())
                     .unwrap()
-                    .pool_name("bb8");
+                    .pool_name("bb8")
+                    .token_bound(bound);
             let pool = bench
                 .runtime
                 .block_on(bb8_builder().build(manager.clone()))
@@ -122,15 +133,18 @@ impl Pools {
             let observed = manager.observe(&pool);
             (pool, observed)
         };
-        let (bb8_token, _no_op) = bb8_with(&bench.connector);
-        let (bb8_metered, _bb8_observed) = bb8_with(&metered);
+        let (bb8_token, _no_op) = bb8_with(&bench.connector, bound);
+        let (bb8_unbound, _no_op) = bb8_with(&bench.connector, None);
+        let (bb8_metered, _bb8_observed) = bb8_with(&metered, bound);
         Self {
             deadpool_static,
             deadpool_token,
             deadpool_metered,
+            deadpool_unbound,
             bb8_static,
             bb8_token,
             bb8_metered,
+            bb8_unbound,
             _bb8_observed,
             metrics,
         }
@@ -173,31 +187,59 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
         rounds,
         250,
     );
+    // Feature on against off, for ratios within a percent: the finest interleaving (one
+    // checkout each, in ABBA order), so that the pools' background reconnects weigh on both
+    // alike, and enough checkouts (25,000 each in a full run) for the medians to settle.
+    let (rounds, chunk) = (rounds * 1250, 1);
     bench.paired_with(
         DEADPOOL_METRICS,
         (METRICS_OFF, || checkout_deadpool(&pools.deadpool_token)),
         (METRICS_ON, || checkout_deadpool(&pools.deadpool_metered)),
         rounds,
-        250,
+        chunk,
     );
     bench.paired_with(
         BB8_METRICS,
         (METRICS_OFF, || checkout_bb8(&pools.bb8_token)),
         (METRICS_ON, || checkout_bb8(&pools.bb8_metered)),
         rounds,
-        250,
+        chunk,
+    );
+    bench.paired_with(
+        DEADPOOL_BOUND,
+        (BOUND_OFF, || checkout_deadpool(&pools.deadpool_unbound)),
+        (BOUND_ON, || checkout_deadpool(&pools.deadpool_token)),
+        rounds,
+        chunk,
+    );
+    bench.paired_with(
+        BB8_BOUND,
+        (BOUND_OFF, || checkout_bb8(&pools.bb8_unbound)),
+        (BOUND_ON, || checkout_bb8(&pools.bb8_token)),
+        rounds,
+        chunk,
     );
 }
 
-/// The metrics target, and what the metered pools recorded (so "on" is seen to be on).
+/// The metrics and token-bound targets, and what the metered pools recorded (so "on" is seen
+/// to be on).
 pub(crate) fn targets(recorder: &Recorder, pools: &Pools) -> Vec<String> {
-    let ratio = |operation: &str| {
-        let on = recorder.figures(operation, METRICS_ON)?;
-        let off = recorder.paired_baseline(operation, METRICS_ON)?;
-        Some(on.median.as_secs_f64() / off.median.as_secs_f64().max(1e-12))
-    };
-    let (Some(deadpool), Some(bb8)) = (ratio(DEADPOOL_METRICS), ratio(BB8_METRICS)) else {
-        return Vec::new();
+    let ratio = |operation: &str, on: &str| recorder.median_ratio(operation, on);
+    let met = |worst: f64, target: f64| if worst <= target { "met" } else { "missed" };
+    let mut lines = Vec::new();
+    if let (Some(deadpool), Some(bb8)) =
+        (ratio(DEADPOOL_BOUND, BOUND_ON), ratio(BB8_BOUND, BOUND_ON))
+    {
+        lines.push(format!(
+            "pool churn, sessions bounded by their token on ÷ off (median): deadpool {deadpool:.3}, bb8 {bb8:.3} (target ≤ 1.01: {})",
+            met(deadpool.max(bb8), 1.01)
+        ));
+    }
+    let (Some(deadpool), Some(bb8)) = (
+        ratio(DEADPOOL_METRICS, METRICS_ON),
+        ratio(BB8_METRICS, METRICS_ON),
+    ) else {
+        return lines;
     };
     let collected = pools.metrics.collect();
     let created = |pool: &str| {
@@ -206,14 +248,11 @@ pub(crate) fn targets(recorder: &Recorder, pools: &Pools) -> Vec<String> {
             &[("db.client.connection.pool.name", pool)],
         )
     };
-    vec![format!(
+    lines.push(format!(
         "pool churn, metrics on ÷ off (median): deadpool {deadpool:.3}, bb8 {bb8:.3} (target ≤ 1.02: {}); with metrics on, the SDK recorded {} deadpool and {} bb8 connections made",
-        if deadpool.max(bb8) <= 1.02 {
-            "met"
-        } else {
-            "missed"
-        },
+        met(deadpool.max(bb8), 1.02),
         created("deadpool"),
         created("bb8"),
-    )]
+    ));
+    lines
 }
