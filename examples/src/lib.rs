@@ -17,17 +17,14 @@
 //! The credentials are built without azure_core's own retry policy, so that the token cache's
 //! backoff is the only one and an identity provider's error reaches the cache (and the log) at
 //! once. (On a VM, azure_identity's IMDS credential keeps its own retries whatever is asked.)
+//! The choice is `postgres-entra doctor`'s (`postgres_entra_cli::settings`), so that the doctor
+//! checks exactly what the examples do.
 //!
 //! Without `PGHOST`, they start the local emulator and log in as its service principal.
 
 use azure_core::credentials::TokenCredential;
-use azure_core::http::{ClientOptions, RetryOptions};
-use azure_identity::{
-    ClientAssertionCredentialOptions, ClientSecretCredential, ClientSecretCredentialOptions,
-    DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
-    UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
-};
 use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots};
+use postgres_entra_cli::settings::{Server, credential_from_env};
 use postgres_entra_testkit::Emulator;
 use std::env::var;
 use std::sync::Arc;
@@ -51,56 +48,6 @@ pub struct Target {
     pub description: String,
 }
 
-/// azure_core's client options without its retry policy: the token cache retries, with backoff.
-fn no_retries() -> ClientOptions {
-    ClientOptions {
-        retry: RetryOptions::none(),
-        ..Default::default()
-    }
-}
-
-fn azure_credential() -> Result<(Arc<dyn TokenCredential>, &'static str), BoxError> {
-    let set = |name: &str| var(name).is_ok_and(|v| !v.is_empty());
-    if set("AZURE_CLIENT_SECRET") {
-        let credential = ClientSecretCredential::new(
-            &var("AZURE_TENANT_ID")
-                .map_err(|_| "AZURE_CLIENT_SECRET is set, so AZURE_TENANT_ID must be too")?,
-            var("AZURE_CLIENT_ID")
-                .map_err(|_| "AZURE_CLIENT_SECRET is set, so AZURE_CLIENT_ID must be too")?,
-            var("AZURE_CLIENT_SECRET")?.into(),
-            Some(ClientSecretCredentialOptions {
-                client_options: no_retries(),
-            }),
-        )?;
-        return Ok((credential, "client secret (AZURE_CLIENT_SECRET)"));
-    }
-    if set("AZURE_FEDERATED_TOKEN_FILE") {
-        return Ok((
-            WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
-                credential_options: ClientAssertionCredentialOptions {
-                    client_options: no_retries(),
-                },
-                ..Default::default()
-            }))?,
-            "workload identity (AZURE_FEDERATED_TOKEN_FILE)",
-        ));
-    }
-    if set("IDENTITY_ENDPOINT") || set("AZURE_MANAGED_IDENTITY") {
-        let options = ManagedIdentityCredentialOptions {
-            user_assigned_id: var("AZURE_CLIENT_ID").ok().map(UserAssignedId::ClientId),
-            client_options: no_retries(),
-        };
-        return Ok((
-            ManagedIdentityCredential::new(Some(options))?,
-            "managed identity",
-        ));
-    }
-    Ok((
-        DeveloperToolsCredential::new(None)?,
-        "developer tools (az login / azd auth login)",
-    ))
-}
-
 impl Target {
     /// Real Azure when `PGHOST` is set, otherwise a fresh local emulator whose tokens live
     /// `emulator_token_lifetime`.
@@ -120,41 +67,23 @@ impl Target {
     }
 
     fn azure(host: String) -> Result<Self, BoxError> {
-        let (credential, how) = azure_credential()?;
-        let mut pg_config = tokio_postgres::Config::new();
-        pg_config
-            .host(&host)
-            .port(
-                var("PGPORT")
-                    .ok()
-                    .and_then(|p| p.parse().ok())
-                    .unwrap_or(5432),
-            )
-            .dbname(var("PGDATABASE").unwrap_or_else(|_| "postgres".into()))
-            .connect_timeout(Duration::from_secs(15));
-        if let Ok(user) = var("PGUSER") {
-            pg_config.user(user);
-        }
-        if let Ok(address) = var("PGHOSTADDR") {
-            let address = address
-                .parse()
-                .map_err(|e| format!("PGHOSTADDR `{address}`: {e}"))?;
-            pg_config.hostaddr(address);
-        }
-        let roots = match var("PGSSLROOTCERT") {
-            Ok(path) if !path.is_empty() => TlsRoots::CaFile(path.into()),
-            _ => TlsRoots::Azure,
-        };
+        // The same choices as `postgres-entra doctor` makes (crates/postgres-entra-cli).
+        let chosen = credential_from_env(None)?;
+        let server = Server::from_env()?;
+        let pg_config = server.pg_config();
         // The cloud, and so the token scope, follows the host of the pool it serves.
-        let connector = EntraConnector::builder(AzureTokenSource::new(credential.clone()))
-            .tls_roots(roots)
+        let connector = EntraConnector::builder(AzureTokenSource::new(chosen.credential.clone()))
+            .tls_roots(server.tls_roots())
             .build()?;
         Ok(Self {
             pg_config,
             connector,
-            credential,
+            credential: chosen.credential,
             emulator: None,
-            description: format!("Azure server {host}, credential: {how}"),
+            description: format!(
+                "Azure server {host}, credential: {:?} ({})",
+                chosen.kind, chosen.reason
+            ),
         })
     }
 

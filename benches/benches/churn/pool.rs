@@ -189,8 +189,8 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
     );
     // Feature on against off, for ratios within a percent: the finest interleaving (one
     // checkout each, in ABBA order), so that the pools' background reconnects weigh on both
-    // alike, and enough checkouts (25,000 each in a full run) for the medians to settle.
-    let (rounds, chunk) = (rounds * 1250, 1);
+    // alike, and enough checkouts (50,000 each in a full run) for the medians to settle.
+    let (rounds, chunk) = (rounds * 2500, 1);
     bench.paired_with(
         DEADPOOL_METRICS,
         (METRICS_OFF, || checkout_deadpool(&pools.deadpool_token)),

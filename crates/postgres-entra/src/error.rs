@@ -160,7 +160,8 @@ impl TokenErrorKind {
         }
     }
 
-    fn advice(self) -> &'static str {
+    /// What to check for this kind of failure, in a sentence.
+    pub fn advice(self) -> &'static str {
         match self {
             TokenErrorKind::Unreachable => {
                 "check network access to the identity provider (for managed identity: that this \

@@ -1,0 +1,245 @@
+//! What the tool (and the examples) read from the environment: the server (`PG*`) and the
+//! credential (`AZURE_*`, `IDENTITY_*`), chosen as the README documents.
+
+use azure_core::credentials::TokenCredential;
+use azure_core::http::{ClientOptions, RetryOptions};
+use azure_identity::{
+    ClientAssertionCredentialOptions, ClientSecretCredential, ClientSecretCredentialOptions,
+    DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
+    UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
+};
+use postgres_entra::TlsRoots;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The variables the credential choice looks at. Only their names are ever shown.
+pub const CREDENTIAL_VARIABLES: [&str; 8] = [
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_ID",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "AZURE_MANAGED_IDENTITY",
+    "AZURE_AUTHORITY_HOST",
+];
+
+/// Where to connect: libpq's variables, or the flags that override them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// `PGHOST`: the server's name (the certificate must name it).
+    pub host: Option<String>,
+    /// `PGHOSTADDR`: an address to reach the host at (e.g. a private endpoint's).
+    pub hostaddr: Option<IpAddr>,
+    /// `PGPORT` (5432).
+    pub port: u16,
+    /// `PGDATABASE` (postgres).
+    pub dbname: String,
+    /// `PGUSER`: the role, when not taken from the token.
+    pub user: Option<String>,
+    /// `PGSSLROOTCERT`: a CA file to trust instead of the Azure roots.
+    pub sslrootcert: Option<PathBuf>,
+    /// A token scope instead of the one the host's cloud implies.
+    pub scope: Option<String>,
+    /// How long each network step and the token request may take.
+    pub timeout: Duration,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            host: None,
+            hostaddr: None,
+            port: 5432,
+            dbname: "postgres".to_owned(),
+            user: None,
+            sslrootcert: None,
+            scope: None,
+            timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+fn set(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+impl Server {
+    /// `PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGDATABASE`, `PGUSER`, `PGSSLROOTCERT`.
+    pub fn from_env() -> Result<Self, String> {
+        let mut server = Self {
+            host: set("PGHOST"),
+            user: set("PGUSER"),
+            sslrootcert: set("PGSSLROOTCERT").map(PathBuf::from),
+            ..Self::default()
+        };
+        if let Some(address) = set("PGHOSTADDR") {
+            server.hostaddr = Some(
+                address
+                    .parse()
+                    .map_err(|e| format!("PGHOSTADDR `{address}` is not an IP address: {e}"))?,
+            );
+        }
+        if let Some(port) = set("PGPORT") {
+            server.port = port
+                .parse()
+                .map_err(|e| format!("PGPORT `{port}` is not a port number: {e}"))?;
+        }
+        if let Some(dbname) = set("PGDATABASE") {
+            server.dbname = dbname;
+        }
+        Ok(server)
+    }
+
+    /// The roots to trust: `PGSSLROOTCERT`'s, or the Azure roots.
+    pub fn tls_roots(&self) -> TlsRoots {
+        match &self.sslrootcert {
+            Some(path) => TlsRoots::CaFile(path.clone()),
+            None => TlsRoots::Azure,
+        }
+    }
+
+    /// The connection settings for tokio-postgres (TLS required; the token is added at connect).
+    pub fn pg_config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        if let Some(host) = &self.host {
+            config.host(host);
+        }
+        if let Some(address) = self.hostaddr {
+            config.hostaddr(address);
+        }
+        config
+            .port(self.port)
+            .dbname(&self.dbname)
+            .ssl_mode(tokio_postgres::config::SslMode::Require)
+            .connect_timeout(self.timeout);
+        if let Some(user) = &self.user {
+            config.user(user);
+        }
+        config
+    }
+}
+
+/// Which kind of credential to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CredentialKind {
+    /// `ClientSecretCredential`: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET`.
+    ClientSecret,
+    /// `WorkloadIdentityCredential` (AKS): `AZURE_FEDERATED_TOKEN_FILE`, tenant and client id.
+    WorkloadIdentity,
+    /// `ManagedIdentityCredential`: App Service's `IDENTITY_ENDPOINT`, or IMDS on a VM;
+    /// `AZURE_CLIENT_ID` picks a user-assigned identity.
+    ManagedIdentity,
+    /// `DeveloperToolsCredential`: `az login` or `azd auth login`.
+    DeveloperTools,
+}
+
+/// The credential the environment chose, and why.
+pub struct ChosenCredential {
+    /// The credential.
+    pub credential: Arc<dyn TokenCredential>,
+    /// Its kind.
+    pub kind: CredentialKind,
+    /// Why this one: which variables decided.
+    pub reason: String,
+    /// The credential variables that are set (names only).
+    pub seen: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for ChosenCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChosenCredential")
+            .field("kind", &self.kind)
+            .field("reason", &self.reason)
+            .field("seen", &self.seen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// azure_core's client options without its retry policy: the token cache retries with backoff,
+/// and a provider's error reaches the user at once.
+pub fn no_retries() -> ClientOptions {
+    ClientOptions {
+        retry: RetryOptions::none(),
+        ..Default::default()
+    }
+}
+
+/// The credential the environment names, in the README's order: a client secret, a federated
+/// token file, a managed-identity endpoint (or `AZURE_MANAGED_IDENTITY=1`), else the developer
+/// tools; `force` picks the kind instead.
+pub fn credential_from_env(force: Option<CredentialKind>) -> Result<ChosenCredential, String> {
+    let seen: Vec<&'static str> = CREDENTIAL_VARIABLES
+        .into_iter()
+        .filter(|name| set(name).is_some())
+        .collect();
+    let (kind, reason) = match force {
+        Some(kind) => (kind, "chosen with --credential".to_owned()),
+        None if set("AZURE_CLIENT_SECRET").is_some() => (
+            CredentialKind::ClientSecret,
+            "AZURE_CLIENT_SECRET is set".to_owned(),
+        ),
+        None if set("AZURE_FEDERATED_TOKEN_FILE").is_some() => (
+            CredentialKind::WorkloadIdentity,
+            "AZURE_FEDERATED_TOKEN_FILE is set (and no AZURE_CLIENT_SECRET)".to_owned(),
+        ),
+        None if set("IDENTITY_ENDPOINT").is_some() => (
+            CredentialKind::ManagedIdentity,
+            "IDENTITY_ENDPOINT is set (App Service, Functions, Container Apps)".to_owned(),
+        ),
+        None if set("AZURE_MANAGED_IDENTITY").is_some() => (
+            CredentialKind::ManagedIdentity,
+            "AZURE_MANAGED_IDENTITY is set (the VM's instance metadata service)".to_owned(),
+        ),
+        None => (
+            CredentialKind::DeveloperTools,
+            "none of AZURE_CLIENT_SECRET, AZURE_FEDERATED_TOKEN_FILE, IDENTITY_ENDPOINT or AZURE_MANAGED_IDENTITY is set".to_owned(),
+        ),
+    };
+    let credential = build(kind).map_err(|e| format!("{kind:?} credential: {e}"))?;
+    Ok(ChosenCredential {
+        credential,
+        kind,
+        reason,
+        seen,
+    })
+}
+
+fn required(name: &str, because: &str) -> Result<String, String> {
+    set(name).ok_or_else(|| format!("{name} is not set, and {because} needs it"))
+}
+
+fn build(kind: CredentialKind) -> Result<Arc<dyn TokenCredential>, String> {
+    let azure = |e: azure_core::Error| e.to_string();
+    Ok(match kind {
+        CredentialKind::ClientSecret => ClientSecretCredential::new(
+            &required("AZURE_TENANT_ID", "a client secret credential")?,
+            required("AZURE_CLIENT_ID", "a client secret credential")?,
+            required("AZURE_CLIENT_SECRET", "a client secret credential")?.into(),
+            Some(ClientSecretCredentialOptions {
+                client_options: no_retries(),
+            }),
+        )
+        .map_err(azure)?,
+        CredentialKind::WorkloadIdentity => {
+            WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
+                credential_options: ClientAssertionCredentialOptions {
+                    client_options: no_retries(),
+                },
+                ..Default::default()
+            }))
+            .map_err(azure)?
+        }
+        CredentialKind::ManagedIdentity => {
+            ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
+                user_assigned_id: set("AZURE_CLIENT_ID").map(UserAssignedId::ClientId),
+                client_options: no_retries(),
+            }))
+            .map_err(azure)?
+        }
+        CredentialKind::DeveloperTools => DeveloperToolsCredential::new(None).map_err(azure)?,
+    })
+}

@@ -1,0 +1,390 @@
+//! The doctor against the local emulator: a healthy login, and each failure it must explain,
+//! with the step that fails and its hint; no token or secret in any output. Then the binary, as a
+//! user runs it, with a managed identity from the environment.
+
+use azure_core::credentials::TokenCredential;
+use postgres_entra::Cloud;
+use postgres_entra_cli::doctor::{Report, Status, run};
+use postgres_entra_cli::settings::{ChosenCredential, CredentialKind, Server};
+use postgres_entra_testkit::{AzureServer, DATABASE, Emulator, Endpoint, Fault, PlaintextListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn given(credential: Arc<dyn TokenCredential>, kind: CredentialKind) -> ChosenCredential {
+    ChosenCredential {
+        credential,
+        kind,
+        reason: "given by the test".to_owned(),
+        seen: Vec::new(),
+    }
+}
+
+/// The emulator's server, trusting its CA, as the service principal's role.
+fn server(emulator: &Emulator) -> Server {
+    Server {
+        host: Some(emulator.host().to_owned()),
+        port: emulator.port(),
+        dbname: DATABASE.to_owned(),
+        user: Some(emulator.service_principal().role_name),
+        sslrootcert: Some(emulator.ca_cert_path()),
+        timeout: Duration::from_secs(5),
+        ..Server::default()
+    }
+}
+
+fn service_principal(emulator: &Emulator) -> ChosenCredential {
+    given(
+        emulator
+            .client_secret_credential(&emulator.service_principal())
+            .unwrap(),
+        CredentialKind::ClientSecret,
+    )
+}
+
+/// The report's text and JSON hold no token, token segment or client secret.
+fn assert_no_secret(emulator: &Emulator, report: &Report) {
+    let text = report.to_text() + &serde_json::to_string(report).unwrap();
+    for token in emulator.issued_tokens() {
+        assert!(!text.contains(&token), "a token leaked: {text}");
+        for segment in token.split('.') {
+            assert!(!text.contains(segment), "a token segment leaked: {text}");
+        }
+    }
+    for identity in emulator.identities() {
+        if let Some(secret) = identity.client_secret {
+            assert!(!text.contains(&secret), "a client secret leaked: {text}");
+        }
+    }
+}
+
+/// Asserts that `report` fails first at step `number` and that its fix mentions each of `hints`.
+fn assert_fails_at(report: &Report, number: u8, hints: &[&str]) {
+    println!("{}", report.to_text());
+    let failed = report
+        .first_failure()
+        .unwrap_or_else(|| panic!("expected a failure at step {number}:\n{}", report.to_text()));
+    assert_eq!(failed.number, number, "{}", report.to_text());
+    let said = format!(
+        "{} {}",
+        failed.cause.as_deref().unwrap_or(""),
+        failed.fix.as_deref().unwrap_or("")
+    );
+    for hint in hints {
+        assert!(
+            said.contains(hint),
+            "missing {hint:?} in:\n{}",
+            report.to_text()
+        );
+    }
+    assert!(!report.ok());
+    assert!(
+        report
+            .summary
+            .starts_with(&format!("FAIL at step {number}"))
+    );
+}
+
+#[tokio::test]
+async fn a_healthy_login_passes_every_step() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let report = run(&server(&emulator), Ok(service_principal(&emulator))).await;
+
+    println!("{}", report.to_text());
+    assert!(report.ok(), "{}", report.to_text());
+    assert_eq!(report.steps.len(), 8);
+    assert!(report.steps.iter().all(|s| s.status != Status::Skipped));
+    let text = report.to_text();
+    for expected in [
+        "ClientSecretCredential (client id",
+        "audience https://ossrdbms-aad.database.windows.net",
+        "orders-api (from PGUSER / --user)",
+        "trusted root: CN=postgres-entra emulator CA",
+        "current_user = orders-api",
+        "OK: logged in to localhost as orders-api (PostgreSQL",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    // The service principal's token is app-only: a warning to check the name, not a failure.
+    assert_eq!(report.steps[3].status, Status::Warn, "{text}");
+    assert_no_secret(&emulator, &report);
+}
+
+#[tokio::test]
+async fn a_role_the_server_does_not_know_gets_the_create_principal_call() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let mut server = server(&emulator);
+    server.user = Some("orders-ap".to_owned());
+
+    let report = run(&server, Ok(service_principal(&emulator))).await;
+
+    assert_fails_at(
+        &report,
+        7,
+        &[
+            "orders-ap",
+            "28000",
+            "select * from pgaadauth_create_principal('orders-ap', false, false);",
+            "pgaadauth_create_principal_with_oid",
+        ],
+    );
+    assert_eq!(report.steps[7].status, Status::Skipped);
+    assert_no_secret(&emulator, &report);
+}
+
+#[tokio::test]
+async fn a_token_for_another_cloud_fails_at_the_claims() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let gov = AzureServer::UsGovernment;
+    let config = emulator.server_config_for(gov);
+    let server = Server {
+        host: Some(gov.host_name().to_owned()),
+        hostaddr: Some(gov.address()),
+        port: config.get_ports()[0],
+        scope: Some(Cloud::Public.scope().to_owned()),
+        ..server(&emulator)
+    };
+
+    let report = run(&server, Ok(service_principal(&emulator))).await;
+
+    assert_fails_at(
+        &report,
+        3,
+        &[
+            "the token is for https://ossrdbms-aad.database.windows.net",
+            "accepts tokens for https://ossrdbms-aad.database.usgovcloudapi.net",
+            Cloud::UsGovernment.scope(),
+        ],
+    );
+    let status = |n: usize| report.steps[n - 1].status;
+    assert_ne!(status(4), Status::Fail, "the role is still shown");
+    assert_eq!(status(5), Status::Pass, "the network is checked anyway");
+    assert_eq!(status(6), Status::Pass);
+    assert_eq!(status(7), Status::Skipped);
+    assert_no_secret(&emulator, &report);
+}
+
+#[tokio::test]
+async fn an_untrusted_ca_is_named_with_how_to_trust_it() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let server = Server {
+        sslrootcert: None,
+        ..server(&emulator)
+    };
+
+    let report = run(&server, Ok(service_principal(&emulator))).await;
+
+    assert_fails_at(
+        &report,
+        6,
+        &[
+            "UnknownIssuer",
+            "issued by `CN=postgres-entra emulator CA`",
+            "none of the Azure roots",
+            "PGSSLROOTCERT",
+        ],
+    );
+    assert_no_secret(&emulator, &report);
+}
+
+#[tokio::test]
+async fn an_identity_provider_that_fails_is_reported_with_its_status() {
+    let emulator = Emulator::start_async().await.unwrap();
+    emulator.set_fault(Endpoint::Token, Fault::ServerError);
+
+    let report = run(&server(&emulator), Ok(service_principal(&emulator))).await;
+
+    assert_fails_at(&report, 2, &["HTTP 500", "the identity provider failed"]);
+    assert_eq!(
+        report.steps[5].status,
+        Status::Pass,
+        "TLS is checked anyway"
+    );
+    assert_no_secret(&emulator, &report);
+}
+
+#[tokio::test]
+async fn a_wrong_client_secret_is_named_by_its_entra_code() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let mut sp = emulator.service_principal();
+    sp.client_secret = Some("not-the-secret".to_owned());
+    let credential = given(
+        emulator.client_secret_credential(&sp).unwrap(),
+        CredentialKind::ClientSecret,
+    );
+
+    let report = run(&server(&emulator), Ok(credential)).await;
+
+    assert_fails_at(
+        &report,
+        2,
+        &[
+            "HTTP 401",
+            "AADSTS7000215",
+            "the client secret is wrong or expired",
+        ],
+    );
+    assert!(!report.to_text().contains("not-the-secret"));
+    assert_no_secret(&emulator, &report);
+}
+
+#[tokio::test]
+async fn a_plaintext_only_server_never_gets_a_token() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let trap = PlaintextListener::start().await.unwrap();
+    let server = Server {
+        port: trap.port(),
+        ..server(&emulator)
+    };
+
+    let report = run(&server, Ok(service_principal(&emulator))).await;
+
+    assert_fails_at(&report, 6, &["declined TLS", "never sent in clear text"]);
+    assert_eq!(report.steps[6].status, Status::Skipped);
+    let received = trap.received();
+    assert_eq!(
+        received,
+        [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f],
+        "only the SSLRequest"
+    );
+    assert_no_secret(&emulator, &report);
+}
+
+#[tokio::test]
+async fn a_closed_port_fails_at_the_network_with_what_to_check() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let server = Server {
+        host: Some("localhost".to_owned()),
+        hostaddr: Some("127.0.0.1".parse().unwrap()),
+        port: closed,
+        ..server(&emulator)
+    };
+
+    let report = run(&server, Ok(service_principal(&emulator))).await;
+
+    assert_fails_at(
+        &report,
+        5,
+        &[
+            "no TCP connection",
+            "refused",
+            "firewall",
+            &closed.to_string(),
+        ],
+    );
+    assert_eq!(
+        report.steps[1].status,
+        Status::Pass,
+        "the token is checked anyway"
+    );
+    assert_no_secret(&emulator, &report);
+}
+
+#[tokio::test]
+async fn no_credential_and_no_host_are_failures_that_say_what_to_set() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let report = run(
+        &server(&emulator),
+        Err("AZURE_TENANT_ID is not set, and a client secret credential needs it".to_owned()),
+    )
+    .await;
+    assert_fails_at(&report, 1, &["AZURE_TENANT_ID", "az login"]);
+    assert_eq!(report.steps[1].status, Status::Skipped);
+
+    let nowhere = Server {
+        host: None,
+        ..server(&emulator)
+    };
+    let report = run(&nowhere, Ok(service_principal(&emulator))).await;
+    assert_fails_at(&report, 1, &["PGHOST"]);
+}
+
+/// The binary, as a user runs it: a managed identity from `IDENTITY_ENDPOINT`, the server from
+/// `PG*`, nothing else from this process's environment.
+fn doctor_command(emulator: &Emulator, args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_postgres-entra"));
+    command
+        .args(args)
+        .env_clear()
+        .env("PGHOST", emulator.host())
+        .env("PGPORT", emulator.port().to_string())
+        .env("PGDATABASE", DATABASE)
+        .env("PGSSLROOTCERT", emulator.ca_cert_path());
+    for (name, value) in emulator.app_service_env() {
+        command.env(name, value);
+    }
+    command.output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reads_the_environment_and_exits_with_the_verdict() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let mi = emulator.managed_identity();
+    let run_binary = |args: &'static [&'static str]| {
+        let emulator = &emulator;
+        tokio::task::block_in_place(move || doctor_command(emulator, args))
+    };
+
+    let healthy = run_binary(&["doctor"]);
+    let text = String::from_utf8_lossy(&healthy.stdout).into_owned();
+    assert_eq!(healthy.status.code(), Some(0), "{text}");
+    for expected in [
+        "ManagedIdentityCredential (ManagedIdentity)",
+        "why: IDENTITY_ENDPOINT is set",
+        "credential variables set: IDENTITY_ENDPOINT, IDENTITY_HEADER (values not shown)",
+        &format!("{} (from the token's xms_mirid claim)", mi.role_name),
+        &format!("OK: logged in to localhost as {}", mi.role_name),
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+
+    let json = run_binary(&["doctor", "--json", "--user", "nobody"]);
+    assert_eq!(json.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 8);
+    assert_eq!(steps[6]["status"], "fail");
+    assert!(
+        steps[6]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("pgaadauth_create_principal('nobody'")
+    );
+
+    let token = run_binary(&["token", "--json"]);
+    assert_eq!(
+        token.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let claims: serde_json::Value = serde_json::from_slice(&token.stdout).unwrap();
+    assert_eq!(claims["managed_identity_name"], mi.role_name.as_str());
+    assert_eq!(claims["role"][1], "xms_mirid");
+    assert_eq!(
+        claims["audience"][0],
+        "https://ossrdbms-aad.database.windows.net"
+    );
+
+    let all_output: Vec<u8> = [healthy, json, token]
+        .iter()
+        .flat_map(|o| {
+            o.stdout
+                .iter()
+                .chain(o.stderr.iter())
+                .copied()
+                .collect::<Vec<u8>>()
+        })
+        .collect();
+    let all_output = String::from_utf8_lossy(&all_output);
+    let tokens = emulator.issued_tokens();
+    assert!(tokens.len() >= 3, "each run fetched a token");
+    for token in tokens {
+        for segment in token.split('.') {
+            assert!(!all_output.contains(segment), "a token segment leaked");
+        }
+    }
+}
