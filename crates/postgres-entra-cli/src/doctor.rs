@@ -637,7 +637,7 @@ fn login_failure(error: &Error, server: &Server, claims: Option<&TokenClaims>) -
             (cause, login_fix(rejected, claims))
         }
         Error::Postgres(e) if e.code().is_some_and(|c| c.code() == "3D000") => (
-            error.to_string(),
+            format!("{error} (SQLSTATE 3D000)"),
             format!(
                 "the database `{}` does not exist on this server: set PGDATABASE (or --dbname) to one that does (`postgres` always exists)",
                 server.dbname
@@ -651,6 +651,13 @@ fn login_failure(error: &Error, server: &Server, claims: Option<&TokenClaims>) -
             error.to_string(),
             "see step 5: the server could be reached a moment ago".to_owned(),
         ),
+        Error::Postgres(e) => (
+            match e.code() {
+                Some(code) => format!("{error} (SQLSTATE {})", code.code()),
+                None => error.to_string(),
+            },
+            "see the server's message".to_owned(),
+        ),
         _ => (error.to_string(), "see the message".to_owned()),
     }
 }
@@ -662,9 +669,12 @@ fn login_failure(error: &Error, server: &Server, claims: Option<&TokenClaims>) -
 fn login_fix(rejected: &LoginRejected, claims: Option<&TokenClaims>) -> String {
     let role = rejected.role();
     let mut fix = String::new();
-    if rejected.server_message().contains("member of the group") {
+    if matches!(
+        rejected.role_source(),
+        RoleSource::ConnectionConfig | RoleSource::Connector
+    ) {
         fix.push_str(&format!(
-            "`{role}` is a group: add this principal to the Entra group `{role}` (or log in as its own role by unsetting PGUSER). "
+            "If `{role}` is an Entra group's role, this principal must be a member of that group (checked at every login): add it to the group, or log in as its own role by unsetting PGUSER. "
         ));
     }
     let oid = claims

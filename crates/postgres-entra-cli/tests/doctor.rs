@@ -388,3 +388,44 @@ async fn the_binary_reads_the_environment_and_exits_with_the_verdict() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_missing_database_and_a_lost_group_membership_get_their_own_fixes() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let wrong_db = Server {
+        dbname: "ordres".to_owned(),
+        ..server(&emulator)
+    };
+    let report = run(&wrong_db, Ok(service_principal(&emulator))).await;
+    assert_fails_at(
+        &report,
+        7,
+        &[
+            "3D000",
+            "the database `ordres` does not exist",
+            "PGDATABASE",
+        ],
+    );
+
+    let sp = emulator.service_principal();
+    let readers = emulator
+        .add_group("db-readers", std::slice::from_ref(&sp))
+        .await
+        .unwrap();
+    let as_group = Server {
+        user: Some("db-readers".to_owned()),
+        ..server(&emulator)
+    };
+    assert!(run(&as_group, Ok(service_principal(&emulator))).await.ok());
+    emulator.remove_group_member(&readers, &sp).unwrap();
+    let report = run(&as_group, Ok(service_principal(&emulator))).await;
+    assert_fails_at(
+        &report,
+        7,
+        &[
+            "`db-readers` (the user in the connection settings)",
+            "If `db-readers` is an Entra group's role, this principal must be a member of that group",
+        ],
+    );
+    assert_no_secret(&emulator, &report);
+}
