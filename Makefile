@@ -23,9 +23,9 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p postgres-entra --all-targets --all-features --locked -- -D warnings
 	# The libraries as users build them by default: the tests' features (opentelemetry, test-util) off.
-	$(CARGO) clippy -p postgres-entra -p postgres-entra-deadpool -p postgres-entra-bb8 --lib --locked -- -D warnings
+	$(CARGO) clippy -p postgres-entra -p postgres-entra-deadpool -p postgres-entra-bb8 -p postgres-entra-sqlx --lib --locked -- -D warnings
 	# The published crates' docs, links included, with and without the optional features.
-	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked -p postgres-entra -p postgres-entra-deadpool -p postgres-entra-bb8
+	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked -p postgres-entra -p postgres-entra-deadpool -p postgres-entra-bb8 -p postgres-entra-sqlx
 	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked -p postgres-entra -p postgres-entra-deadpool -p postgres-entra-bb8 --features postgres-entra/opentelemetry,postgres-entra-deadpool/opentelemetry,postgres-entra-bb8/opentelemetry
 
 build:
@@ -45,6 +45,7 @@ endif
 examples:
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example deadpool_quickstart
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example bb8_quickstart
+	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example sqlx_quickstart
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example web_service -- --check
 
 ## The live-Azure suite: the emulator's checks against a real server and credential named by PGHOST

@@ -82,6 +82,7 @@ enum ScopeChoice {
 struct ConnectorInner {
     role_name: Option<String>,
     tls: MakeRustlsConnect,
+    tls_roots: TlsRoots,
     scope_choice: ScopeChoice,
     cache: OnceLock<TokenCache>,
     /// How to build the cache once the scope is settled (`None` when it was built up front).
@@ -277,6 +278,7 @@ impl EntraConnectorBuilder {
         let inner = ConnectorInner {
             role_name: self.role_name,
             tls,
+            tls_roots: self.tls_roots,
             scope_choice,
             cache: OnceLock::new(),
             pending,
@@ -344,12 +346,13 @@ fn classify(error: tokio_postgres::Error, config: &Config) -> Error {
         return Error::Postgres(error);
     }
     let text = chain(&error);
+    if text.contains("server does not support TLS") {
+        return Error::tls_declined(Some(Box::new(error)));
+    }
     let tls = if let Some(tls) = rustls_cause(&error) {
         Some(format!(
             "{tls}; the server's certificate must chain to a trusted root (TlsRoots) and name the host you connect to"
         ))
-    } else if text.contains("server does not support TLS") {
-        Some("the server declined TLS; token login needs a server with TLS enabled".to_owned())
     } else if text.starts_with("error performing TLS handshake") {
         Some(text.clone())
     } else {
@@ -477,6 +480,11 @@ impl EntraConnector {
         }
     }
 
+    /// The CAs this connector trusts. For adapters whose driver does its own TLS (sqlx).
+    pub fn tls_roots(&self) -> &TlsRoots {
+        &self.inner.tls_roots
+    }
+
     /// The meter for the metrics of pools built on this connector.
     #[cfg(feature = "opentelemetry")]
     pub(crate) fn meter(&self) -> &opentelemetry::metrics::Meter {
@@ -548,10 +556,21 @@ impl EntraConnector {
     }
 
     fn role_for(&self, config: &Config, token: &Token) -> Result<(String, RoleSource), Error> {
+        self.login_role(config.get_user(), token)
+    }
+
+    /// The role a login with `token` uses: the connector's role name, else `configured_user`
+    /// (the connection settings' user) when not empty, else the name the token carries. For
+    /// adapters whose driver logs in itself (sqlx).
+    pub fn login_role(
+        &self,
+        configured_user: Option<&str>,
+        token: &Token,
+    ) -> Result<(String, RoleSource), Error> {
         if let Some(role) = &self.inner.role_name {
             return Ok((role.clone(), RoleSource::Connector));
         }
-        if let Some(user) = config.get_user().filter(|u| !u.is_empty()) {
+        if let Some(user) = configured_user.filter(|u| !u.is_empty()) {
             return Ok((user.to_owned(), RoleSource::ConnectionConfig));
         }
         let from_token = token

@@ -86,6 +86,16 @@ impl Error {
         }
     }
 
+    /// The server answered the request for TLS with a refusal: the token is never sent. For
+    /// adapters whose driver does its own TLS (sqlx); `source` is the driver's error.
+    pub fn tls_declined(source: Option<Box<dyn StdError + Send + Sync>>) -> Self {
+        Error::Tls {
+            message: "the server declined TLS; token login needs a server with TLS enabled"
+                .to_owned(),
+            source,
+        }
+    }
+
     /// Whether retrying later may succeed without a change of configuration: network and server
     /// availability, and identity-provider failures other than a rejected credential. `false`
     /// for configuration, TLS and rejected logins, which only a fix makes work.

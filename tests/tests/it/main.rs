@@ -1,16 +1,19 @@
 //! End-to-end tests: every pool adapter against the local emulator, with azure_identity's real
 //! credentials, short token lifetimes, identity-provider, server and network faults, bad input,
 //! and load. The pool scenarios are written once (`scenarios.rs`) and run for each adapter
-//! (`pools.rs`). Every test runs with tracing at TRACE captured (log records included), and ends
+//! (`pools.rs`) that can do what they check. Every test runs with tracing at TRACE captured (log records included), and ends
 //! by searching the capture for every token the emulator issued.
 
-/// Runs `scenarios` as tests for each pool adapter: one module per adapter.
-macro_rules! for_each_pool {
-    ($($scenario:ident),* $(,)?) => {
-        for_each_pool!(@pool deadpool, crate::pools::Deadpool, $($scenario),*);
-        for_each_pool!(@pool bb8, crate::pools::Bb8, $($scenario),*);
+/// Runs each scenario in braces as a test for each pool adapter listed: one module per adapter
+/// (`deadpool`, `bb8`, `sqlx`), one test per scenario in it.
+macro_rules! for_pools {
+    ([$($pool:ident),* $(,)?] $scenarios:tt) => {
+        $( for_pools!(@pool $pool $scenarios); )*
     };
-    (@pool $module:ident, $pool:ty, $($scenario:ident),*) => {
+    (@pool deadpool $scenarios:tt) => { for_pools!(@tests deadpool crate::pools::Deadpool $scenarios); };
+    (@pool bb8 $scenarios:tt) => { for_pools!(@tests bb8 crate::pools::Bb8 $scenarios); };
+    (@pool sqlx $scenarios:tt) => { for_pools!(@tests sqlx crate::pools::Sqlx $scenarios); };
+    (@tests $module:ident $pool:ty { $($scenario:ident),* $(,)? }) => {
         mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,6 +33,7 @@ mod pools;
 mod scenarios;
 mod secrecy;
 mod sessions;
+mod sqlx_only;
 
 use postgres_entra::{AzureTokenSource, EntraConnector, EntraConnectorBuilder, TlsRoots};
 use postgres_entra_testkit::{Emulator, EmulatorBuilder, trace_capture};

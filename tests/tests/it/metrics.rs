@@ -12,10 +12,11 @@ const CREATE_TIME: &str = "db.client.connection.create_time";
 const COUNT: &str = "db.client.connection.count";
 const POOL_NAME: &str = "db.client.connection.pool.name";
 
-for_each_pool!(
+// Not sqlx: its pool has no hooks for these.
+for_pools!([deadpool, bb8] {
     pool_metrics_follow_connections_made_checkouts_waits_and_timeouts,
     a_pool_without_a_name_is_named_after_its_server,
-);
+});
 
 async fn pool_metrics_follow_connections_made_checkouts_waits_and_timeouts<P: PoolUnderTest>() {
     let emulator = Suite::start(HOUR).await;

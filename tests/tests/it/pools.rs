@@ -153,7 +153,7 @@ pub(crate) struct Reason {
 }
 
 impl Reason {
-    fn of(error: &Error) -> Self {
+    pub(crate) fn of(error: &Error) -> Self {
         let variant = match error {
             Error::Token(_) => "Token",
             Error::LoginRejected(_) => "LoginRejected",
@@ -200,8 +200,11 @@ pub(crate) trait PoolUnderTest: Clone + Send + Sync + 'static {
     /// Checks a connection out.
     fn checkout(&self) -> impl Future<Output = Result<Self::Connection, Failure>> + Send;
 
-    /// The client inside a checked-out connection.
-    fn client(connection: &Self::Connection) -> &tokio_postgres::Client;
+    /// Runs `sql` on a checked-out connection and returns the first column of the first row.
+    fn first_value(
+        connection: &mut Self::Connection,
+        sql: &'static str,
+    ) -> impl Future<Output = Result<String, Failure>> + Send;
 
     /// Connections open, and idle among them.
     fn counts(&self) -> Counts;
@@ -214,15 +217,8 @@ pub(crate) trait PoolUnderTest: Clone + Send + Sync + 'static {
     /// Checks a connection out, runs `sql` and returns the first column of the first row.
     fn query(&self, sql: &'static str) -> impl Future<Output = Result<String, Failure>> + Send {
         async move {
-            let connection = self.checkout().await?;
-            let messages = Self::client(&connection)
-                .simple_query(sql)
-                .await
-                .map_err(|e| Failure {
-                    text: chain(&e),
-                    reason: None,
-                })?;
-            Ok(first_value(messages))
+            let mut connection = self.checkout().await?;
+            Self::first_value(&mut connection, sql).await
         }
     }
 
@@ -242,14 +238,22 @@ pub(crate) trait PoolUnderTest: Clone + Send + Sync + 'static {
     }
 }
 
-fn first_value(messages: Vec<SimpleQueryMessage>) -> String {
-    messages
+/// `sql`'s first value through a tokio-postgres client (deadpool's and bb8's connections).
+async fn simple_first_value(
+    client: &tokio_postgres::Client,
+    sql: &'static str,
+) -> Result<String, Failure> {
+    let messages = client.simple_query(sql).await.map_err(|e| Failure {
+        text: chain(&e),
+        reason: None,
+    })?;
+    Ok(messages
         .into_iter()
         .find_map(|m| match m {
             SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
             _ => None,
         })
-        .unwrap_or_default()
+        .unwrap_or_default())
 }
 
 /// deadpool-postgres through `postgres_entra_deadpool::create_pool_with`, as a user configures it.
@@ -311,8 +315,11 @@ impl PoolUnderTest for Deadpool {
         })
     }
 
-    fn client(connection: &Self::Connection) -> &tokio_postgres::Client {
-        connection
+    async fn first_value(
+        connection: &mut Self::Connection,
+        sql: &'static str,
+    ) -> Result<String, Failure> {
+        simple_first_value(connection, sql).await
     }
 
     fn counts(&self) -> Counts {
@@ -370,8 +377,11 @@ impl PoolUnderTest for Bb8 {
         })
     }
 
-    fn client(connection: &Self::Connection) -> &tokio_postgres::Client {
-        connection
+    async fn first_value(
+        connection: &mut Self::Connection,
+        sql: &'static str,
+    ) -> Result<String, Failure> {
+        simple_first_value(connection, sql).await
     }
 
     fn counts(&self) -> Counts {
@@ -379,6 +389,75 @@ impl PoolUnderTest for Bb8 {
         Counts {
             open: state.connections as usize,
             idle: state.idle_connections as usize,
+        }
+    }
+}
+
+/// sqlx through `postgres_entra_sqlx::connect_lazy_with`, its failures explained by the pool.
+#[derive(Clone)]
+pub(crate) struct Sqlx(postgres_entra_sqlx::EntraPgPool);
+
+impl PoolUnderTest for Sqlx {
+    type Connection = sqlx::pool::PoolConnection<sqlx::Postgres>;
+    const COUNTS_TIMEOUTS: bool = false;
+
+    async fn build(spec: PoolSpec) -> Result<Self, Error> {
+        use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+        if spec.hostaddr.is_some() {
+            return Err(Error::config(
+                "sqlx has no hostaddr: the host name must resolve",
+            ));
+        }
+        let options = PgConnectOptions::new_without_pgpass()
+            .host(&spec.host)
+            .port(spec.port)
+            .database(&spec.database)
+            .username(spec.user.as_deref().unwrap_or(""))
+            .ssl_mode(match spec.ssl_mode {
+                SslMode::Disable => PgSslMode::Disable,
+                SslMode::Prefer => PgSslMode::Prefer,
+                _ => PgSslMode::Require,
+            });
+        let pool = PgPoolOptions::new()
+            .max_connections(spec.max_size as u32)
+            .max_lifetime(spec.max_age)
+            .acquire_timeout(spec.timeout);
+        match postgres_entra_sqlx::connect_lazy_with(options, pool, spec.connector).await {
+            Ok(pool) => Ok(Sqlx(pool)),
+            Err(postgres_entra_sqlx::Error::Entra(error)) => Err(error),
+            Err(error) => Err(Error::config_from(error.to_string(), error)),
+        }
+    }
+
+    async fn checkout(&self) -> Result<Self::Connection, Failure> {
+        self.0.acquire().await.map_err(|error| Failure {
+            text: error.to_string(),
+            reason: self.0.explain(&error).map(|e| Reason::of(&e)),
+        })
+    }
+
+    async fn first_value(
+        connection: &mut Self::Connection,
+        sql: &'static str,
+    ) -> Result<String, Failure> {
+        use sqlx::Row;
+        let row = sqlx::query(sql)
+            .fetch_one(&mut **connection)
+            .await
+            .map_err(|e| Failure {
+                text: e.to_string(),
+                reason: None,
+            })?;
+        Ok(row
+            .try_get::<String, _>(0)
+            .or_else(|_| row.try_get::<i32, _>(0).map(|v| v.to_string()))
+            .unwrap_or_default())
+    }
+
+    fn counts(&self) -> Counts {
+        Counts {
+            open: self.0.size() as usize,
+            idle: self.0.num_idle(),
         }
     }
 }

@@ -36,6 +36,31 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
         .build_unchecked(manager.clone());
     let _ = bb8_pool.get().await;
     let bb8_error = bb8_pool.dedicated_connection().await.unwrap_err();
+    let good_manager = EntraConnectionManager::new(emulator.server_config(), good.clone()).unwrap();
+    let bb8_client = bb8::ManageConnection::connect(&good_manager).await.unwrap();
+    // sqlx: a pool (its connect options hold a token), and a refused login.
+    let sqlx_pool = postgres_entra_sqlx::connect_lazy_with(
+        sqlx::postgres::PgConnectOptions::new_without_pgpass()
+            .host(emulator.host())
+            .port(emulator.port())
+            .database(emulator.database())
+            .username(""),
+        sqlx::postgres::PgPoolOptions::new().acquire_timeout(Duration::from_secs(2)),
+        good.clone(),
+    )
+    .await
+    .unwrap();
+    let sqlx_wrong = postgres_entra_sqlx::connect_with(
+        sqlx::postgres::PgConnectOptions::new_without_pgpass()
+            .host(emulator.host())
+            .port(emulator.port())
+            .database(emulator.database())
+            .username(""),
+        sqlx::postgres::PgPoolOptions::new(),
+        wrong_role.clone(),
+    )
+    .await
+    .unwrap_err();
     // A failing provider.
     emulator.set_fault(Endpoint::Token, postgres_entra_testkit::Fault::ServerError);
     let failing = crate::connector(&emulator);
@@ -54,6 +79,9 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
         format!("{token_error:?} {token_error}"),
         format!("{:?}", AzureTokenSource::new(credential)),
         format!("{pool:?} {bb8_pool:?}"),
+        format!("{bb8_client:?}"),
+        format!("{sqlx_pool:?} {:?}", sqlx_pool.refresher()),
+        format!("{sqlx_wrong:?} {sqlx_wrong}"),
     ];
     let issued = emulator.issued_tokens();
     assert!(issued.len() >= 2);
