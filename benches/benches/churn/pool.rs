@@ -1,4 +1,4 @@
-//! Pool churn: a checkout and `select 1` from deadpool and bb8 pools whose connections retire
+//! Pool churn: a checkout and `select 1` from deadpool, bb8 and sqlx pools whose connections retire
 //! every 50 ms, so that a good share of checkouts open a new connection: with a static password
 //! and with tokens from the cache, in the same run; and with tokens, metrics on (an
 //! OpenTelemetry SDK provider) against metrics off (no provider: the API's no-op meter), and
@@ -18,6 +18,7 @@ use crate::support::recorder::Recorder;
 const POOL_MAX_AGE: Duration = Duration::from_millis(50);
 const DEADPOOL: &str = "deadpool checkout + select 1 (max age 50 ms)";
 const BB8: &str = "bb8 checkout + select 1 (max lifetime 50 ms)";
+const SQLX: &str = "sqlx checkout + select 1 (max lifetime 50 ms)";
 const DEADPOOL_METRICS: &str = "deadpool checkout + select 1 (max age 50 ms), metrics";
 const BB8_METRICS: &str = "bb8 checkout + select 1 (max lifetime 50 ms), metrics";
 const METRICS_OFF: &str = "cached token, metrics off";
@@ -37,6 +38,8 @@ pub(crate) struct Pools {
     bb8_token: bb8::Pool<EntraConnectionManager>,
     bb8_metered: bb8::Pool<EntraConnectionManager>,
     bb8_unbound: bb8::Pool<EntraConnectionManager>,
+    sqlx_static: sqlx::PgPool,
+    sqlx_token: postgres_entra_sqlx::EntraPgPool,
     _bb8_observed: PoolObservation,
     metrics: MetricsReader,
 }
@@ -47,6 +50,14 @@ async fn select_1(client: &tokio_postgres::Client) {
 
 async fn checkout_deadpool(pool: &deadpool_postgres::Pool) {
     select_1(&pool.get().await.unwrap()).await;
+}
+
+async fn checkout_sqlx(pool: &sqlx::PgPool) {
+    let mut connection = pool.acquire().await.unwrap();
+    sqlx::query("select 1")
+        .execute(&mut *connection)
+        .await
+        .unwrap();
 }
 
 /// A bb8 pool of either manager: `bb8-postgres`'s hands out `Client`s, ours `EntraClient`s
@@ -136,6 +147,33 @@ impl Pools {
         let (bb8_token, _no_op) = bb8_with(&bench.connector, bound);
         let (bb8_unbound, _no_op) = bb8_with(&bench.connector, None);
         let (bb8_metered, _bb8_observed) = bb8_with(&metered, bound);
+        // sqlx: its own TLS (rustls, verify-full) against the emulator's CA, for both.
+        let sqlx_options = || {
+            sqlx::postgres::PgConnectOptions::new_without_pgpass()
+                .host(bench.emulator.host())
+                .port(bench.emulator.port())
+                .database(bench.emulator.database())
+                .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
+                .ssl_root_cert_from_pem(bench.emulator.ca_pem().as_bytes().to_vec())
+        };
+        let sqlx_pool = || {
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .max_lifetime(POOL_MAX_AGE)
+        };
+        let sqlx_static = sqlx_pool().connect_lazy_with(
+            sqlx_options()
+                .username(STATIC_ROLE)
+                .password(STATIC_PASSWORD),
+        );
+        let sqlx_token = bench
+            .runtime
+            .block_on(postgres_entra_sqlx::connect_lazy_with(
+                sqlx_options().username(""),
+                sqlx_pool(),
+                bench.connector.clone(),
+            ))
+            .unwrap();
         Self {
             deadpool_static,
             deadpool_token,
@@ -145,6 +183,8 @@ impl Pools {
             bb8_token,
             bb8_metered,
             bb8_unbound,
+            sqlx_static,
+            sqlx_token,
             _bb8_observed,
             metrics,
         }
@@ -166,6 +206,12 @@ pub(crate) fn criterion(c: &mut Criterion, bench: &Bench, pools: &Pools) {
     group.bench_function(BenchmarkId::new("bb8", "cached token"), |b| {
         b.iter_custom(|iters| bench.timed(iters, || checkout_bb8(&pools.bb8_token)))
     });
+    group.bench_function(BenchmarkId::new("sqlx", BASELINE), |b| {
+        b.iter_custom(|iters| bench.timed(iters, || checkout_sqlx(&pools.sqlx_static)))
+    });
+    group.bench_function(BenchmarkId::new("sqlx", "cached token"), |b| {
+        b.iter_custom(|iters| bench.timed(iters, || checkout_sqlx(&pools.sqlx_token)))
+    });
     group.finish();
 }
 
@@ -186,6 +232,17 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
         ("cached token", || checkout_bb8(&pools.bb8_token)),
         rounds,
         250,
+    );
+    // sqlx 0.9.0 leaves Nagle's algorithm on (transact-rs/sqlx#4335, fixed upstream by #4336,
+    // not released yet): its connects wait out the server's delayed ACKs, ~90 ms on loopback,
+    // longer than the 50 ms lifetime, so every sqlx checkout opens a connection, for both
+    // strategies alike. Fewer of them, then, for the same run time.
+    bench.paired(
+        SQLX,
+        || checkout_sqlx(&pools.sqlx_static),
+        ("cached token", || checkout_sqlx(&pools.sqlx_token)),
+        (rounds / 2).max(2),
+        50,
     );
     // Feature on against off, for ratios within a percent: the finest interleaving (one
     // checkout each, in ABBA order), so that the pools' background reconnects weigh on both
@@ -227,6 +284,15 @@ pub(crate) fn targets(recorder: &Recorder, pools: &Pools) -> Vec<String> {
     let ratio = |operation: &str, on: &str| recorder.median_ratio(operation, on);
     let met = |worst: f64, target: f64| if worst <= target { "met" } else { "missed" };
     let mut lines = Vec::new();
+    if let (Some(deadpool), Some(bb8), Some(sqlx)) = (
+        ratio(DEADPOOL, "cached token"),
+        ratio(BB8, "cached token"),
+        ratio(SQLX, "cached token"),
+    ) {
+        lines.push(format!(
+            "pool churn, cached token ÷ static password (median): deadpool {deadpool:.3}, bb8 {bb8:.3}, sqlx {sqlx:.3} (sqlx 0.9.0 connects take ~90 ms without TCP_NODELAY, transact-rs/sqlx#4335, so each of its checkouts opens a connection)"
+        ));
+    }
     if let (Some(deadpool), Some(bb8)) =
         (ratio(DEADPOOL_BOUND, BOUND_ON), ratio(BB8_BOUND, BOUND_ON))
     {
