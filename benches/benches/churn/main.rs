@@ -48,6 +48,8 @@ fn main() {
         connect::paired(&bench, scale);
         pool::paired(&bench, &pools, scale);
     }
+    let pool_targets = pool::targets(&bench.recorder, &pools);
+    pools.close(&bench);
     cache::criterion(&mut criterion, &bench);
     criterion.final_summary();
 
@@ -57,7 +59,7 @@ fn main() {
     report.push('\n');
     for line in connect::targets(&bench.recorder)
         .into_iter()
-        .chain(pool::targets(&bench.recorder, &pools))
+        .chain(pool_targets)
         .chain(cache::targets(&bench.recorder))
     {
         report.push_str(&format!("- {line}\n"));

@@ -189,6 +189,18 @@ impl Pools {
             metrics,
         }
     }
+
+    /// Closes the sqlx pools (waiting for them) and drops the others, so that the pools'
+    /// background work (reapers, sqlx's maintenance and refresh tasks) is not left running
+    /// beside the token-cache benchmarks.
+    pub(crate) fn close(self, bench: &Bench) {
+        let _runtime = bench.runtime.enter();
+        bench.runtime.block_on(async {
+            self.sqlx_static.close().await;
+            self.sqlx_token.close().await;
+        });
+        drop(self);
+    }
 }
 
 /// Criterion's own measurement of each pool and strategy.
