@@ -5,23 +5,35 @@
 //! by searching the capture for every token the emulator issued.
 
 /// Runs each scenario in braces as a test for each pool adapter listed: one module per adapter
-/// (`deadpool`, `bb8`, `sqlx`), one test per scenario in it.
+/// (`deadpool`, `bb8`, `sqlx`), one test per scenario in it. After `only [pools] { scenarios }`
+/// come scenarios that only some of the listed adapters run.
 macro_rules! for_pools {
     ([$($pool:ident),* $(,)?] $scenarios:tt) => {
-        $( for_pools!(@pool $pool $scenarios); )*
+        for_pools!([$($pool),*] $scenarios only [] {});
     };
-    (@pool deadpool $scenarios:tt) => { for_pools!(@tests deadpool crate::pools::Deadpool $scenarios); };
-    (@pool bb8 $scenarios:tt) => { for_pools!(@tests bb8 crate::pools::Bb8 $scenarios); };
-    (@pool sqlx $scenarios:tt) => { for_pools!(@tests sqlx crate::pools::Sqlx $scenarios); };
-    (@tests $module:ident $pool:ty { $($scenario:ident),* $(,)? }) => {
+    ([$($pool:ident),* $(,)?] $scenarios:tt only $some:tt $extra:tt) => {
+        $( for_pools!(@pool $pool $scenarios $some $extra); )*
+    };
+    (@pool deadpool $($rest:tt)*) => { for_pools!(@tests deadpool Deadpool $($rest)*); };
+    (@pool bb8 $($rest:tt)*) => { for_pools!(@tests bb8 Bb8 $($rest)*); };
+    (@pool sqlx $($rest:tt)*) => { for_pools!(@tests sqlx Sqlx $($rest)*); };
+    (@tests $module:ident $pool:ident $scenarios:tt [$($some:ident),* $(,)?] $extra:tt) => {
         mod $module {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario::<$pool>().await
-                }
-            )*
+            for_pools!(@each $pool $scenarios);
+            $( for_pools!(@if $module $some $pool $extra); )*
         }
+    };
+    (@if deadpool deadpool $pool:ident $extra:tt) => { for_pools!(@each $pool $extra); };
+    (@if bb8 bb8 $pool:ident $extra:tt) => { for_pools!(@each $pool $extra); };
+    (@if sqlx sqlx $pool:ident $extra:tt) => { for_pools!(@each $pool $extra); };
+    (@if $module:ident $other:ident $pool:ident $extra:tt) => {};
+    (@each $pool:ident { $($scenario:ident),* $(,)? }) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                super::$scenario::<crate::pools::$pool>().await
+            }
+        )*
     };
 }
 
