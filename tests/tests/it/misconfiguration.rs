@@ -274,7 +274,7 @@ fn deadpool_config_for(emulator: &Suite, host: &str) -> Config {
 }
 
 #[tokio::test]
-async fn both_pools_take_the_cloud_from_their_host_and_refuse_a_mismatch_when_created() {
+async fn every_pool_takes_the_cloud_from_its_host_and_refuses_a_mismatch_when_created() {
     let emulator = Suite::start(Duration::from_secs(3600)).await;
     let gov = "db1.postgres.database.usgovcloudapi.net";
 
@@ -300,13 +300,45 @@ async fn both_pools_take_the_cloud_from_their_host_and_refuse_a_mismatch_when_cr
         .cloud(Cloud::China)
         .build()
         .unwrap();
+    let sqlx_options = || {
+        sqlx::postgres::PgConnectOptions::new_without_pgpass()
+            .host(gov)
+            .port(emulator.port())
+            .database(emulator.database())
+            .username("orders-api")
+    };
+    let sqlx_error = match postgres_entra_sqlx::connect_lazy_with(
+        sqlx_options(),
+        sqlx::postgres::PgPoolOptions::new(),
+        china.clone(),
+    )
+    .await
+    {
+        Err(postgres_entra_sqlx::Error::Entra(error)) => error,
+        other => panic!("expected our Config error, got {other:?}"),
+    };
     for error in [
         create_pool(&deadpool_config_for(&emulator, gov), china.clone()).unwrap_err(),
         EntraConnectionManager::new(bb8_config, china.clone()).unwrap_err(),
+        sqlx_error,
     ] {
         assert!(matches!(error, Error::Config { .. }), "{error}");
         assert!(error.to_string().contains("Cloud::UsGovernment"), "{error}");
     }
     assert_eq!(emulator.requests(Endpoint::Token), 0);
     let _: &TokenCache = china.cache();
+
+    // sqlx: a lazy pool opens no connection (sqlx could not resolve the name) but takes its
+    // first token, for the scope of the host's cloud.
+    let connector = shared_connector(&emulator);
+    let pool = postgres_entra_sqlx::connect_lazy_with(
+        sqlx_options(),
+        sqlx::postgres::PgPoolOptions::new(),
+        connector.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(connector.cache().scope(), Cloud::UsGovernment.scope());
+    assert_eq!(emulator.requests(Endpoint::Token), 1);
+    pool.close().await;
 }
