@@ -48,7 +48,7 @@ mod sessions;
 mod sqlx_only;
 
 use postgres_entra::{AzureTokenSource, EntraConnector, EntraConnectorBuilder, TlsRoots};
-use postgres_entra_testkit::{Emulator, EmulatorBuilder, trace_capture};
+use postgres_entra_testkit::{Emulator, EmulatorBuilder, MetricsReader, trace_capture};
 use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -148,6 +148,16 @@ pub fn connector_builder(emulator: &Emulator) -> EntraConnectorBuilder {
     EntraConnector::builder(AzureTokenSource::new(credential))
         .role_name(sp.role_name)
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+}
+
+/// [`connector`] recording its metrics (and its pools') into a reader of its own.
+pub fn metered_connector(emulator: &Emulator) -> (MetricsReader, EntraConnector) {
+    let reader = MetricsReader::new();
+    let connector = connector_builder(emulator)
+        .meter(reader.meter())
+        .build()
+        .unwrap();
+    (reader, connector)
 }
 
 /// A connector whose credential has the wrong client secret: no token can be had.

@@ -1,11 +1,10 @@
 //! Pool and token metrics of every adapter, read back through the SDK's in-memory exporter after
 //! known checkouts against the emulator.
 
-use postgres_entra_testkit::MetricsReader;
 use std::time::Duration;
 
 use crate::pools::{PoolSpec, PoolUnderTest};
-use crate::{Suite, connector_builder};
+use crate::{Suite, metered_connector};
 
 const HOUR: Duration = Duration::from_secs(3600);
 const CREATE_TIME: &str = "db.client.connection.create_time";
@@ -20,11 +19,7 @@ for_pools!([deadpool, bb8] {
 
 async fn pool_metrics_follow_connections_made_checkouts_waits_and_timeouts<P: PoolUnderTest>() {
     let emulator = Suite::start(HOUR).await;
-    let reader = MetricsReader::new();
-    let connector = connector_builder(&emulator)
-        .meter(reader.meter())
-        .build()
-        .unwrap();
+    let (reader, connector) = metered_connector(&emulator);
     let spec = PoolSpec::new(&emulator, connector)
         .size(4)
         .timeout(Duration::from_secs(1))
@@ -101,11 +96,7 @@ async fn pool_metrics_follow_connections_made_checkouts_waits_and_timeouts<P: Po
 
 async fn a_pool_without_a_name_is_named_after_its_server<P: PoolUnderTest>() {
     let emulator = Suite::start(HOUR).await;
-    let reader = MetricsReader::new();
-    let connector = connector_builder(&emulator)
-        .meter(reader.meter())
-        .build()
-        .unwrap();
+    let (reader, connector) = metered_connector(&emulator);
     let spec = PoolSpec::new(&emulator, connector);
     let expected = format!("{}:{}/{}", spec.host, spec.port, spec.database);
     let pool = P::build(spec).await.unwrap();

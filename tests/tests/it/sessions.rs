@@ -4,12 +4,12 @@
 //! token as before.
 
 use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots, TokenBound};
-use postgres_entra_testkit::{Emulator, MetricsReader};
+use postgres_entra_testkit::Emulator;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::pools::{Failure, PoolSpec, PoolUnderTest};
-use crate::{Suite, connector_builder};
+use crate::{Suite, connector_builder, metered_connector};
 
 // Not sqlx: its pool has no hooks for these.
 for_pools!([deadpool, bb8] {
@@ -262,11 +262,7 @@ async fn with_the_bound_off_a_session_outlives_its_token_and_with_it_on_it_does_
 >() {
     const LIFETIME: Duration = Duration::from_secs(2);
     let emulator = Suite::start(LIFETIME).await;
-    let reader = MetricsReader::new();
-    let connector = connector_builder(&emulator)
-        .meter(reader.meter())
-        .build()
-        .unwrap();
+    let (reader, connector) = metered_connector(&emulator);
     let spec = |name: &str, bound| {
         PoolSpec::new(&emulator, connector.clone())
             .size(1)
