@@ -19,14 +19,18 @@ deps:
 fmt:
 	$(CARGO) fmt --all --check
 
+LIBRARIES := -p postgres-entra -p postgres-entra-tokio-postgres -p postgres-entra-deadpool -p postgres-entra-bb8 -p postgres-entra-sqlx
+
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p postgres-entra --all-targets --all-features --locked -- -D warnings
 	# The libraries as users build them by default: the tests' features (opentelemetry, test-util) off.
-	$(CARGO) clippy -p postgres-entra -p postgres-entra-deadpool -p postgres-entra-bb8 -p postgres-entra-sqlx --lib --locked -- -D warnings
+	$(CARGO) clippy $(LIBRARIES) --lib --locked -- -D warnings
+	# rustls's other crypto provider: ring instead of aws-lc-rs.
+	$(CARGO) clippy $(LIBRARIES) --lib --locked --no-default-features --features ring,azure -- -D warnings
 	# The published crates' docs, links included, with and without the optional features.
-	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked -p postgres-entra -p postgres-entra-deadpool -p postgres-entra-bb8 -p postgres-entra-sqlx
-	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked -p postgres-entra -p postgres-entra-deadpool -p postgres-entra-bb8 --features postgres-entra/opentelemetry,postgres-entra-deadpool/opentelemetry,postgres-entra-bb8/opentelemetry
+	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked $(LIBRARIES)
+	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked $(LIBRARIES) --features postgres-entra/opentelemetry_0_33,postgres-entra-deadpool/opentelemetry_0_33,postgres-entra-bb8/opentelemetry_0_33,postgres-entra-sqlx/opentelemetry_0_33
 
 build:
 	$(CARGO) build --workspace --all-targets --locked

@@ -3,7 +3,9 @@
 //! criterion, as samples, and paired with a baseline.
 
 use azure_core::credentials::TokenCredential;
-use postgres_entra::{AzureTokenSource, EntraConnector, EntraConnectorBuilder, TlsRoots};
+use postgres_entra::{
+    AzureTokenSource, EntraConnector, EntraConnectorBuilder, TlsRoots, TokenCache,
+};
 use postgres_entra_testkit::{Emulator, Endpoint};
 use std::future::Future;
 use std::sync::Arc;
@@ -26,6 +28,8 @@ pub(crate) struct Bench {
     pub(crate) runtime: Runtime,
     pub(crate) emulator: Emulator,
     pub(crate) credential: Arc<dyn TokenCredential>,
+    /// The connector's one token cache.
+    pub(crate) cache: TokenCache,
     pub(crate) connector: EntraConnector,
     pub(crate) tls: MakeRustlsConnect,
     /// The password role's settings, password included.
@@ -68,7 +72,14 @@ impl Bench {
             .unwrap();
         let sp = emulator.service_principal();
         let credential: Arc<dyn TokenCredential> = emulator.client_secret_credential(&sp).unwrap();
-        let connector = connector_builder(&emulator, &credential).build().unwrap();
+        let cache = TokenCache::builder(AzureTokenSource::new(credential.clone()))
+            .build()
+            .unwrap();
+        let connector = EntraConnector::builder_with_cache(cache.clone())
+            .role_name(sp.role_name.clone())
+            .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+            .build()
+            .unwrap();
         let tls = emulator.tls().unwrap();
         let mut static_config = emulator.pg_config(STATIC_ROLE);
         static_config.password(STATIC_PASSWORD);
@@ -77,6 +88,7 @@ impl Bench {
             runtime,
             emulator,
             credential,
+            cache,
             connector,
             tls,
             static_config,

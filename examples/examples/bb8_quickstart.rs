@@ -5,7 +5,7 @@
 //! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
 //! examples/src/lib.rs, then run the same command.
 
-use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink};
+use postgres_entra_bb8::{EntraConnectionManager, PoolOptions};
 use postgres_entra_examples::{BoxError, Target};
 use std::time::Duration;
 
@@ -14,10 +14,13 @@ async fn main() -> Result<(), BoxError> {
     let target = Target::from_env(Duration::from_secs(3600))?;
     println!("connecting to {}", target.description);
 
-    let errors = LastErrorSink::new();
     // Checks sslmode, host and cloud now; `check()` logs in once, so that a wrong role or CA is
     // reported at startup with its reason rather than as bb8's timeout.
-    let manager = EntraConnectionManager::new(target.pg_config.clone(), target.connector.clone())?;
+    let manager = EntraConnectionManager::new(
+        target.pg_config.clone(),
+        &target.connector,
+        PoolOptions::new(),
+    )?;
     manager.check().await?;
     let pool = bb8::Pool::builder()
         .max_size(8)
@@ -25,22 +28,19 @@ async fn main() -> Result<(), BoxError> {
         .idle_timeout(Some(Duration::from_secs(10 * 60)))
         .test_on_check_out(true)
         .connection_timeout(Duration::from_secs(20))
-        .error_sink(Box::new(errors.clone()))
-        .build(manager)
+        .build(manager.clone())
         .await?;
 
+    // bb8 reports every failed connect as `TimedOut`; the manager says why.
     let client = match pool.get().await {
         Ok(client) => client,
-        Err(error) => {
-            let why = errors
-                .last_error()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            return Err(format!("no connection ({error}): {why}").into());
-        }
+        Err(error) => match manager.explain(&error) {
+            Some(why) => return Err(why.into()),
+            None => return Err(error.into()),
+        },
     };
     let row = client.query_one("select current_user", &[]).await?;
     println!("logged in as `{}`", row.get::<_, String>(0));
-    println!("token cache: {:?}", target.connector.cache().stats());
+    println!("token cache: {:?}", manager.token_cache().stats());
     Ok(())
 }

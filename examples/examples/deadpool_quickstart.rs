@@ -1,11 +1,12 @@
-//! deadpool-postgres with Entra ID login: your `deadpool_postgres::Config` becomes a pool whose
-//! connections log in with access tokens, and stays a plain `deadpool_postgres::Pool`.
+//! deadpool-postgres with Entra ID login: your `deadpool_postgres::Config` becomes a deadpool pool
+//! whose connections log in with access tokens; connections are deadpool-postgres's own
+//! `ClientWrapper`s (statement cache included).
 //!
 //! Run against the local emulator:   cargo run -p postgres-entra-examples --example deadpool_quickstart
 //! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
 //! examples/src/lib.rs, then run the same command.
 
-use postgres_entra_deadpool::{create_pool, entra_error};
+use postgres_entra_deadpool::{PoolOptions, create_pool};
 use postgres_entra_examples::{BoxError, Target};
 use std::time::Duration;
 
@@ -15,20 +16,13 @@ async fn main() -> Result<(), BoxError> {
     println!("connecting to {}", target.description);
 
     let config = target.deadpool_config(8);
-    // Checks sslmode, host and cloud now; the pool is a plain deadpool_postgres::Pool.
-    let pool: deadpool_postgres::Pool = create_pool(&config, target.connector.clone())?;
+    // Checks sslmode, host and cloud now.
+    let pool = create_pool(&config, &target.connector, PoolOptions::new())?;
+    // One login now: a wrong role or CA is reported at startup, typed.
+    pool.manager().check().await?;
 
-    let client = match pool.get().await {
-        Ok(client) => client,
-        Err(error) => {
-            // deadpool's own message is "error communicating with the server" whatever happened;
-            // the typed reason (token, login, TLS, network, ...) comes back with entra_error.
-            if let Some(entra) = entra_error(&error) {
-                return Err(format!("Entra ID login failed: {entra}").into());
-            }
-            return Err(error.into());
-        }
-    };
+    // A failed checkout carries our error: `{e}` says what went wrong (token, login, TLS, ...).
+    let client = pool.get().await?;
     let row = client
         .query_one(
             "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()",
@@ -37,6 +31,6 @@ async fn main() -> Result<(), BoxError> {
         .await?;
     let (user, ssl): (String, bool) = (row.get(0), row.get(1));
     println!("logged in as `{user}` (TLS: {ssl})");
-    println!("token cache: {:?}", target.connector.cache().stats());
+    println!("token cache: {:?}", pool.manager().token_cache().stats());
     Ok(())
 }

@@ -8,9 +8,8 @@
 //! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
 //! examples/src/lib.rs, then run the same command.
 
-use deadpool_postgres::Hook;
-use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink};
-use postgres_entra_deadpool::{PoolOptions, create_pool_customized};
+use postgres_entra_bb8::EntraConnectionManager;
+use postgres_entra_deadpool::{Hook, PoolOptions, create_pool_with};
 use postgres_entra_examples::{
     BoxError, Target, install_prometheus_metrics, metrics_summary, prometheus_text,
 };
@@ -107,9 +106,9 @@ async fn main() -> Result<(), BoxError> {
 
     let deadpool_created = Arc::new(AtomicU64::new(0));
     let created = deadpool_created.clone();
-    let deadpool = create_pool_customized(
+    let deadpool = create_pool_with(
         &target.deadpool_config(POOL_SIZE),
-        target.connector.clone(),
+        &target.connector,
         PoolOptions::new()
             .max_age(MAX_AGE, MAX_AGE / 4)
             .pool_name("deadpool"),
@@ -120,15 +119,16 @@ async fn main() -> Result<(), BoxError> {
             }))
         },
     )?;
-    let bb8_errors = LastErrorSink::new();
-    let bb8_manager =
-        EntraConnectionManager::new(target.pg_config.clone(), target.connector.clone())?
-            .pool_name("bb8");
+    let bb8_manager = EntraConnectionManager::new(
+        target.pg_config.clone(),
+        &target.connector,
+        PoolOptions::new()
+            .max_age(MAX_AGE, MAX_AGE / 4)
+            .pool_name("bb8"),
+    )?;
     let bb8 = bb8::Pool::builder()
         .max_size(POOL_SIZE as u32)
-        .max_lifetime(Some(MAX_AGE))
         .connection_timeout(Duration::from_secs(20))
-        .error_sink(Box::new(bb8_errors.clone()))
         .build(bb8_manager.clone())
         .await?;
     let _bb8_observed = bb8_manager.observe(&bb8);
@@ -140,24 +140,25 @@ async fn main() -> Result<(), BoxError> {
         let pool = deadpool_pool.clone();
         async move {
             let t = Instant::now();
-            let client = pool
-                .get()
-                .await
-                .map_err(|e| format!("{e}: {:?}", postgres_entra_deadpool::entra_error(&e)))?;
+            let client = pool.get().await.map_err(|e| e.to_string())?;
             select_1(&client, t).await
         }
     });
-    let bb8_pool = bb8.clone();
+    let (bb8_pool, manager) = (bb8.clone(), bb8_manager.clone());
     tasks.extend(churn(bb_tally.clone(), started, move || {
-        let pool = bb8_pool.clone();
+        let (pool, manager) = (bb8_pool.clone(), manager.clone());
         async move {
             let t = Instant::now();
-            let client = pool.get().await.map_err(|e| format!("{e}"))?;
+            let client = pool.get().await.map_err(|e| match manager.explain(&e) {
+                Some(why) => why.to_string(),
+                None => e.to_string(),
+            })?;
             select_1(&client, t).await
         }
     }));
 
-    let cache = target.connector.cache().clone();
+    // One connector, so one cache: both pools' tokens.
+    let cache = deadpool.manager().token_cache().clone();
     let connections =
         || deadpool_created.load(Relaxed) + bb8.state().statistics.connections_created;
     while started.elapsed() < RUN {
@@ -219,9 +220,6 @@ async fn main() -> Result<(), BoxError> {
     println!("\nmetrics (what GET /metrics would serve, shortened; see the web_service example):");
     for line in metrics_summary(&prometheus_text(&registry)?) {
         println!("  {line}");
-    }
-    if let Some(error) = bb8_errors.last_error() {
-        println!("  last bb8 connect error: {error}");
     }
     if failures > 0 {
         return Err(format!("{failures} checkouts failed").into());

@@ -42,7 +42,8 @@ async fn main() -> Result<(), BoxError> {
             .max_connections(8)
             .max_lifetime(Duration::from_secs(30 * 60))
             .acquire_timeout(Duration::from_secs(20)),
-        target.connector.clone(),
+        &target.connector,
+        postgres_entra_sqlx::PoolOptions::new(),
     )
     .await?; // opens one connection now: a wrong role or CA is an error here
 
@@ -54,7 +55,7 @@ async fn main() -> Result<(), BoxError> {
             None => e.to_string(),
         })?;
     println!("logged in as `{user}`");
-    println!("token cache: {:?}", target.connector.cache().stats());
+    println!("token cache: {:?}", pool.token_cache().stats());
     pool.close().await;
     Ok(())
 }

@@ -13,8 +13,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use postgres_entra::TokenCache;
-use postgres_entra_deadpool::{PoolOptions, create_pool_with, entra_error};
+use postgres_entra_deadpool::{Pool, PoolOptions, create_pool};
 use postgres_entra_examples::{
     BoxError, Target, install_prometheus_metrics, metrics_summary, prometheus_text,
 };
@@ -24,14 +23,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Clone)]
 struct App {
-    pool: deadpool_postgres::Pool,
-    cache: TokenCache,
+    pool: Pool,
     registry: prometheus::Registry,
 }
 
 async fn whoami(State(app): State<App>) -> Result<Json<Value>, (StatusCode, String)> {
     let client = app.pool.get().await.map_err(|e| {
-        let message = match entra_error(&e) {
+        let message = match app.pool.manager().explain(&e) {
             Some(entra) => format!("database login failed: {entra}"),
             None => format!("database unavailable: {e}"),
         };
@@ -41,7 +39,7 @@ async fn whoami(State(app): State<App>) -> Result<Json<Value>, (StatusCode, Stri
         .query_one("select current_user", &[])
         .await
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let stats = app.cache.stats();
+    let stats = app.pool.manager().token_cache().stats();
     Ok(Json(json!({
         "role": row.get::<_, String>(0),
         "token_requests": stats.requests,
@@ -69,16 +67,12 @@ async fn main() -> Result<(), BoxError> {
     // First the metrics pipeline, so that the connector built next records into it.
     let registry = install_prometheus_metrics()?;
     let target = Target::from_env(Duration::from_secs(3600))?;
-    let pool = create_pool_with(
+    let pool = create_pool(
         &target.deadpool_config(16),
-        target.connector.clone(),
+        &target.connector,
         PoolOptions::new().pool_name("web"),
     )?;
-    let app = App {
-        pool,
-        cache: target.connector.cache().clone(),
-        registry,
-    };
+    let app = App { pool, registry };
     let router = Router::new()
         .route("/whoami", get(whoami))
         .route("/metrics", get(metrics))

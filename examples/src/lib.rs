@@ -14,16 +14,14 @@
 //! principals), `PGHOSTADDR` (an address to reach `PGHOST` at, e.g. a private endpoint's) and
 //! `PGSSLROOTCERT` (a CA file instead of the Azure roots).
 //!
-//! The credentials are built without azure_core's own retry policy, so that the token cache's
-//! backoff is the only one and an identity provider's error reaches the cache (and the log) at
-//! once. (On a VM, azure_identity's IMDS credential keeps its own retries whatever is asked.)
-//! The choice is `postgres-entra doctor`'s (`postgres_entra_cli::settings`), so that the doctor
-//! checks exactly what the examples do.
+//! The credentials are built with `AzureTokenSource`'s constructors, as the README does: retries
+//! are left to the token cache, so an identity provider's error reaches the log at once. The
+//! choice is `postgres-entra doctor`'s (`postgres_entra_cli::settings`), so that the doctor checks
+//! exactly what the examples do.
 //!
 //! Without `PGHOST`, they start the local emulator and log in as its service principal.
 
-use azure_core::credentials::TokenCredential;
-use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots};
+use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots, TokenSource};
 use postgres_entra_cli::settings::{Server, credential_from_env};
 use postgres_entra_testkit::Emulator;
 use std::env::var;
@@ -40,8 +38,8 @@ pub struct Target {
     pub pg_config: tokio_postgres::Config,
     /// Tokens, TLS and role name.
     pub connector: EntraConnector,
-    /// The credential behind the connector.
-    pub credential: Arc<dyn TokenCredential>,
+    /// The token source behind the connector.
+    pub source: Arc<dyn TokenSource>,
     /// The emulator, when running locally (stopped and removed when dropped).
     pub emulator: Option<Emulator>,
     /// One line saying what this is, for the example's output.
@@ -72,13 +70,13 @@ impl Target {
         let server = Server::from_env()?;
         let pg_config = server.pg_config();
         // The cloud, and so the token scope, follows the host of the pool it serves.
-        let connector = EntraConnector::builder(AzureTokenSource::new(chosen.credential.clone()))
+        let connector = EntraConnector::builder(chosen.source.clone())
             .tls_roots(server.tls_roots())
             .build()?;
         Ok(Self {
             pg_config,
             connector,
-            credential: chosen.credential,
+            source: chosen.source,
             emulator: None,
             description: format!(
                 "Azure server {host}, credential: {:?} ({})",
@@ -90,8 +88,10 @@ impl Target {
     fn emulator(token_lifetime: Duration) -> Result<Self, BoxError> {
         let emulator = Emulator::builder().token_lifetime(token_lifetime).start()?;
         let sp = emulator.service_principal();
-        let credential: Arc<dyn TokenCredential> = emulator.client_secret_credential(&sp)?;
-        let connector = EntraConnector::builder(AzureTokenSource::new(credential.clone()))
+        let source = Arc::new(AzureTokenSource::new(
+            emulator.client_secret_credential(&sp)?,
+        ));
+        let connector = EntraConnector::builder(source.clone())
             .role_name(&sp.role_name)
             .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
             .build()?;
@@ -106,7 +106,7 @@ impl Target {
         Ok(Self {
             pg_config,
             connector,
-            credential,
+            source,
             emulator: Some(emulator),
             description,
         })
@@ -140,7 +140,7 @@ pub fn install_prometheus_metrics() -> Result<prometheus::Registry, BoxError> {
     let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
         .with_reader(exporter)
         .build();
-    postgres_entra::opentelemetry::global::set_meter_provider(provider);
+    postgres_entra::opentelemetry_0_33::global::set_meter_provider(provider);
     Ok(registry)
 }
 

@@ -7,8 +7,8 @@
 //! `#[ignore]`d, so `make test` (and CI) never runs them.
 
 use postgres_entra::{
-    AccessToken, AzureTokenSource, Cloud, EntraConnector, Error, TlsRoots, TokenSource,
-    TokenSourceError,
+    AccessToken, Cloud, EntraConnector, Error, PoolOptions, TlsRoots, TokenCache, TokenFuture,
+    TokenSource,
 };
 use postgres_entra_bb8::EntraConnectionManager;
 use postgres_entra_examples::Target;
@@ -22,7 +22,15 @@ fn live() -> Option<Target> {
     let credential_named = std::env::vars().any(|(name, value)| {
         (name.starts_with("AZURE_") || name.starts_with("IDENTITY_")) && !value.is_empty()
     });
-    if Cloud::from_server_name(&host).is_none() || !credential_named {
+    let azure_name = [
+        ".postgres.database.azure.com",
+        ".usgovcloudapi.net",
+        ".chinacloudapi.cn",
+        ".postgres.cosmos.azure.com",
+    ]
+    .iter()
+    .any(|suffix| host.trim_end_matches('.').ends_with(suffix));
+    if !azure_name || !credential_named {
         println!(
             "live Azure suite skipped: set PGHOST to an Azure server name (*.postgres.database.azure.com, \
              .usgovcloudapi.net, .chinacloudapi.cn or *.postgres.cosmos.azure.com; now `{host}`) and a \
@@ -43,16 +51,17 @@ fn live() -> Option<Target> {
 /// cache refreshes within a test's time.
 #[derive(Debug)]
 struct ShortLived {
-    inner: Arc<AzureTokenSource>,
+    inner: Arc<dyn TokenSource>,
     lifetime: Duration,
 }
 
-#[async_trait::async_trait]
 impl TokenSource for ShortLived {
-    async fn get_token(&self, scope: &str) -> Result<AccessToken, TokenSourceError> {
-        let token = self.inner.get_token(scope).await?;
-        let expires_on = token.expires_on().min(SystemTime::now() + self.lifetime);
-        Ok(AccessToken::new(token.secret(), expires_on))
+    fn get_token<'a>(&'a self, scope: &'a str) -> TokenFuture<'a> {
+        Box::pin(async move {
+            let token = self.inner.get_token(scope).await?;
+            let expires_on = token.expires_on().min(SystemTime::now() + self.lifetime);
+            Ok(AccessToken::new(token.secret(), expires_on))
+        })
     }
 
     fn identity(&self) -> String {
@@ -65,14 +74,15 @@ async fn whoami(
     connector: &EntraConnector,
     config: &tokio_postgres::Config,
 ) -> Result<(String, bool), Error> {
-    let (client, connection) = connector.connect(config).await?;
+    let (client, connection) = postgres_entra_tokio_postgres::connect(connector, config).await?;
     tokio::spawn(connection);
     let row = client
         .query_one(
             "select current_user::text, coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false)",
             &[],
         )
-        .await?;
+        .await
+        .expect("a query on a fresh connection");
     Ok((row.get(0), row.get(1)))
 }
 
@@ -84,7 +94,7 @@ async fn a_real_azure_server_and_credential_pass_the_emulators_checks() {
         return;
     };
     let mut secrets = Vec::new();
-    let source = AzureTokenSource::new(target.credential.clone());
+    let source = target.source.clone();
 
     // 1. The default roots verify the real chain (unless PGSSLROOTCERT names others); the scope
     // follows the host.
@@ -95,7 +105,16 @@ async fn a_real_azure_server_and_credential_pass_the_emulators_checks() {
         }
         _ => TlsRoots::Azure,
     };
-    let connector = EntraConnector::builder(source.clone())
+    let host = match target.pg_config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => panic!("PGHOST names a TCP host"),
+    };
+    // The scope follows the host.
+    let cache = TokenCache::builder(source.clone())
+        .scope(Cloud::from_host(&host).scope())
+        .build()
+        .unwrap();
+    let connector = EntraConnector::builder_with_cache(cache.clone())
         .tls_roots(roots.clone())
         .build()
         .unwrap();
@@ -103,11 +122,11 @@ async fn a_real_azure_server_and_credential_pass_the_emulators_checks() {
         .await
         .unwrap_or_else(|e| panic!("login with the default roots failed: {e}"));
     assert!(ssl, "the session is not encrypted");
-    let token = connector.cache().get().await.unwrap();
+    let token = cache.get().await.unwrap();
     secrets.push(token.secret().to_owned());
     println!(
         "1. logged in as `{user}` over verified TLS; scope {}",
-        connector.cache().scope()
+        cache.scope()
     );
 
     // 2. The role, as configured or read from the token.
@@ -115,14 +134,11 @@ async fn a_real_azure_server_and_credential_pass_the_emulators_checks() {
         Some(configured) => assert_eq!(user, configured),
         None => {
             let claims = token.claims().unwrap();
-            let inferred = claims
+            let (name, claim) = claims
                 .role_name()
-                .unwrap_or_else(|e| panic!("no role name in the token ({e}); set PGUSER"));
-            assert_eq!(user, inferred.name);
-            println!(
-                "2. role `{user}` read from the token's `{}` claim",
-                inferred.claim
-            );
+                .unwrap_or_else(|| panic!("no role name in the token ({claims}); set PGUSER"));
+            assert_eq!(user, name);
+            println!("2. role `{user}` read from the token's `{claim}` claim");
         }
     }
 
@@ -136,7 +152,8 @@ async fn a_real_azure_server_and_credential_pass_the_emulators_checks() {
     deadpool_config.dbname = target.pg_config.get_dbname().map(str::to_owned);
     deadpool_config.user = target.pg_config.get_user().map(str::to_owned);
     let deadpool =
-        postgres_entra_deadpool::create_pool(&deadpool_config, connector.clone()).unwrap();
+        postgres_entra_deadpool::create_pool(&deadpool_config, &connector, PoolOptions::new())
+            .unwrap();
     let client = deadpool.get().await.unwrap();
     let via_deadpool: String = client
         .query_one("select current_user::text", &[])
@@ -144,7 +161,9 @@ async fn a_real_azure_server_and_credential_pass_the_emulators_checks() {
         .unwrap()
         .get(0);
     drop(client);
-    let manager = EntraConnectionManager::new(target.pg_config.clone(), connector.clone()).unwrap();
+    let manager =
+        EntraConnectionManager::new(target.pg_config.clone(), &connector, PoolOptions::new())
+            .unwrap();
     manager.check().await.unwrap();
     let bb8 = bb8::Pool::builder()
         .max_size(2)
@@ -181,23 +200,27 @@ async fn a_real_azure_server_and_credential_pass_the_emulators_checks() {
     }
 
     // 5. One refresh, observed: tokens said to live 20 s are fetched again.
-    let short = EntraConnector::builder(Arc::new(ShortLived {
+    let short_cache = TokenCache::builder(ShortLived {
         inner: source.clone(),
         lifetime: Duration::from_secs(20),
-    }))
-    .tls_roots(roots)
+    })
+    .scope(cache.scope())
     .build()
     .unwrap();
+    let short = EntraConnector::builder_with_cache(short_cache.clone())
+        .tls_roots(roots)
+        .build()
+        .unwrap();
     whoami(&short, &target.pg_config).await.unwrap();
     tokio::time::sleep(Duration::from_secs(18)).await;
     whoami(&short, &target.pg_config).await.unwrap();
-    let stats = short.cache().stats();
+    let stats = short_cache.stats();
     assert!(stats.requests >= 2 && stats.failures == 0, "{stats:?}");
     assert_eq!(
         stats.waits, 1,
         "the refresh ran in the background: {stats:?}"
     );
-    let refreshed = short.cache().get().await.unwrap();
+    let refreshed = short_cache.get().await.unwrap();
     secrets.push(refreshed.secret().to_owned());
     println!("5. background refresh observed: {stats:?}");
 

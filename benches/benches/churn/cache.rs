@@ -16,7 +16,7 @@ const HIT_BATCH: u64 = 32;
 
 pub(crate) fn criterion(c: &mut Criterion, bench: &Bench) {
     let mut group = c.benchmark_group("token cache");
-    let cache = bench.connector.cache().clone();
+    let cache = bench.cache.clone();
     bench.runtime.block_on(cache.get()).unwrap();
 
     for tasks in [1u64, 8, 64] {

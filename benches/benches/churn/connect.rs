@@ -33,7 +33,10 @@ async fn with_static_password(bench: &Bench) {
 }
 
 async fn with_cached_token(bench: &Bench) {
-    let (client, connection) = bench.connector.connect(&bench.token_config).await.unwrap();
+    let (client, connection) =
+        postgres_entra_tokio_postgres::connect(&bench.connector, &bench.token_config)
+            .await
+            .unwrap();
     use_and_close(client, connection).await;
 }
 
@@ -48,10 +51,7 @@ async fn with_token_per_connect(bench: &Bench) {
 /// Criterion's own measurement of each strategy.
 pub(crate) fn criterion(c: &mut Criterion, bench: &Bench) {
     let mut group = c.benchmark_group("connect");
-    bench
-        .runtime
-        .block_on(bench.connector.cache().get())
-        .unwrap();
+    bench.runtime.block_on(bench.cache.get()).unwrap();
     group.bench_function(BASELINE, |b| {
         b.iter_custom(|iters| bench.timed(iters, || with_static_password(bench)))
     });

@@ -5,9 +5,9 @@
 //! sessions bounded by their login token (the default) against unbounded ones.
 
 use criterion::{BenchmarkId, Criterion};
-use postgres_entra::{EntraConnector, TokenBound};
+use postgres_entra::{EntraConnector, PoolOptions};
 use postgres_entra_bb8::{EntraConnectionManager, PoolObservation};
-use postgres_entra_deadpool::{PoolOptions, create_pool_with, max_age};
+use postgres_entra_deadpool::create_pool;
 use postgres_entra_testkit::MetricsReader;
 use std::time::Duration;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -31,9 +31,9 @@ const METRICS_ON: &str = "cached token, metrics on";
 /// Each library with a static password and with tokens, and with tokens and metrics.
 pub(crate) struct Pools {
     deadpool_static: deadpool_postgres::Pool,
-    deadpool_token: deadpool_postgres::Pool,
-    deadpool_metered: deadpool_postgres::Pool,
-    deadpool_unbound: deadpool_postgres::Pool,
+    deadpool_token: postgres_entra_deadpool::Pool,
+    deadpool_metered: postgres_entra_deadpool::Pool,
+    deadpool_unbound: postgres_entra_deadpool::Pool,
     bb8_static: bb8::Pool<bb8_postgres::PostgresConnectionManager<MakeRustlsConnect>>,
     bb8_token: bb8::Pool<EntraConnectionManager>,
     bb8_metered: bb8::Pool<EntraConnectionManager>,
@@ -50,6 +50,25 @@ async fn select_1(client: &tokio_postgres::Client) {
 
 async fn checkout_deadpool(pool: &deadpool_postgres::Pool) {
     select_1(&pool.get().await.unwrap()).await;
+}
+
+async fn checkout_entra_deadpool(pool: &postgres_entra_deadpool::Pool) {
+    select_1(&pool.get().await.unwrap()).await;
+}
+
+/// The static-password pool's retirement at the same age as the token pools' (deadpool has no
+/// maximum lifetime): a `pre_recycle` hook, as a deadpool-postgres user writes it.
+fn max_age(limit: Duration, jitter: Duration) -> deadpool_postgres::Hook {
+    use std::hash::BuildHasher;
+    let hasher = std::collections::hash_map::RandomState::new();
+    deadpool_postgres::Hook::sync_fn(move |_client, metrics| {
+        let fraction = (hasher.hash_one(metrics.created) % 10_000) as f64 / 10_000.0;
+        if metrics.age() >= limit - jitter.mul_f64(fraction) {
+            Err(deadpool_postgres::HookError::message("too old"))
+        } else {
+            Ok(())
+        }
+    })
 }
 
 async fn checkout_sqlx(pool: &sqlx::PgPool) {
@@ -96,9 +115,9 @@ impl Pools {
             .build()
             .unwrap();
         let deadpool_with = |connector: &EntraConnector, name: &str, bound| {
-            create_pool_with(
+            create_pool(
                 &deadpool_config("orders-api"),
-                connector.clone(),
+                connector,
                 PoolOptions::new()
                     .max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5)
                     .pool_name(name)
@@ -106,10 +125,10 @@ impl Pools {
             )
             .unwrap()
         };
-        let bound = Some(TokenBound::default());
+        let bound = true;
         // No meter provider is installed: the connector's meter is the API's no-op one.
         let deadpool_token = deadpool_with(&bench.connector, "deadpool", bound);
-        let deadpool_unbound = deadpool_with(&bench.connector, "deadpool", None);
+        let deadpool_unbound = deadpool_with(&bench.connector, "deadpool", false);
         let metrics = MetricsReader::new();
         let metered = bench
             .connector_builder()
@@ -132,11 +151,12 @@ impl Pools {
             )
             .unwrap();
         let bb8_with = |connector: &EntraConnector, bound| {
-            let manager =
-                EntraConnectionManager::new(bench.token_config.clone(), connector.clone())
-                    .unwrap()
-                    .pool_name("bb8")
-                    .token_bound(bound);
+            let manager = EntraConnectionManager::new(
+                bench.token_config.clone(),
+                connector,
+                PoolOptions::new().pool_name("bb8").token_bound(bound),
+            )
+            .unwrap();
             let pool = bench
                 .runtime
                 .block_on(bb8_builder().build(manager.clone()))
@@ -145,7 +165,7 @@ impl Pools {
             (pool, observed)
         };
         let (bb8_token, _no_op) = bb8_with(&bench.connector, bound);
-        let (bb8_unbound, _no_op) = bb8_with(&bench.connector, None);
+        let (bb8_unbound, _no_op) = bb8_with(&bench.connector, false);
         let (bb8_metered, _bb8_observed) = bb8_with(&metered, bound);
         // sqlx: its own TLS (rustls, verify-full) against the emulator's CA, for both.
         let sqlx_options = || {
@@ -166,14 +186,13 @@ impl Pools {
                 .username(STATIC_ROLE)
                 .password(STATIC_PASSWORD),
         );
-        let sqlx_token = bench
-            .runtime
-            .block_on(postgres_entra_sqlx::connect_lazy_with(
-                sqlx_options().username(""),
-                sqlx_pool(),
-                bench.connector.clone(),
-            ))
-            .unwrap();
+        let sqlx_token = postgres_entra_sqlx::connect_lazy_with(
+            sqlx_options().username(""),
+            sqlx_pool(),
+            &bench.connector,
+            PoolOptions::new(),
+        )
+        .unwrap();
         Self {
             deadpool_static,
             deadpool_token,
@@ -210,7 +229,7 @@ pub(crate) fn criterion(c: &mut Criterion, bench: &Bench, pools: &Pools) {
         b.iter_custom(|iters| bench.timed(iters, || checkout_deadpool(&pools.deadpool_static)))
     });
     group.bench_function(BenchmarkId::new("deadpool", "cached token"), |b| {
-        b.iter_custom(|iters| bench.timed(iters, || checkout_deadpool(&pools.deadpool_token)))
+        b.iter_custom(|iters| bench.timed(iters, || checkout_entra_deadpool(&pools.deadpool_token)))
     });
     group.bench_function(BenchmarkId::new("bb8", BASELINE), |b| {
         b.iter_custom(|iters| bench.timed(iters, || checkout_bb8(&pools.bb8_static)))
@@ -234,7 +253,9 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
     bench.paired(
         DEADPOOL,
         || checkout_deadpool(&pools.deadpool_static),
-        ("cached token", || checkout_deadpool(&pools.deadpool_token)),
+        ("cached token", || {
+            checkout_entra_deadpool(&pools.deadpool_token)
+        }),
         rounds,
         250,
     );
@@ -262,8 +283,12 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
     let (rounds, chunk) = (rounds * 2500, 1);
     bench.paired_with(
         DEADPOOL_METRICS,
-        (METRICS_OFF, || checkout_deadpool(&pools.deadpool_token)),
-        (METRICS_ON, || checkout_deadpool(&pools.deadpool_metered)),
+        (METRICS_OFF, || {
+            checkout_entra_deadpool(&pools.deadpool_token)
+        }),
+        (METRICS_ON, || {
+            checkout_entra_deadpool(&pools.deadpool_metered)
+        }),
         rounds,
         chunk,
     );
@@ -276,8 +301,10 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
     );
     bench.paired_with(
         DEADPOOL_BOUND,
-        (BOUND_OFF, || checkout_deadpool(&pools.deadpool_unbound)),
-        (BOUND_ON, || checkout_deadpool(&pools.deadpool_token)),
+        (BOUND_OFF, || {
+            checkout_entra_deadpool(&pools.deadpool_unbound)
+        }),
+        (BOUND_ON, || checkout_entra_deadpool(&pools.deadpool_token)),
         rounds,
         chunk,
     );

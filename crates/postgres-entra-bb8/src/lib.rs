@@ -2,24 +2,22 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-// The public interface is:
-#[cfg(feature = "azure")]
-pub use azure_identity;
-pub use bb8;
-pub use postgres_entra;
-pub use postgres_entra::tokio_postgres;
-#[cfg(feature = "azure")]
-pub use postgres_entra::{AzureTokenSource, azure_core};
-pub use postgres_entra::{
-    CacheOptions, Cloud, EntraConnector, Error, TlsRoots, TokenBound, TokenCache,
-};
-#[cfg(feature = "opentelemetry")]
-pub use postgres_entra::{metrics::PoolMetrics, opentelemetry};
+use postgres_entra_tokio_postgres::__private::PgLogin;
+use postgres_entra_tokio_postgres::postgres_entra::__private::Session;
 
-use postgres_entra::{Session, Sessions};
+// The public interface is:
+pub use bb8;
+#[cfg(feature = "opentelemetry_0_33")]
+pub use postgres_entra_tokio_postgres::opentelemetry_0_33;
+#[cfg(feature = "azure")]
+pub use postgres_entra_tokio_postgres::{AzureTokenSource, azure_core, azure_identity};
+pub use postgres_entra_tokio_postgres::{
+    CacheOptions, Cloud, EntraConnector, Error, PoolOptions, TlsRoots, TokenCache, tokio_postgres,
+};
+
 use tokio_postgres::Client;
 
 /// A connection of the pool: a `tokio_postgres::Client` (it dereferences to one, so
@@ -36,14 +34,9 @@ impl EntraClient {
         self.session.token_expires_on()
     }
 
-    /// When the pool retires this connection (if its manager bounds sessions by their token).
+    /// When the pool retires this connection, if it retires sessions.
     pub fn retire_at(&self) -> Option<SystemTime> {
         self.session.retire_at()
-    }
-
-    /// The `tokio_postgres::Client`, out of the pool's accounting.
-    pub fn into_inner(self) -> Client {
-        self.client
     }
 }
 
@@ -58,12 +51,6 @@ impl Deref for EntraClient {
 impl DerefMut for EntraClient {
     fn deref_mut(&mut self) -> &mut Client {
         &mut self.client
-    }
-}
-
-impl AsRef<Client> for EntraClient {
-    fn as_ref(&self) -> &Client {
-        &self.client
     }
 }
 
@@ -84,151 +71,107 @@ impl fmt::Debug for EntraClient {
     }
 }
 
-/// A bb8 connection manager whose connections log in with Entra ID access tokens.
+/// A bb8 connection manager whose connections log in with Entra ID access tokens, and are retired
+/// once their login token has expired (see [`PoolOptions`]).
 ///
 /// `bb8_postgres::PostgresConnectionManager` cannot be wrapped (its fields are private), so this
 /// is a small manager of its own; every bb8 builder option (`max_lifetime`, `idle_timeout`,
-/// `test_on_check_out`, `retry_connection`, ...) works with it.
-#[derive(Debug, Clone)]
+/// `test_on_check_out`, `retry_connection`, ...) works with it. Cheap to clone; clones share.
+#[derive(Clone)]
 pub struct EntraConnectionManager {
-    config: tokio_postgres::Config,
-    connector: EntraConnector,
-    sessions: Sessions,
-    #[cfg(feature = "opentelemetry")]
-    metrics: PoolMetrics,
+    login: Arc<PgLogin>,
+}
+
+impl fmt::Debug for EntraConnectionManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EntraConnectionManager")
+            .field("login", &self.login)
+            .finish()
+    }
 }
 
 impl EntraConnectionManager {
     /// A manager connecting with `config` (host, port, database, optionally user) through
-    /// `connector` (tokens, TLS, role name). Checks the settings now: `sslmode=disable`, a Unix
-    /// socket, `channel_binding=require` or a server in another cloud than the connector's tokens
-    /// are errors here rather than at every connect.
-    pub fn new(config: tokio_postgres::Config, connector: EntraConnector) -> Result<Self, Error> {
-        connector.prepare(&config)?;
+    /// `connector`. Checks the settings now: `sslmode=disable`, a Unix socket,
+    /// `channel_binding=require` or a server in another cloud than the connector's tokens are
+    /// errors here rather than at every connect.
+    ///
+    /// A connection due for retirement is retired when it is returned, or when it is checked out
+    /// (with bb8's default `test_on_check_out`): then it is replaced in place by a new login, so
+    /// the checkout gets a fresh connection and never fails because of it. bb8's reaper knows
+    /// only its own `max_lifetime` and `idle_timeout`, which also close connections whatever the
+    /// identity provider's state.
+    pub fn new(
+        config: tokio_postgres::Config,
+        connector: &EntraConnector,
+        options: PoolOptions,
+    ) -> Result<Self, Error> {
         Ok(Self {
-            #[cfg(feature = "opentelemetry")]
-            metrics: PoolMetrics::new(&connector, PoolMetrics::default_name(&config)),
-            config,
-            connector,
-            sessions: Sessions::new(Some(TokenBound::default())),
+            login: Arc::new(PgLogin::new(connector, &config, options, None)?),
         })
     }
 
-    /// Retire each connection once the token it logged in with has expired, as `bound` says
-    /// (grace, jitter), or never for `None` (sessions then outlive their token until bb8 drops
-    /// them). Default: [`TokenBound::default`]. Set it before building the pool.
-    ///
-    /// A connection is retired when it is returned, or when it is checked out (with bb8's
-    /// default `test_on_check_out`): then it is replaced in place by a new login, so the checkout
-    /// gets a fresh connection and never fails because of it (only a failing new login is an
-    /// error, as for any new connection). bb8's reaper knows only `max_lifetime` and
-    /// `idle_timeout`: an idle connection nobody checks out stays open until one of them (or a
-    /// checkout) ends it, so set `idle_timeout` to bound idle sessions too.
-    #[must_use]
-    pub fn token_bound(mut self, bound: Option<TokenBound>) -> Self {
-        self.sessions = Sessions::new(bound);
-        self
+    /// Opens one connection and closes it: a startup check that reports a permanent mistake at
+    /// once, typed (an untrusted certificate, a missing role, a credential the provider
+    /// refuses). bb8's own `get()` retries a failing connect until `connection_timeout` and then
+    /// says only `TimedOut`.
+    pub async fn check(&self) -> Result<(), Error> {
+        self.login.check().await
     }
 
-    /// The pool's open connections and the tokens they logged in with.
-    pub fn sessions(&self) -> &Sessions {
-        &self.sessions
+    /// Our error behind a failed checkout: bb8's `get()` reports every failure to open a
+    /// connection as `RunError::TimedOut`; this returns why the pool's last connect failed (while
+    /// none has succeeded since), or why no token can be had now. `None` when nothing is wrong on
+    /// our side (the pool is simply exhausted).
+    pub fn explain(&self, error: &bb8::RunError<Error>) -> Option<Error> {
+        match error {
+            bb8::RunError::User(error) => Some(error.clone()),
+            bb8::RunError::TimedOut => self.login.core().explain(),
+        }
     }
 
-    /// The pool's name in its metrics (`db.client.connection.pool.name`; feature
-    /// `opentelemetry`). Default: `host:port/database`, from the connection settings.
-    #[cfg(feature = "opentelemetry")]
-    #[must_use]
-    pub fn pool_name(mut self, name: impl Into<String>) -> Self {
-        self.metrics = PoolMetrics::new(&self.connector, name);
-        self
+    /// The token cache this pool's logins use (its counters: [`TokenCache::stats`]).
+    pub fn token_cache(&self) -> &TokenCache {
+        self.login.core().cache()
     }
 
-    /// Observes `pool` (built with this manager, or a clone of it) as OpenTelemetry metrics
-    /// until the returned guard is dropped: `db.client.connection.count` (idle, used),
-    /// `db.client.connection.max`, `db.client.connection.pending_requests` and
-    /// `db.client.connection.timeouts`, read from bb8's `Pool::state` when metrics are collected.
-    /// The connections' `db.client.connection.create_time` is recorded whether or not a pool is
-    /// observed.
+    /// Records `pool` (built with this manager, or a clone of it) in its metrics until the
+    /// returned guard is dropped: `db.client.connection.count` (idle, used),
+    /// `db.client.connection.max`, `.pending_requests` and `.timeouts`, read from bb8's
+    /// `Pool::state` when metrics are collected. The connections' `.create_time` and the
+    /// sessions' `postgres_entra.connection.retired` and `.oldest_token_age` are recorded whether
+    /// or not a pool is observed. Observing again replaces the earlier observation.
     ///
     /// The guard holds a handle to the pool (bb8 has no weak one): keep it beside the pool and
     /// drop them together. bb8 has no hook around a checkout and keeps only the total time
     /// checkouts waited, so `wait_time` and `use_time` are not recorded.
-    ///
-    /// ```no_run
-    /// # async fn run(manager: postgres_entra_bb8::EntraConnectionManager) -> Result<(), postgres_entra_bb8::Error> {
-    /// let pool = postgres_entra_bb8::bb8::Pool::builder().build(manager.clone()).await?;
-    /// let observed = manager.observe(&pool);
-    /// # drop(observed);
-    /// # Ok(())
-    /// # }
-    /// ```
-    #[cfg(feature = "opentelemetry")]
+    #[cfg(feature = "opentelemetry_0_33")]
     pub fn observe(&self, pool: &bb8::Pool<Self>) -> PoolObservation {
-        self.metrics.track(&self.sessions);
-        let slot = Arc::new(Mutex::new(Some(pool.clone())));
-        let read = slot.clone();
-        self.metrics.observe(move || {
-            let pool = read.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        use postgres_entra_tokio_postgres::postgres_entra::__private::{PoolCounts, PoolReader};
+        let pool = pool.clone();
+        let reader: Arc<PoolReader> = Arc::new(move || {
             let state = pool.state();
-            let idle = u64::from(state.idle_connections);
-            let used = u64::from(state.connections.saturating_sub(state.idle_connections));
-            Some(
-                postgres_entra::metrics::PoolCounts::new(
-                    idle,
-                    used,
-                    u64::from(pool.config().max_size),
-                )
-                .pending(state.statistics.pending_gets())
-                .timeouts(state.statistics.get_timed_out),
-            )
+            Some(PoolCounts {
+                idle: u64::from(state.idle_connections),
+                used: u64::from(state.connections.saturating_sub(state.idle_connections)),
+                max: u64::from(pool.config().max_size),
+                pending: Some(state.statistics.pending_gets()),
+                timeouts: Some(state.statistics.get_timed_out),
+            })
         });
-        PoolObservation { slot }
+        self.login.core().observe(Arc::downgrade(&reader));
+        PoolObservation { _reader: reader }
     }
 
-    /// The connector, e.g. to read its token cache's counters.
-    pub fn connector(&self) -> &EntraConnector {
-        &self.connector
-    }
-
-    /// Opens a connection, logged in and registered with the pool's sessions.
+    /// Opens a connection, logged in, with its session.
     async fn open(&self) -> Result<EntraClient, Error> {
-        #[cfg(feature = "opentelemetry")]
-        let started = std::time::Instant::now();
-        match self.connector.connect(&self.config).await {
-            Ok((client, connection)) => {
-                #[cfg(feature = "opentelemetry")]
-                self.metrics.record_create_time(started.elapsed());
-                let session = self.sessions.open(
-                    connection.token_received_at(),
-                    connection.token_expires_on(),
-                );
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "PostgreSQL connection ended with an error");
-                    }
-                });
-                Ok(EntraClient { client, session })
+        let (client, connection, session) = self.login.open().await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "PostgreSQL connection ended with an error");
             }
-            Err(error) => {
-                // bb8 reports only a timeout to the caller; say here what went wrong.
-                tracing::warn!(%error, "bb8 could not open a connection");
-                Err(error)
-            }
-        }
-    }
-
-    /// Opens one connection and closes it: the startup check. bb8's `get()` retries a failing
-    /// connect until `connection_timeout` and then reports only `RunError::TimedOut`; this
-    /// returns the reason at once: an untrusted certificate, a missing role, an identity
-    /// provider that refuses the credential. Call it before building the pool.
-    pub async fn check(&self) -> Result<(), Error> {
-        let (client, connection) = self.connector.connect(&self.config).await?;
-        let task = tokio::spawn(connection);
-        client.simple_query("").await?;
-        drop(client);
-        let _ = task.await;
-        Ok(())
+        });
+        Ok(EntraClient { client, session })
     }
 }
 
@@ -248,8 +191,12 @@ impl bb8::ManageConnection for EntraConnectionManager {
             *conn = self.open().await?;
             return Ok(());
         }
-        conn.client.simple_query("").await?;
-        Ok(())
+        conn.client.simple_query("").await.map(drop).map_err(|e| {
+            postgres_entra_tokio_postgres::postgres_entra::__private::connect_error(
+                "the pooled connection",
+                postgres_entra_tokio_postgres::postgres_entra::__private::flatten(&e),
+            )
+        })
     }
 
     fn has_broken(&self, conn: &mut EntraClient) -> bool {
@@ -264,57 +211,17 @@ impl bb8::ManageConnection for EntraConnectionManager {
     }
 }
 
-/// A pool observed as OpenTelemetry metrics (see [`EntraConnectionManager::observe`]); dropping
-/// it ends the observation and releases its handle to the pool.
-#[cfg(feature = "opentelemetry")]
+/// A pool recorded in metrics (see [`EntraConnectionManager::observe`]); dropping it ends the
+/// observation and releases its handle to the pool.
+#[cfg(feature = "opentelemetry_0_33")]
 #[must_use = "the pool is observed only while this guard lives"]
 pub struct PoolObservation {
-    slot: Arc<Mutex<Option<bb8::Pool<EntraConnectionManager>>>>,
+    _reader: Arc<postgres_entra_tokio_postgres::postgres_entra::__private::PoolReader>,
 }
 
-#[cfg(feature = "opentelemetry")]
-impl std::fmt::Debug for PoolObservation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+#[cfg(feature = "opentelemetry_0_33")]
+impl fmt::Debug for PoolObservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PoolObservation").finish_non_exhaustive()
-    }
-}
-
-#[cfg(feature = "opentelemetry")]
-impl Drop for PoolObservation {
-    fn drop(&mut self) {
-        let pool = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        drop(pool);
-    }
-}
-
-/// A bb8 error sink that keeps the last connection error.
-///
-/// bb8's `Pool::get` retries failed connects until `connection_timeout` and then reports only
-/// `RunError::TimedOut`, passing each connect error to the error sink; install this sink with
-/// `Builder::error_sink` to learn why (for example that no token could be fetched).
-#[derive(Debug, Clone, Default)]
-pub struct LastErrorSink {
-    last: Arc<Mutex<Option<Arc<Error>>>>,
-}
-
-impl LastErrorSink {
-    /// A new, empty sink.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The most recent connection error, if any.
-    pub fn last_error(&self) -> Option<Arc<Error>> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-impl bb8::ErrorSink<Error> for LastErrorSink {
-    fn sink(&self, error: Error) {
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(error));
-    }
-
-    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<Error>> {
-        Box::new(self.clone())
     }
 }

@@ -2,11 +2,12 @@
 //! and on failure its cause and fix. A step that needs a failed one is skipped; the others run.
 
 use postgres_entra::{
-    AzureTokenSource, Cloud, EntraConnector, Error, LoginRejected, RoleSource, Token, TokenCache,
-    TokenClaims, TokenSource,
+    AccessToken, AzureTokenSource, CacheOptions, Cloud, EntraConnector, Error, LoginRejected,
+    RoleSource, TokenCache, TokenClaims, TokenErrorKind, TokenSource,
 };
 use serde::Serialize;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::settings::{ChosenCredential, Server};
@@ -167,32 +168,93 @@ fn audience_of(scope: &str) -> &str {
     scope.strip_suffix("/.default").unwrap_or(scope)
 }
 
+/// What the first steps established, for the later ones.
+struct Found {
+    host: String,
+    scope: String,
+    source: Option<Arc<AzureTokenSource>>,
+    claims: Option<TokenClaims>,
+    /// The token is usable for this server (audience, expiry).
+    claims_ok: bool,
+    role_ok: bool,
+}
+
 /// Runs the steps against `server` with `credential` (or the reason there is none).
 pub async fn run(server: &Server, credential: Result<ChosenCredential, String>) -> Report {
-    let mut steps = Vec::new();
+    let (mut steps, found) = match first_steps(server, credential).await {
+        Ok(first) => first,
+        Err(report) => return report,
+    };
+    let Some(found) = found else {
+        return finish(steps, None);
+    };
+    let address = network(server, &found.host, &mut steps).await;
+    let tls_ok = tls_step(server, &found.host, address, &mut steps).await;
+    let client = login(server, &found, tls_ok, &mut steps).await;
+    let done = query(client, &mut steps).await;
+    finish(
+        steps,
+        done.map(|(user, version)| (found.host, user, version)),
+    )
+}
+
+/// The steps that need no server: the credential, a token, its claims, the role. An early report
+/// when there is no server to check.
+#[allow(clippy::result_large_err)]
+async fn first_steps(
+    server: &Server,
+    credential: Result<ChosenCredential, String>,
+) -> Result<(Vec<Step>, Option<Found>), Report> {
     let Some(host) = server.host.clone() else {
         let step = Timed::start(1, "credential").fail(
             "no server to check",
             "set PGHOST (or --host) to the server's name, e.g. mydb.postgres.database.azure.com",
         );
-        return Report {
+        return Err(Report {
             summary: "FAIL at step 1 (credential): no server to check".to_owned(),
             steps: vec![step],
-        };
+        });
     };
-    let cloud = Cloud::from_host(&host);
     let scope = server
         .scope
         .clone()
-        .unwrap_or_else(|| cloud.scope().to_owned());
-    let needed_scope = cloud.scope();
+        .unwrap_or_else(|| Cloud::from_host(&host).scope().to_owned());
+    let mut steps = Vec::new();
+    let source = credential_step(credential, &mut steps);
+    let token = token_step(server, &scope, source.as_ref(), &mut steps).await;
+    let (claims, claims_ok) = claims_step(&host, token.as_deref(), &mut steps);
+    let role_ok = role_step(server, claims.as_ref(), &mut steps);
+    Ok((
+        steps,
+        Some(Found {
+            host,
+            scope,
+            source,
+            claims,
+            claims_ok,
+            role_ok,
+        }),
+    ))
+}
 
-    // 1. The credential.
+/// The report of the steps that need no server (credential, token, claims, role): what
+/// `postgres-entra exec` shows when no token can be had.
+pub async fn token_steps(server: &Server, credential: Result<ChosenCredential, String>) -> Report {
+    match first_steps(server, credential).await {
+        Ok((steps, _)) => finish(steps, None),
+        Err(report) => report,
+    }
+}
+
+/// 1. The credential.
+fn credential_step(
+    credential: Result<ChosenCredential, String>,
+    steps: &mut Vec<Step>,
+) -> Option<Arc<AzureTokenSource>> {
     let mut step = Timed::start(1, "credential");
-    let source = match credential {
+    match credential {
         Ok(chosen) => {
-            let source = AzureTokenSource::new(chosen.credential.clone());
-            step.detail(format!("{} ({:?})", source.identity(), chosen.kind));
+            step.detail(format!("{} ({:?})", chosen.source.identity(), chosen.kind));
             step.detail(format!("why: {}", chosen.reason));
             step.detail(if chosen.seen.is_empty() {
                 "credential variables set: none".to_owned()
@@ -203,7 +265,7 @@ pub async fn run(server: &Server, credential: Result<ChosenCredential, String>) 
                 )
             });
             steps.push(step.pass());
-            Some(source)
+            Some(chosen.source)
         }
         Err(problem) => {
             steps.push(step.fail(
@@ -212,184 +274,200 @@ pub async fn run(server: &Server, credential: Result<ChosenCredential, String>) 
             ));
             None
         }
-    };
+    }
+}
 
-    // 2. A token.
-    let token: Option<std::sync::Arc<Token>> = match &source {
-        None => {
-            steps.push(skipped(2, "token", "a credential (step 1)"));
+/// The fix for a token the provider would not give, by kind.
+fn token_fix(kind: TokenErrorKind, server: &Server) -> String {
+    match kind {
+        TokenErrorKind::CredentialRejected => format!(
+            "{} (AADSTS7000215: the client secret is wrong or expired; AADSTS700016: the client id is unknown in this tenant; AADSTS90002: the tenant id is wrong)",
+            kind.advice()
+        ),
+        TokenErrorKind::Timeout => format!(
+            "no answer within {}: check network access to the identity provider from here (proxy, firewall, DNS); if it is merely slow, give it longer with --timeout",
+            postgres_entra::__private::human(server.timeout)
+        ),
+        other => other.advice().to_owned(),
+    }
+}
+
+/// 2. A token.
+async fn token_step(
+    server: &Server,
+    scope: &str,
+    source: Option<&Arc<AzureTokenSource>>,
+    steps: &mut Vec<Step>,
+) -> Option<Arc<AccessToken>> {
+    let Some(source) = source else {
+        steps.push(skipped(2, "token", "a credential (step 1)"));
+        return None;
+    };
+    let mut step = Timed::start(2, "token");
+    step.detail(format!("scope {scope}"));
+    let fetched = TokenCache::builder(source.clone())
+        .scope(scope)
+        .options(CacheOptions::default().fetch_timeout(server.timeout))
+        .build()
+        .map(|cache| async move { cache.get().await.map_err(Error::from) });
+    let fetched = match fetched {
+        Ok(fetch) => fetch.await,
+        Err(e) => Err(e),
+    };
+    match fetched {
+        Ok(token) => {
+            step.detail(format!(
+                "received; expires {}",
+                in_minutes(token.expires_on())
+            ));
+            steps.push(step.pass());
+            Some(token)
+        }
+        Err(Error::Token(e)) => {
+            // The error's own advice goes to the fix.
+            let text = e.to_string();
+            let cause = text
+                .strip_suffix(&format!("; {}", e.kind().advice()))
+                .unwrap_or(&text)
+                .to_owned();
+            steps.push(step.fail(cause, token_fix(e.kind(), server)));
             None
         }
-        Some(source) => {
-            let mut step = Timed::start(2, "token");
-            step.detail(format!("scope {scope}"));
-            let options = postgres_entra::CacheOptions::default().fetch_timeout(server.timeout);
-            let cache = TokenCache::builder(source.clone())
-                .scope(scope.clone())
-                .options(options)
-                .build();
-            let fetched = match cache {
-                Ok(cache) => cache.get().await.map_err(Error::from),
-                Err(e) => Err(e),
+        Err(e) => {
+            steps.push(step.fail(e.to_string(), "check --scope"));
+            None
+        }
+    }
+}
+
+/// 3. What the token says; whether it is usable for `host`.
+fn claims_step(
+    host: &str,
+    token: Option<&AccessToken>,
+    steps: &mut Vec<Step>,
+) -> (Option<TokenClaims>, bool) {
+    let Some(token) = token else {
+        steps.push(skipped(3, "claims", "a token (step 2)"));
+        return (None, false);
+    };
+    let mut step = Timed::start(3, "claims");
+    let claims = match token.claims() {
+        Ok(claims) => claims,
+        Err(e) => {
+            steps.push(step.fail(
+                format!("the token's claims cannot be read: {e}"),
+                "the credential returned something other than an Entra access token: check the scope and the credential type",
+            ));
+            return (None, false);
+        }
+    };
+    let audience = claims.audience().join(", ");
+    step.detail(format!("audience {audience}"));
+    step.detail(format!(
+        "tenant {}, object id {}",
+        claims.tenant_id().unwrap_or("(none)"),
+        claims.object_id().unwrap_or("(none)")
+    ));
+    if let Some(app) = claims.app_id() {
+        step.detail(format!("app id {app}"));
+    }
+    let names: Vec<String> = [
+        ("upn", claims.upn()),
+        ("preferred_username", claims.preferred_username()),
+        ("unique_name", claims.unique_name()),
+        ("xms_mirid name", claims.managed_identity_name()),
+    ]
+    .into_iter()
+    .filter_map(|(claim, value)| value.map(|v| format!("{claim}={v}")))
+    .collect();
+    step.detail(if names.is_empty() {
+        "names: none (an app-only token)".to_owned()
+    } else {
+        format!("names: {}", names.join(", "))
+    });
+    if let Some(expires) = claims.expires_at() {
+        step.detail(format!("expires {}", in_minutes(expires)));
+    }
+    let cloud = Cloud::from_host(host);
+    let needed_scope = cloud.scope();
+    let wanted = audience_of(needed_scope);
+    let usable = if !claims.audience().iter().any(|a| a == wanted) {
+        steps.push(step.fail(
+            format!("the token is for {audience}, but {host} ({cloud}) accepts tokens for {wanted}"),
+            format!(
+                "request the scope of the server's cloud: {needed_scope} (drop --scope, or give the connector .cloud(..) / .scope(..) for this server)"
+            ),
+        ));
+        false
+    } else if claims
+        .expires_at()
+        .is_some_and(|at| at <= SystemTime::now())
+    {
+        steps.push(step.fail(
+            "the token has already expired",
+            "check this machine's clock (NTP)",
+        ));
+        false
+    } else {
+        steps.push(step.pass());
+        true
+    };
+    (Some(claims), usable)
+}
+
+/// 4. The role.
+fn role_step(server: &Server, claims: Option<&TokenClaims>, steps: &mut Vec<Step>) -> bool {
+    let Some(claims) = claims else {
+        steps.push(skipped(4, "role", "the token's claims (step 3)"));
+        return false;
+    };
+    let mut step = Timed::start(4, "role");
+    match (&server.user, claims.role_name()) {
+        (Some(user), _) => {
+            step.detail(format!("{user} (from PGUSER / --user)"));
+            if claims.role_name().is_none() {
+                steps.push(step.warn(
+                    format!(
+                        "the token is app-only (service principal, app id {}): PostgreSQL knows it by the name given to pgaadauth_create_principal",
+                        claims.app_id().unwrap_or("?")
+                    ),
+                    format!(
+                        "make sure `{user}` is the app registration's display name, as created by an Entra admin"
+                    ),
+                ));
+            } else {
+                steps.push(step.pass());
+            }
+            true
+        }
+        (None, Some((name, claim))) => {
+            step.detail(format!("{name} (from the token's {claim} claim)"));
+            steps.push(step.pass());
+            true
+        }
+        (None, None) => {
+            let cause = if claims.is_app_only() {
+                format!(
+                    "the access token is app-only (service principal, appid {}) and carries no role name",
+                    claims.app_id().unwrap_or("?")
+                )
+            } else {
+                "the access token has no xms_mirid, upn, preferred_username or unique_name claim"
+                    .to_owned()
             };
-            match fetched {
-                Ok(token) => {
-                    step.detail(format!(
-                        "received; expires {}",
-                        in_minutes(token.expires_on())
-                    ));
-                    steps.push(step.pass());
-                    Some(token)
-                }
-                Err(Error::Token(e)) => {
-                    let mut fix = e.kind().advice().to_owned();
-                    if e.kind() == postgres_entra::TokenErrorKind::CredentialRejected {
-                        fix.push_str(
-                            " (AADSTS7000215: the client secret is wrong or expired; AADSTS700016: the client id is unknown in this tenant; AADSTS90002: the tenant id is wrong)",
-                        );
-                    }
-                    // The error's own advice goes to the fix.
-                    let text = e.to_string();
-                    let cause = text
-                        .strip_suffix(&format!("; {}", e.kind().advice()))
-                        .unwrap_or(&text)
-                        .to_owned();
-                    steps.push(step.fail(cause, fix));
-                    None
-                }
-                Err(e) => {
-                    steps.push(step.fail(e.to_string(), "check --scope"));
-                    None
-                }
-            }
-        }
-    };
-
-    // 3. What the token says.
-    let mut claims_ok = false;
-    let claims: Option<TokenClaims> = match &token {
-        None => {
-            steps.push(skipped(3, "claims", "a token (step 2)"));
-            None
-        }
-        Some(token) => {
-            let mut step = Timed::start(3, "claims");
-            match token.claims() {
-                Ok(claims) => {
-                    let audience = claims.audience().join(", ");
-                    step.detail(format!("audience {audience}"));
-                    step.detail(format!(
-                        "tenant {}, object id {}",
-                        claims.tenant_id().unwrap_or("(none)"),
-                        claims.object_id().unwrap_or("(none)")
-                    ));
-                    if let Some(app) = claims.app_id() {
-                        step.detail(format!("app id {app}"));
-                    }
-                    let names: Vec<String> = [
-                        ("upn", claims.upn()),
-                        ("preferred_username", claims.preferred_username()),
-                        ("unique_name", claims.unique_name()),
-                        ("xms_mirid name", claims.managed_identity_name()),
-                    ]
-                    .into_iter()
-                    .filter_map(|(claim, value)| value.map(|v| format!("{claim}={v}")))
-                    .collect();
-                    step.detail(if names.is_empty() {
-                        "names: none (an app-only token)".to_owned()
-                    } else {
-                        format!("names: {}", names.join(", "))
-                    });
-                    if let Some(expires) = claims.expires_at() {
-                        step.detail(format!("expires {}", in_minutes(expires)));
-                    }
-                    let wanted = audience_of(needed_scope);
-                    if !claims.audience().iter().any(|a| a == wanted) {
-                        steps.push(step.fail(
-                            format!(
-                                "the token is for {audience}, but {host} ({cloud}) accepts tokens for {wanted}"
-                            ),
-                            format!(
-                                "request the scope of the server's cloud: {needed_scope} (drop --scope, or give the connector .cloud(..) / .scope(..) for this server)"
-                            ),
-                        ));
-                    } else if claims
-                        .expires_at()
-                        .is_some_and(|at| at <= SystemTime::now())
-                    {
-                        steps.push(step.fail(
-                            "the token has already expired",
-                            "check this machine's clock (NTP)",
-                        ));
-                    } else {
-                        steps.push(step.pass());
-                        claims_ok = true;
-                    }
-                    Some(claims.clone())
-                }
-                Err(e) => {
-                    steps.push(step.fail(
-                        format!("the token's claims cannot be read: {e}"),
-                        "the credential returned something other than an Entra access token: check the scope and the credential type",
-                    ));
-                    None
-                }
-            }
-        }
-    };
-
-    // 4. The role.
-    let role_ok = match &claims {
-        None => {
-            steps.push(skipped(4, "role", "the token's claims (step 3)"));
+            steps.push(step.fail(
+                cause,
+                "set PGUSER (or --user) to the service principal's display name",
+            ));
             false
         }
-        Some(claims) => {
-            let mut step = Timed::start(4, "role");
-            let app_only = claims.upn().is_none()
-                && claims.preferred_username().is_none()
-                && claims.unique_name().is_none()
-                && claims.managed_identity_name().is_none();
-            match (&server.user, claims.role_name()) {
-                (Some(user), _) => {
-                    step.detail(format!("{user} (from PGUSER / --user)"));
-                    if app_only {
-                        steps.push(step.warn(
-                            format!(
-                                "the token is app-only (service principal, app id {}): PostgreSQL knows it by the name given to pgaadauth_create_principal",
-                                claims.app_id().unwrap_or("?")
-                            ),
-                            format!(
-                                "make sure `{user}` is the app registration's display name, as created by an Entra admin"
-                            ),
-                        ));
-                    } else {
-                        steps.push(step.pass());
-                    }
-                    true
-                }
-                (None, Ok(role)) => {
-                    step.detail(format!(
-                        "{} (from the token's {} claim)",
-                        role.name, role.claim
-                    ));
-                    steps.push(step.pass());
-                    true
-                }
-                (None, Err(e)) => {
-                    steps.push(step.fail(
-                        e.to_string(),
-                        "set PGUSER (or --user) to the service principal's display name",
-                    ));
-                    false
-                }
-            }
-        }
-    };
+    }
+}
 
-    // 5. DNS and TCP.
+/// 5. DNS and TCP.
+async fn network(server: &Server, host: &str, steps: &mut Vec<Step>) -> Option<SocketAddr> {
     let mut step = Timed::start(5, "network");
-    let address: Option<SocketAddr> = match resolve_and_connect(server, &host, &mut step).await {
+    match resolve_and_connect(server, host, &mut step).await {
         Ok(address) => {
             steps.push(step.pass());
             Some(address)
@@ -398,104 +476,129 @@ pub async fn run(server: &Server, credential: Result<ChosenCredential, String>) 
             steps.push(step.fail(cause, fix));
             None
         }
-    };
+    }
+}
 
-    // 6. TLS.
-    let tls_ok = match address {
-        None => {
-            steps.push(skipped(6, "tls", "a TCP connection (step 5)"));
+/// 6. TLS: the chain, the root that verified it, the host name.
+async fn tls_step(
+    server: &Server,
+    host: &str,
+    address: Option<SocketAddr>,
+    steps: &mut Vec<Step>,
+) -> bool {
+    let Some(address) = address else {
+        steps.push(skipped(6, "tls", "a TCP connection (step 5)"));
+        return false;
+    };
+    let mut step = Timed::start(6, "tls");
+    match tls::probe(address, host, &server.tls_roots(), server.timeout).await {
+        Ok(handshake) => {
+            step.detail(format!(
+                "{} {}; host name {host} verified",
+                handshake.protocol, handshake.cipher_suite
+            ));
+            for (i, cert) in handshake.chain.iter().enumerate() {
+                step.detail(format!(
+                    "chain[{i}]: {} (issued by {})",
+                    cert.subject, cert.issuer
+                ));
+            }
+            step.detail(format!("trusted root: {}", handshake.verified_by));
+            steps.push(step.pass());
+            true
+        }
+        Err(failure) => {
+            let (cause, fix) = tls_failure(failure, host, server);
+            steps.push(step.fail(cause, fix));
             false
         }
-        Some(address) => {
-            let mut step = Timed::start(6, "tls");
-            match tls::probe(address, &host, &server.tls_roots(), server.timeout).await {
-                Ok(handshake) => {
-                    step.detail(format!(
-                        "{} {}; host name {host} verified",
-                        handshake.protocol, handshake.cipher_suite
-                    ));
-                    for (i, cert) in handshake.chain.iter().enumerate() {
-                        step.detail(format!(
-                            "chain[{i}]: {} (issued by {})",
-                            cert.subject, cert.issuer
-                        ));
-                    }
-                    step.detail(format!("trusted root: {}", handshake.verified_by));
-                    steps.push(step.pass());
-                    true
-                }
-                Err(failure) => {
-                    let (cause, fix) = tls_failure(failure, &host, server);
-                    steps.push(step.fail(cause, fix));
-                    false
-                }
-            }
+    }
+}
+
+/// 7. The login, through the library, as a pool would log in.
+async fn login(
+    server: &Server,
+    found: &Found,
+    tls_ok: bool,
+    steps: &mut Vec<Step>,
+) -> Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+    let source = match &found.source {
+        Some(source) if found.claims_ok && found.role_ok && tls_ok => source.clone(),
+        _ => {
+            steps.push(skipped(
+                7,
+                "login",
+                "a usable token (step 3), the role (step 4) and TLS (step 6)",
+            ));
+            return None;
         }
     };
-
-    // 7. Login.
-    let client = if !(claims_ok && role_ok && tls_ok) {
-        steps.push(skipped(
-            7,
-            "login",
-            "a usable token (step 3), the role (step 4) and TLS (step 6)",
-        ));
-        None
-    } else {
-        let mut step = Timed::start(7, "login");
-        let source = source.clone().expect("a role implies a credential");
-        let connector = EntraConnector::builder(source)
-            .scope(scope.clone())
-            .tls_roots(server.tls_roots())
-            .build();
-        let connected = match connector {
-            Ok(connector) => connector.connect(&server.pg_config()).await,
-            Err(e) => Err(e),
-        };
-        match connected {
-            Ok((client, connection)) => {
-                let driver = tokio::spawn(connection);
-                step.detail(format!("logged in to database {}", server.dbname));
-                steps.push(step.pass());
-                Some((client, driver))
-            }
-            Err(error) => {
-                let (cause, fix) = login_failure(&error, server, claims.as_ref());
-                steps.push(step.fail(cause, fix));
-                None
-            }
+    let mut step = Timed::start(7, "login");
+    let connector = EntraConnector::builder(source)
+        .scope(found.scope.clone())
+        .tls_roots(server.tls_roots())
+        .build();
+    let connected = match connector {
+        Ok(connector) => {
+            postgres_entra_tokio_postgres::connect(&connector, &server.pg_config()).await
         }
+        Err(e) => Err(e),
     };
-
-    // 8. A query.
-    let mut done = None;
-    match client {
-        None => steps.push(skipped(8, "query", "a login (step 7)")),
-        Some((client, driver)) => {
-            let mut step = Timed::start(8, "query");
-            match client
-                .query_one("select current_user::text, version()", &[])
-                .await
-            {
-                Ok(row) => {
-                    let (user, version): (String, String) = (row.get(0), row.get(1));
-                    step.detail(format!("current_user = {user}"));
-                    step.detail(version.clone());
-                    steps.push(step.pass());
-                    done = Some((user, version));
-                }
-                Err(e) => steps.push(step.fail(
-                    e.to_string(),
-                    "the login worked but the query did not: check the role's privileges",
-                )),
-            }
-            drop(client);
-            let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
+    match connected {
+        Ok((client, connection)) => {
+            let driver = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            step.detail(format!("logged in to database {}", server.dbname));
+            steps.push(step.pass());
+            Some((client, driver))
+        }
+        Err(error) => {
+            let (cause, fix) = login_failure(&error, server, found.claims.as_ref());
+            steps.push(step.fail(cause, fix));
+            None
         }
     }
+}
 
+/// 8. A query: `current_user` and the server's version.
+async fn query(
+    client: Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>,
+    steps: &mut Vec<Step>,
+) -> Option<(String, String)> {
+    let Some((client, driver)) = client else {
+        steps.push(skipped(8, "query", "a login (step 7)"));
+        return None;
+    };
+    let mut step = Timed::start(8, "query");
+    let done = match client
+        .query_one("select current_user::text, version()", &[])
+        .await
+    {
+        Ok(row) => {
+            let (user, version): (String, String) = (row.get(0), row.get(1));
+            step.detail(format!("current_user = {user}"));
+            step.detail(version.clone());
+            steps.push(step.pass());
+            Some((user, version))
+        }
+        Err(e) => {
+            steps.push(step.fail(
+                postgres_entra::__private::flatten(&e),
+                "the login worked but the query did not: check the role's privileges",
+            ));
+            None
+        }
+    };
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
+    done
+}
+
+/// The report: the steps, and a summary line.
+fn finish(steps: Vec<Step>, done: Option<(String, String, String)>) -> Report {
     let summary = match (steps.iter().find(|s| s.status == Status::Fail), done) {
-        (None, Some((user, version))) => {
+        (None, Some((host, user, version))) => {
             let short = version.split(" on ").next().unwrap_or(&version).to_owned();
             format!("OK: logged in to {host} as {user} ({short}) with an Entra ID token")
         }
@@ -505,6 +608,9 @@ pub async fn run(server: &Server, credential: Result<ChosenCredential, String>) 
             failed.name,
             failed.cause.as_deref().unwrap_or("")
         ),
+        (None, None) if steps.len() < 8 => {
+            "OK: a token for this server, naming the role".to_owned()
+        }
         (None, None) => "FAIL: the checks did not finish".to_owned(),
     };
     Report { steps, summary }
@@ -636,8 +742,10 @@ fn login_failure(error: &Error, server: &Server, claims: Option<&TokenClaims>) -
                 .to_owned();
             (cause, login_fix(rejected, claims))
         }
-        Error::Postgres(e) if e.code().is_some_and(|c| c.code() == "3D000") => (
-            format!("{error} (SQLSTATE 3D000)"),
+        Error::Postgres {
+            code: Some(code), ..
+        } if code == "3D000" => (
+            error.to_string(),
             format!(
                 "the database `{}` does not exist on this server: set PGDATABASE (or --dbname) to one that does (`postgres` always exists)",
                 server.dbname
@@ -651,13 +759,7 @@ fn login_failure(error: &Error, server: &Server, claims: Option<&TokenClaims>) -
             error.to_string(),
             "see step 5: the server could be reached a moment ago".to_owned(),
         ),
-        Error::Postgres(e) => (
-            match e.code() {
-                Some(code) => format!("{error} (SQLSTATE {})", code.code()),
-                None => error.to_string(),
-            },
-            "see the server's message".to_owned(),
-        ),
+        Error::Postgres { .. } => (error.to_string(), "see the server's message".to_owned()),
         _ => (error.to_string(), "see the message".to_owned()),
     }
 }
@@ -680,9 +782,11 @@ fn login_fix(rejected: &LoginRejected, claims: Option<&TokenClaims>) -> String {
     let oid = claims
         .and_then(TokenClaims::object_id)
         .unwrap_or("<object id>");
-    let own_name = claims.and_then(|c| c.role_name().ok()).map(|r| r.name);
+    let own_name = claims
+        .and_then(TokenClaims::role_name)
+        .map(|(name, _)| name);
     match (rejected.role_source(), &own_name) {
-        (RoleSource::ConnectionConfig | RoleSource::Connector, Some(name)) if name != role => {
+        (RoleSource::ConnectionConfig | RoleSource::Connector, Some(name)) if *name != role => {
             fix.push_str(&format!(
                 "PGUSER is `{role}` but the token names the principal `{name}`: if `{role}` is not a group it belongs to, use `{name}`. "
             ));

@@ -7,7 +7,7 @@ pub mod doctor;
 pub mod settings;
 pub mod tls;
 
-use postgres_entra::{AzureTokenSource, CacheOptions, Cloud, TokenCache, TokenSource};
+use postgres_entra::{CacheOptions, Cloud, TokenCache, TokenSource};
 use serde::Serialize;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -99,7 +99,7 @@ pub async fn token(server: &Server, credential: ChosenCredential) -> Result<Toke
             .scope()
             .to_owned()
     });
-    let source = AzureTokenSource::new(credential.credential);
+    let source = credential.source;
     let identity = source.identity();
     let cache = TokenCache::builder(source)
         .scope(scope.clone())
@@ -122,7 +122,9 @@ pub async fn token(server: &Server, credential: ChosenCredential) -> Result<Toke
         preferred_username: claims.preferred_username().map(str::to_owned),
         unique_name: claims.unique_name().map(str::to_owned),
         managed_identity_name: claims.managed_identity_name().map(str::to_owned),
-        role: claims.role_name().ok().map(|r| (r.name, r.claim)),
+        role: claims
+            .role_name()
+            .map(|(name, claim)| (name.to_owned(), claim)),
         groups: claims.group_count(),
         expires_at: claims.expires_at().and_then(secs),
         expires_in_secs: claims

@@ -124,6 +124,10 @@ async fn main() -> ExitCode {
                     print!("{}", report.to_text());
                     ExitCode::SUCCESS
                 }
+                Err(e) if options.json => {
+                    print_json(&serde_json::json!({ "error": e }));
+                    ExitCode::FAILURE
+                }
                 Err(e) => {
                     eprintln!("postgres-entra token: {e}");
                     ExitCode::FAILURE

@@ -1,14 +1,8 @@
 //! What the tool (and the examples) read from the environment: the server (`PG*`) and the
 //! credential (`AZURE_*`, `IDENTITY_*`), chosen as the README documents.
 
-use azure_core::credentials::TokenCredential;
-use azure_core::http::{ClientOptions, RetryOptions};
-use azure_identity::{
-    ClientAssertionCredentialOptions, ClientSecretCredential, ClientSecretCredentialOptions,
-    DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
-    UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
-};
-use postgres_entra::TlsRoots;
+use postgres_entra::azure_identity::UserAssignedId;
+use postgres_entra::{AzureTokenSource, TlsRoots};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -139,8 +133,9 @@ pub enum CredentialKind {
 
 /// The credential the environment chose, and why.
 pub struct ChosenCredential {
-    /// The credential.
-    pub credential: Arc<dyn TokenCredential>,
+    /// The token source over the credential, built as the library recommends (retries left to
+    /// the token cache).
+    pub source: Arc<AzureTokenSource>,
     /// Its kind.
     pub kind: CredentialKind,
     /// Why this one: which variables decided.
@@ -156,15 +151,6 @@ impl std::fmt::Debug for ChosenCredential {
             .field("reason", &self.reason)
             .field("seen", &self.seen)
             .finish_non_exhaustive()
-    }
-}
-
-/// azure_core's client options without its retry policy: the token cache retries with backoff,
-/// and a provider's error reaches the user at once.
-pub fn no_retries() -> ClientOptions {
-    ClientOptions {
-        retry: RetryOptions::none(),
-        ..Default::default()
     }
 }
 
@@ -199,9 +185,9 @@ pub fn credential_from_env(force: Option<CredentialKind>) -> Result<ChosenCreden
             "none of AZURE_CLIENT_SECRET, AZURE_FEDERATED_TOKEN_FILE, IDENTITY_ENDPOINT or AZURE_MANAGED_IDENTITY is set".to_owned(),
         ),
     };
-    let credential = build(kind).map_err(|e| format!("{kind:?} credential: {e}"))?;
+    let source = build(kind).map_err(|e| format!("{kind:?} credential: {e}"))?;
     Ok(ChosenCredential {
-        credential,
+        source: Arc::new(source),
         kind,
         reason,
         seen,
@@ -212,34 +198,20 @@ fn required(name: &str, because: &str) -> Result<String, String> {
     set(name).ok_or_else(|| format!("{name} is not set, and {because} needs it"))
 }
 
-fn build(kind: CredentialKind) -> Result<Arc<dyn TokenCredential>, String> {
-    let azure = |e: azure_core::Error| e.to_string();
-    Ok(match kind {
-        CredentialKind::ClientSecret => ClientSecretCredential::new(
+/// The credential of `kind`, built with the library's constructors: the same credentials, and
+/// the same retry behaviour, as an application following the README.
+fn build(kind: CredentialKind) -> Result<AzureTokenSource, String> {
+    let built = match kind {
+        CredentialKind::ClientSecret => AzureTokenSource::client_secret(
             &required("AZURE_TENANT_ID", "a client secret credential")?,
             required("AZURE_CLIENT_ID", "a client secret credential")?,
-            required("AZURE_CLIENT_SECRET", "a client secret credential")?.into(),
-            Some(ClientSecretCredentialOptions {
-                client_options: no_retries(),
-            }),
-        )
-        .map_err(azure)?,
-        CredentialKind::WorkloadIdentity => {
-            WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
-                credential_options: ClientAssertionCredentialOptions {
-                    client_options: no_retries(),
-                },
-                ..Default::default()
-            }))
-            .map_err(azure)?
-        }
+            required("AZURE_CLIENT_SECRET", "a client secret credential")?,
+        ),
+        CredentialKind::WorkloadIdentity => AzureTokenSource::workload_identity(),
         CredentialKind::ManagedIdentity => {
-            ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
-                user_assigned_id: set("AZURE_CLIENT_ID").map(UserAssignedId::ClientId),
-                client_options: no_retries(),
-            }))
-            .map_err(azure)?
+            AzureTokenSource::managed_identity(set("AZURE_CLIENT_ID").map(UserAssignedId::ClientId))
         }
-        CredentialKind::DeveloperTools => DeveloperToolsCredential::new(None).map_err(azure)?,
-    })
+        CredentialKind::DeveloperTools => AzureTokenSource::developer_tools(),
+    };
+    built.map_err(|e| e.to_string())
 }

@@ -1,7 +1,8 @@
 //! The TLS step: PostgreSQL's `SSLRequest`, then a rustls handshake that records the chain the
 //! server presents, so that a failure can name the certificate that is not trusted.
 
-use postgres_entra::{AZURE_ROOTS, TlsRoots};
+use postgres_entra::__private::azure_roots;
+use postgres_entra::TlsRoots;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -71,12 +72,11 @@ pub(crate) fn trusted(roots: &TlsRoots) -> Result<Vec<(String, CertificateDer<'s
         Ok(certs)
     };
     match roots {
-        TlsRoots::Azure => Ok(AZURE_ROOTS
-            .iter()
-            .map(|root| {
-                let cert = CertificateDer::from_pem_slice(root.pem.as_bytes())
+        TlsRoots::Azure => Ok(azure_roots()
+            .map(|(name, pem)| {
+                let cert = CertificateDer::from_pem_slice(pem.as_bytes())
                     .expect("the embedded roots are valid (tested in the core)");
-                (root.name.to_owned(), cert)
+                (name.to_owned(), cert)
             })
             .collect()),
         TlsRoots::CaFile(path) => {

@@ -2,8 +2,8 @@
 //! with the step that fails and its hint; no token or secret in any output. Then the binary, as a
 //! user runs it, with a managed identity from the environment.
 
-use azure_core::credentials::TokenCredential;
-use postgres_entra::Cloud;
+use postgres_entra::azure_core::credentials::TokenCredential;
+use postgres_entra::{AzureTokenSource, Cloud};
 use postgres_entra_cli::doctor::{Report, Status, run};
 use postgres_entra_cli::settings::{ChosenCredential, CredentialKind, Server};
 use postgres_entra_testkit::{AzureServer, DATABASE, Emulator, Endpoint, Fault, PlaintextListener};
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 fn given(credential: Arc<dyn TokenCredential>, kind: CredentialKind) -> ChosenCredential {
     ChosenCredential {
-        credential,
+        source: Arc::new(AzureTokenSource::new(credential)),
         kind,
         reason: "given by the test".to_owned(),
         seen: Vec::new(),
@@ -193,13 +193,55 @@ async fn an_identity_provider_that_fails_is_reported_with_its_status() {
 
     let report = run(&server(&emulator), Ok(service_principal(&emulator))).await;
 
-    assert_fails_at(&report, 2, &["HTTP 500", "the identity provider failed"]);
+    assert_fails_at(&report, 2, &["HTTP 500", "check Azure status"]);
+    let fix = report.steps[1].fix.as_deref().unwrap();
+    assert!(
+        !fix.contains("backoff"),
+        "a fix is an action for a person: {fix}"
+    );
     assert_eq!(
         report.steps[5].status,
         Status::Pass,
         "TLS is checked anyway"
     );
     assert_no_secret(&emulator, &report);
+}
+
+#[tokio::test]
+async fn an_unreachable_or_slow_provider_shows_the_cause_underneath_and_what_to_change() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let sp = emulator.service_principal();
+    // Nothing listening where the identity provider should be.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = closed.local_addr().unwrap();
+    drop(closed);
+    let transport = postgres_entra_testkit::LoopbackTransport::new(nowhere);
+    let unreachable = postgres_entra::azure_identity::ClientSecretCredential::new(
+        emulator.tenant_id(),
+        sp.client_id.clone(),
+        sp.client_secret.clone().unwrap().into(),
+        Some(
+            postgres_entra::azure_identity::ClientSecretCredentialOptions {
+                client_options: transport.client_options(),
+            },
+        ),
+    )
+    .unwrap();
+    let report = run(
+        &server(&emulator),
+        Ok(given(unreachable, CredentialKind::ClientSecret)),
+    )
+    .await;
+    // Not only azure_core's "failed to execute `reqwest` request": what lies underneath.
+    assert_fails_at(&report, 2, &["Connection refused", "check network access"]);
+
+    emulator.set_latency(Endpoint::Token, Duration::from_secs(30));
+    let mut server = server(&emulator);
+    server.timeout = Duration::from_secs(1);
+    let report = run(&server, Ok(service_principal(&emulator))).await;
+    assert_fails_at(&report, 2, &["within 1 s", "--timeout"]);
+    let fix = report.steps[1].fix.as_deref().unwrap();
+    assert!(!fix.contains("RetryOptions"), "{fix}");
 }
 
 #[tokio::test]

@@ -1,317 +1,219 @@
 #![doc = include_str!("../README.md")]
 
-use deadpool_postgres::{
-    Config, Connect, Hook, HookError, Manager, Pool, PoolBuilder, PoolError, Runtime,
-};
-use std::error::Error as StdError;
+use deadpool::Runtime;
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use deadpool_postgres::{ClientWrapper, RecyclingMethod, StatementCache};
 use std::fmt;
-use std::future::Future;
-use std::hash::BuildHasher;
-use std::io;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::task::JoinHandle;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::SystemTime;
+
+use postgres_entra_tokio_postgres::__private::PgLogin;
+use postgres_entra_tokio_postgres::postgres_entra::__private::{Session, config_error};
 
 // The public interface is:
-#[cfg(feature = "azure")]
-pub use azure_identity;
 pub use deadpool_postgres;
-pub use postgres_entra;
-pub use postgres_entra::tokio_postgres;
+#[cfg(feature = "opentelemetry_0_33")]
+pub use postgres_entra_tokio_postgres::opentelemetry_0_33;
 #[cfg(feature = "azure")]
-pub use postgres_entra::{AzureTokenSource, azure_core};
-pub use postgres_entra::{
-    CacheOptions, Cloud, EntraConnector, Error, TlsRoots, TokenBound, TokenCache,
+pub use postgres_entra_tokio_postgres::{AzureTokenSource, azure_core, azure_identity};
+pub use postgres_entra_tokio_postgres::{
+    CacheOptions, Cloud, EntraConnector, Error, PoolOptions, TlsRoots, TokenCache, tokio_postgres,
 };
-#[cfg(feature = "opentelemetry")]
-pub use postgres_entra::{metrics::PoolMetrics, opentelemetry};
+/// The pool: deadpool's, over this crate's [`Manager`].
+pub type Pool = managed::Pool<Manager>;
+/// A connection checked out of the [`Pool`]; dereferences to an [`EntraClient`].
+pub type Object = managed::Object<Manager>;
+/// What [`Pool::get`](managed::Pool::get) fails with: [`PoolError::Backend`](managed::PoolError)
+/// carries this crate's [`Error`].
+pub type PoolError = managed::PoolError<Error>;
+/// deadpool's builder for a [`Pool`] (for [`create_pool_with`]).
+pub type PoolBuilder = managed::PoolBuilder<Manager>;
+/// A hook for [`PoolBuilder::post_create`](managed::PoolBuilder), `pre_recycle` or `post_recycle`.
+pub type Hook = managed::Hook<Manager>;
 
-mod sessions;
-
-use crate::sessions::Tracker;
-
-/// How the pool retires connections, beyond deadpool's own settings, and names itself in metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PoolOptions {
-    max_age: Option<Duration>,
-    max_age_jitter: Duration,
-    token_bound: Option<TokenBound>,
-    reap_interval: Duration,
-    #[cfg(feature = "opentelemetry")]
-    pool_name: Option<String>,
+/// A connection of the pool: deadpool-postgres's `ClientWrapper` (it dereferences to one, so
+/// `prepare_cached`, `transaction()` and every `tokio_postgres::Client` method work as with
+/// deadpool-postgres), with the login token's expiry the pool retires it by.
+pub struct EntraClient {
+    client: ClientWrapper,
+    session: Session,
 }
 
-impl Default for PoolOptions {
-    fn default() -> Self {
-        Self {
-            max_age: None,
-            max_age_jitter: Duration::ZERO,
-            token_bound: Some(TokenBound::default()),
-            reap_interval: Duration::from_secs(30),
-            #[cfg(feature = "opentelemetry")]
-            pool_name: None,
-        }
-    }
-}
-
-impl PoolOptions {
-    /// Sessions bounded by their login token ([`TokenBound::default`]: retired up to five
-    /// minutes after the token expires), checked every 30 seconds; no other retirement beyond
-    /// deadpool's own recycling.
-    pub fn new() -> Self {
-        Self::default()
+impl EntraClient {
+    /// When the token this connection logged in with expires.
+    pub fn token_expires_on(&self) -> SystemTime {
+        self.session.token_expires_on()
     }
 
-    /// Retire each connection once the token it logged in with has expired, as `bound` says
-    /// (grace, jitter), or never for `None` (sessions then outlive their token until deadpool
-    /// drops them). An idle connection is retired when it is checked out or at the next periodic
-    /// check ([`PoolOptions::reap_interval`]), a busy one once it is back in the pool; a checkout
-    /// never fails because of it. Default: [`TokenBound::default`].
-    #[must_use]
-    pub fn token_bound(mut self, bound: Option<TokenBound>) -> Self {
-        self.token_bound = bound;
-        self
+    /// When the pool retires this connection, if it retires sessions.
+    pub fn retire_at(&self) -> Option<SystemTime> {
+        self.session.retire_at()
     }
 
-    /// How often idle connections are checked against their token's bound (default 30 s).
-    #[must_use]
-    pub fn reap_interval(mut self, interval: Duration) -> Self {
-        self.reap_interval = interval;
-        self
-    }
-
-    /// Retire connections when they are recycled once they are older than `max_age` minus up to
-    /// `jitter`, chosen per connection so that connections made together do not all go together
-    /// (deadpool has no maximum lifetime of its own). `jitter` must not exceed `max_age`.
-    #[must_use]
-    pub fn max_age(mut self, max_age: Duration, jitter: Duration) -> Self {
-        self.max_age = Some(max_age);
-        self.max_age_jitter = jitter;
-        self
-    }
-
-    /// The pool's name in its metrics (`db.client.connection.pool.name`; feature
-    /// `opentelemetry`). Default: `host:port/database`, from the connection settings.
-    #[cfg(feature = "opentelemetry")]
-    #[must_use]
-    pub fn pool_name(mut self, name: impl Into<String>) -> Self {
-        self.pool_name = Some(name.into());
-        self
-    }
-
-    fn check(&self) -> Result<(), Error> {
-        if self.token_bound.is_some() && self.reap_interval.is_zero() {
-            return Err(Error::config(
-                "a reap_interval of zero would check the pool without pause",
-            ));
-        }
-        match self.max_age {
-            Some(age) if age.is_zero() => Err(Error::config(
-                "a max_age of zero would retire every connection at once",
-            )),
-            Some(age) if self.max_age_jitter > age => Err(Error::config(format!(
-                "the max_age jitter ({:?}) exceeds the max_age ({age:?})",
-                self.max_age_jitter
-            ))),
-            _ => Ok(()),
-        }
+    /// The `tokio_postgres::Client`, for code generic over `tokio_postgres::GenericClient`
+    /// (deadpool-postgres's own `GenericClient` is sealed to its own pool's objects).
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self.client
     }
 }
 
-/// A deadpool-postgres `Connect` that logs every new connection in with an Entra ID token.
-#[derive(Clone)]
-struct EntraConnect {
-    connector: EntraConnector,
-    tracker: Arc<Tracker>,
-    #[cfg(feature = "opentelemetry")]
-    metrics: PoolMetrics,
+impl Deref for EntraClient {
+    type Target = ClientWrapper;
+
+    fn deref(&self) -> &ClientWrapper {
+        &self.client
+    }
 }
 
-impl fmt::Debug for EntraConnect {
+impl DerefMut for EntraClient {
+    fn deref_mut(&mut self) -> &mut ClientWrapper {
+        &mut self.client
+    }
+}
+
+impl fmt::Debug for EntraClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EntraConnect")
-            .field("connector", &self.connector)
+        f.debug_struct("EntraClient")
+            .field("closed", &self.client.is_closed())
+            .field("session", &self.session)
             .finish()
     }
 }
 
-impl Connect for EntraConnect {
-    fn connect(
-        &self,
-        pg_config: &tokio_postgres::Config,
-    ) -> Pin<
-        Box<
-            dyn Future<
-                    Output = Result<
-                        (tokio_postgres::Client, JoinHandle<()>),
-                        tokio_postgres::Error,
-                    >,
-                > + Send
-                + '_,
-        >,
-    > {
-        let pg_config = pg_config.clone();
-        Box::pin(async move {
-            #[cfg(feature = "opentelemetry")]
-            let started = std::time::Instant::now();
-            match self.connector.connect(&pg_config).await {
-                Ok((client, connection)) => {
-                    #[cfg(feature = "opentelemetry")]
-                    self.metrics.record_create_time(started.elapsed());
-                    self.tracker.arrived(&connection);
-                    let task = tokio::spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%error, "PostgreSQL connection ended with an error");
-                        }
-                    });
-                    Ok((client, task))
-                }
-                Err(error) => {
-                    // deadpool shows the carrier's text ("error communicating with the server"),
-                    // so say here, where it happens, what went wrong.
-                    tracing::warn!(%error, "deadpool-postgres could not open a connection");
-                    Err(smuggle(error).await)
-                }
-            }
+/// A deadpool manager whose connections log in with Entra ID access tokens, recycled as
+/// deadpool-postgres recycles them (`RecyclingMethod`), and retired once their login token has
+/// expired (see [`PoolOptions`]).
+pub struct Manager {
+    login: PgLogin,
+    recycling: RecyclingMethod,
+    statement_caches: Mutex<Vec<Weak<StatementCache>>>,
+    #[cfg(feature = "opentelemetry_0_33")]
+    reader: std::sync::OnceLock<
+        Arc<postgres_entra_tokio_postgres::postgres_entra::__private::PoolReader>,
+    >,
+}
+
+impl fmt::Debug for Manager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Manager")
+            .field("login", &self.login)
+            .field("recycling", &self.recycling)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// A manager for the pool `config` describes, logging in through `connector`. Checks the
+    /// settings now: `sslmode=disable`, a Unix socket, `channel_binding=require` or a server in
+    /// another cloud than the connector's tokens are errors here rather than at every connect.
+    /// When the configuration names no user, the role comes from the connector or the token
+    /// (deadpool-postgres would otherwise take `$USER`).
+    pub fn new(
+        config: &deadpool_postgres::Config,
+        connector: &EntraConnector,
+        options: PoolOptions,
+    ) -> Result<Self, Error> {
+        let mut pg_config = config
+            .get_pg_config()
+            .map_err(|e| config_error(format!("deadpool-postgres configuration: {e}")))?;
+        if !names_a_user(config) {
+            pg_config.user("");
+        }
+        let create_limit = config.get_pool_config().timeouts.create;
+        Ok(Self {
+            login: PgLogin::new(connector, &pg_config, options, create_limit)?,
+            recycling: config.get_manager_config().recycling_method,
+            statement_caches: Mutex::default(),
+            #[cfg(feature = "opentelemetry_0_33")]
+            reader: std::sync::OnceLock::new(),
         })
     }
-}
 
-/// An in-memory stream whose first write fails with our error.
-struct FailingStream(Option<Error>);
+    /// Opens one connection and closes it: a startup check that reports a permanent mistake at
+    /// once, typed (an untrusted certificate, a missing role, a credential the provider refuses).
+    pub async fn check(&self) -> Result<(), Error> {
+        self.login.check().await
+    }
 
-impl AsyncRead for FailingStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        _: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for FailingStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        _: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let error = self
-            .0
-            .take()
-            .map_or_else(|| io::Error::other("closed"), io::Error::other);
-        Poll::Ready(Err(error))
-    }
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-/// Wraps our error in a `tokio_postgres::Error`, which deadpool's `Connect` must return and only
-/// tokio-postgres can construct: a startup over a stream that fails with our error yields an I/O
-/// error carrying it. [`entra_error`] takes it back out.
-async fn smuggle(error: Error) -> tokio_postgres::Error {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .user("postgres-entra")
-        .ssl_mode(tokio_postgres::config::SslMode::Disable);
-    match config
-        .connect_raw(FailingStream(Some(error)), tokio_postgres::NoTls)
-        .await
-    {
-        Err(carrier) => carrier,
-        Ok(_) => unreachable!("a startup over a failing stream cannot succeed"),
-    }
-}
-
-/// Our typed error inside an error from the pool (or from a connection it made): every failure
-/// to open a connection (token, rejected login, TLS, configuration, network, server) carries one.
-///
-/// deadpool's own `Display` of such an error is `Error occurred while creating a new object:
-/// error communicating with the server` whatever happened; this gets the reason:
-///
-/// ```
-/// # fn report(error: deadpool_postgres::PoolError) {
-/// match postgres_entra_deadpool::entra_error(&error) {
-///     Some(postgres_entra_deadpool::Error::Token(e)) => eprintln!("identity provider: {e}"),
-///     Some(other) => eprintln!("database login: {other}"),
-///     None => eprintln!("pool: {error}"), // a pool timeout, or the pool was closed
-/// }
-/// # }
-/// ```
-pub fn entra_error<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a Error> {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if let Some(found) = e.downcast_ref::<Error>() {
-            return Some(found);
+    /// Our error behind a failed checkout: the one it carries
+    /// ([`PoolError::Backend`](managed::PoolError)), else (a deadpool timeout) why the pool's last
+    /// connect failed, or why no token can be had now. `None` when nothing is wrong on our side
+    /// (the pool is simply exhausted, or closed).
+    pub fn explain(&self, error: &PoolError) -> Option<Error> {
+        match error {
+            managed::PoolError::Backend(error) => Some(error.clone()),
+            managed::PoolError::Timeout(_) => self.login.core().explain(),
+            _ => None,
         }
-        // io::Error's own source() skips the error it wraps, so look inside explicitly.
-        if let Some(found) = e
-            .downcast_ref::<io::Error>()
-            .and_then(io::Error::get_ref)
-            .and_then(|inner| inner.downcast_ref::<Error>())
-        {
-            return Some(found);
-        }
-        if let Some(PoolError::Backend(backend)) = e.downcast_ref::<PoolError>() {
-            next = Some(backend);
-            continue;
-        }
-        next = e.source();
     }
-    None
+
+    /// The token cache this pool's logins use (its counters: [`TokenCache::stats`]).
+    pub fn token_cache(&self) -> &TokenCache {
+        self.login.core().cache()
+    }
+
+    /// Clears the prepared statements cached for every connection of the pool (e.g. after a
+    /// schema change), as deadpool-postgres's `StatementCaches::clear` does for its pools.
+    pub fn clear_statement_caches(&self) {
+        let mut caches = self
+            .statement_caches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        caches.retain(|cache| match cache.upgrade() {
+            Some(cache) => {
+                cache.clear();
+                true
+            }
+            None => false,
+        });
+    }
 }
 
-/// The pool builder, its `Connect`, and the options the pool is finished with.
-fn builder_and_connect(
-    config: &Config,
-    connector: EntraConnector,
-    options: &PoolOptions,
-) -> Result<(PoolBuilder, EntraConnect), Error> {
-    options.check()?;
-    let mut pg_config = config
-        .get_pg_config()
-        .map_err(|e| Error::config_from(format!("deadpool-postgres configuration: {e}"), e))?;
-    if !names_a_user(config) {
-        pg_config.user("");
+impl managed::Manager for Manager {
+    type Type = EntraClient;
+    type Error = Error;
+
+    async fn create(&self) -> Result<EntraClient, Error> {
+        let (client, connection, session) = self.login.open().await?;
+        let task = tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "PostgreSQL connection ended with an error");
+            }
+        });
+        let client = ClientWrapper::new(client, task);
+        let mut caches = self
+            .statement_caches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        caches.retain(|cache| cache.strong_count() > 0);
+        caches.push(Arc::downgrade(&client.statement_cache));
+        Ok(EntraClient { client, session })
     }
-    connector.prepare(&pg_config)?;
-    let tracker = Tracker::new(postgres_entra::Sessions::new(options.token_bound));
-    let connect = EntraConnect {
-        #[cfg(feature = "opentelemetry")]
-        metrics: PoolMetrics::new(
-            &connector,
-            options
-                .pool_name
-                .clone()
-                .unwrap_or_else(|| PoolMetrics::default_name(&pg_config)),
-        ),
-        connector,
-        tracker: tracker.clone(),
-    };
-    let manager = Manager::from_connect(pg_config, connect.clone(), config.get_manager_config());
-    let mut builder = Pool::builder(manager)
-        .config(config.get_pool_config())
-        .runtime(Runtime::Tokio1)
-        .post_create(tracker.hook_post_create());
-    if options.token_bound.is_some() {
-        builder = builder.pre_recycle(tracker.hook_pre_recycle());
+
+    async fn recycle(&self, object: &mut EntraClient, _: &Metrics) -> RecycleResult<Error> {
+        if object.client.is_closed() {
+            return Err(RecycleError::message("Connection closed"));
+        }
+        if object.session.is_due() {
+            object.session.retired();
+            return Err(RecycleError::message(
+                "the connection's login token has expired (or it reached its age limit)",
+            ));
+        }
+        if let Some(sql) = self.recycling.query() {
+            object
+                .client
+                .simple_query(sql)
+                .await
+                .map_err(|e| RecycleError::message(format!("the recycling query failed: {e}")))?;
+        }
+        Ok(())
     }
-    if let Some(age) = options.max_age {
-        builder = builder.pre_recycle(max_age(age, options.max_age_jitter));
-    }
-    Ok((builder, connect))
 }
 
-/// Whether `config` names a user itself (rather than deadpool falling back to `$USER`).
-fn names_a_user(config: &Config) -> bool {
+/// Whether `config` names a user itself (rather than deadpool-postgres falling back to `$USER`).
+fn names_a_user(config: &deadpool_postgres::Config) -> bool {
     config.user.as_deref().is_some_and(|u| !u.is_empty())
         || config
             .url
@@ -320,91 +222,104 @@ fn names_a_user(config: &Config) -> bool {
             .is_some_and(|url| url.get_user().is_some_and(|u| !u.is_empty()))
 }
 
-/// The user's `deadpool_postgres::Config` as a pool whose connections log in with Entra ID
-/// tokens: the same `deadpool_postgres::Pool` type, so the rest of the code does not change.
-pub fn create_pool(config: &Config, connector: EntraConnector) -> Result<Pool, Error> {
-    create_pool_with(config, connector, PoolOptions::default())
-}
-
-/// [`create_pool`] with `options`: retirement (`PoolOptions::new().max_age(..)`,
-/// [`PoolOptions::token_bound`]) and, with the `opentelemetry` feature, the pool's name in its
-/// metrics.
-pub fn create_pool_with(
-    config: &Config,
-    connector: EntraConnector,
+/// Your `deadpool_postgres::Config` (loaded from env or serde, as today) as a pool whose
+/// connections log in with Entra ID tokens from `connector`. The settings are checked now (TLS,
+/// host, cloud: see [`Manager::new`]); idle connections past their token are retired every
+/// [`PoolOptions::reap_interval`] by a task that ends with the pool. Call it within a Tokio
+/// runtime.
+///
+/// With feature `opentelemetry_0_33`, the pool is recorded under its name
+/// (`db.client.connection.pool.name`, [`PoolOptions::pool_name`]): `db.client.connection.count`
+/// (idle, used), `.max` and `.pending_requests` (read from `Pool::status` when metrics are
+/// collected), `.create_time`, and `postgres_entra.connection.retired` and `.oldest_token_age`.
+/// deadpool keeps no count of checkout timeouts and has no hook around a checkout, so
+/// `db.client.connection.timeouts`, `wait_time` and `use_time` are not recorded.
+pub fn create_pool(
+    config: &deadpool_postgres::Config,
+    connector: &EntraConnector,
     options: PoolOptions,
 ) -> Result<Pool, Error> {
-    create_pool_customized(config, connector, options, |builder| builder)
+    create_pool_with(config, connector, options, |builder| builder)
 }
 
-/// [`create_pool_with`], letting `customize` change deadpool's pool builder before the pool is
-/// built: hooks of your own (`post_create`, `pre_recycle`, `post_recycle`, which run after this
-/// crate's), queue mode, or settings not in your `Config`.
-///
-/// The connection settings are checked here (TLS, host, cloud): a mistake fails now, not at the
-/// first checkout. When the configuration names no user, the role comes from the connector or
-/// the token (deadpool would otherwise take `$USER`). Call it within a Tokio runtime: a task of
-/// it retires idle connections past their token's bound.
-///
-/// With the `opentelemetry` feature the pool records, through its connector's meter, under
-/// `db.client.connection.pool.name`: `db.client.connection.count` (idle, used),
-/// `db.client.connection.max` and `db.client.connection.pending_requests` (read from
-/// `Pool::status` when metrics are collected), `db.client.connection.create_time`, and the
-/// sessions' `postgres_entra.connection.retired` and `postgres_entra.connection.oldest_token_age`.
-/// deadpool keeps no count of checkout timeouts and has no hook around a checkout, so
-/// `db.client.connection.timeouts`, `wait_time` and `use_time` are not recorded: a checkout
-/// timeout is the `PoolError::Timeout` your code receives.
-pub fn create_pool_customized(
-    config: &Config,
-    connector: EntraConnector,
+/// [`create_pool`], letting `customize` change deadpool's pool builder before the pool is built:
+/// hooks of your own (`post_create`, `pre_recycle`, `post_recycle`), queue mode, or settings not
+/// in your `Config`.
+pub fn create_pool_with(
+    config: &deadpool_postgres::Config,
+    connector: &EntraConnector,
     options: PoolOptions,
     customize: impl FnOnce(PoolBuilder) -> PoolBuilder,
 ) -> Result<Pool, Error> {
-    let (builder, connect) = builder_and_connect(config, connector, &options)?;
+    let manager = Manager::new(config, connector, options)?;
+    let builder = Pool::builder(manager)
+        .config(config.get_pool_config())
+        .runtime(Runtime::Tokio1);
     let pool = customize(builder)
         .build()
-        .map_err(|e| Error::config_from(format!("building the deadpool pool: {e}"), e))?;
-    if options.token_bound.is_some() {
-        connect.tracker.start_reaper(&pool, options.reap_interval);
-    }
-    #[cfg(feature = "opentelemetry")]
-    {
-        observe(&pool, &connect.metrics);
-        connect.metrics.track(&connect.tracker.sessions);
+        .map_err(|e| config_error(format!("building the deadpool pool: {e}")))?;
+    #[cfg(feature = "opentelemetry_0_33")]
+    observe(&pool);
+    if pool.manager().login.core().retires_sessions() {
+        start_reaper(&pool);
     }
     Ok(pool)
 }
 
-#[cfg(feature = "opentelemetry")]
-fn observe(pool: &Pool, metrics: &PoolMetrics) {
-    let pool = pool.weak();
-    metrics.observe(move || {
-        let status = pool.upgrade()?.status();
-        let idle = status.available as u64;
-        let used = (status.size - status.available) as u64;
-        Some(
-            postgres_entra::metrics::PoolCounts::new(idle, used, status.max_size as u64)
-                .pending(status.waiting as u64),
-        )
+/// Records the pool's counts for its metrics, read through a weak handle.
+#[cfg(feature = "opentelemetry_0_33")]
+fn observe(pool: &Pool) {
+    use postgres_entra_tokio_postgres::postgres_entra::__private::{PoolCounts, PoolReader};
+    let weak = pool.weak();
+    let reader: Arc<PoolReader> = Arc::new(move || {
+        let status = weak.upgrade()?.status();
+        Some(PoolCounts {
+            idle: status.available as u64,
+            used: (status.size - status.available) as u64,
+            max: status.max_size as u64,
+            pending: Some(status.waiting as u64),
+            timeouts: None,
+        })
     });
+    let manager = pool.manager();
+    manager.login.core().observe(Arc::downgrade(&reader));
+    let _ = manager.reader.set(reader);
 }
 
-/// A `pre_recycle` hook that retires connections older than `max_age` minus up to `jitter`,
-/// chosen per connection, for pools built some other way (ours take [`PoolOptions::max_age`]).
-pub fn max_age(max_age: Duration, jitter: Duration) -> Hook {
-    let jitter = jitter.min(max_age);
-    let hasher = std::collections::hash_map::RandomState::new();
-    Hook::sync_fn(move |_client, metrics| {
-        let fraction = (hasher.hash_one(metrics.created) % 10_000) as f64 / 10_000.0;
-        let limit = max_age - jitter.mul_f64(fraction);
-        if metrics.age() >= limit {
-            tracing::debug!(
-                age_ms = metrics.age().as_millis() as u64,
-                "retiring a connection past its maximum age"
-            );
-            Err(HookError::message("connection reached its maximum age"))
-        } else {
-            Ok(())
+/// Retires idle connections due for retirement every reap interval, for as long as the pool
+/// lives (deadpool has no reaper of its own). Without a Tokio runtime, connections are retired at
+/// checkout only.
+fn start_reaper(pool: &Pool) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(
+            "no Tokio runtime when the pool was built: idle connections past their login token are retired at checkout only"
+        );
+        return;
+    };
+    let interval = pool.manager().login.core().reap_interval();
+    let pool = pool.weak();
+    runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            let removed = pool.retain(|object, _| {
+                let due = object.session.is_due();
+                if due {
+                    object.session.retired();
+                }
+                !due
+            });
+            if !removed.removed.is_empty() {
+                tracing::debug!(
+                    retired = removed.removed.len(),
+                    "retired idle connections whose login token expired"
+                );
+            }
         }
-    })
+    });
 }

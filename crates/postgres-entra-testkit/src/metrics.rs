@@ -1,8 +1,8 @@
 //! Reading OpenTelemetry metrics back in tests: an SDK meter provider with the in-memory exporter,
 //! collected on demand and flattened into points that are easy to query.
 
-use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry_0_33::KeyValue;
+use opentelemetry_0_33::metrics::{Meter, MeterProvider as _};
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
 use std::time::Duration;

@@ -2,51 +2,127 @@
 //! identity, client secret, developer tools, ...) becomes a [`TokenSource`], and what the identity
 //! provider answered (HTTP status, Entra error code and description) is kept in its errors.
 
-use async_trait::async_trait;
 use azure_core::credentials::TokenCredential;
 use azure_core::error::ErrorKind;
+use azure_core::http::{ClientOptions, RetryOptions};
+use azure_identity::{
+    ClientAssertionCredentialOptions, ClientSecretCredential, ClientSecretCredentialOptions,
+    DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
+    UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
+};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::error::TokenErrorKind;
-use crate::token::{AccessToken, TokenSource, TokenSourceError};
+use crate::error::{Error, TokenError, TokenErrorKind};
+use crate::token::{AccessToken, TokenFuture, TokenSource};
 
-/// A [`TokenSource`] over an `azure_core` credential.
+/// A [`TokenSource`] over an `azure_identity` credential.
+///
+/// The constructors build the credentials this library recommends, with azure_core's own retry
+/// policy off (`RetryOptions::none()`): the token cache already retries (with backoff while a
+/// valid token is still served, once a second while none is), so a failing identity provider's
+/// answer (HTTP status, `AADSTS` code) reaches your logs and errors at once instead of after
+/// azure_core's eight retries. On a VM, azure_identity's instance metadata (IMDS) credential keeps
+/// Microsoft's IMDS retry guidance whatever is asked. [`AzureTokenSource::new`] takes any other
+/// credential as it was built.
 ///
 /// Its identity, shown in errors, logs and metrics, is the credential's kind and, where the
 /// credential shows it, its client id (`ClientSecretCredential (client id 3f2b…)`); give one of
 /// your own with [`AzureTokenSource::with_identity`].
-///
-/// azure_identity's credentials retry failed requests on their own (azure_core's retry policy:
-/// HTTP 408, 429, 500, 502, 503, 504 and connection errors, 8 retries from 200 ms doubling, up to
-/// 60 s), underneath the cache's own backoff. Build them with `RetryOptions::none()` in their
-/// `ClientOptions` so that the provider's answer reaches the cache, and you, at once; see the
-/// README ("Identity-provider errors").
 pub struct AzureTokenSource {
     credential: Arc<dyn TokenCredential>,
     identity: String,
 }
 
+/// azure_core's client options without its retry policy.
+fn no_retries() -> ClientOptions {
+    ClientOptions {
+        retry: RetryOptions::none(),
+        ..Default::default()
+    }
+}
+
+fn credential_error(kind: &str, error: azure_core::Error) -> Error {
+    Error::config(format!(
+        "cannot build the {kind} credential: {}",
+        crate::error::flatten(&error)
+    ))
+}
+
 impl AzureTokenSource {
-    /// A source over `credential`, named after the credential's kind and client id.
-    pub fn new(credential: Arc<dyn TokenCredential>) -> Arc<Self> {
+    /// A source over `credential`, built as you chose, named after the credential's kind and
+    /// client id.
+    pub fn new(credential: Arc<dyn TokenCredential>) -> Self {
         let identity = describe(credential.as_ref());
-        Arc::new(Self {
+        Self {
             credential,
             identity,
-        })
+        }
     }
 
     /// A source over `credential` named `identity` (e.g. the managed identity's name).
-    pub fn with_identity(
-        credential: Arc<dyn TokenCredential>,
-        identity: impl Into<String>,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            credential,
-            identity: identity.into(),
-        })
+    #[must_use]
+    pub fn with_identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = identity.into();
+        self
+    }
+
+    /// The managed identity of the Azure resource this code runs on (App Service, Functions,
+    /// Container Apps, a VM, AKS with pod identity): the system-assigned one, or the user-assigned
+    /// one `user_assigned` names by client, object or resource id.
+    pub fn managed_identity(user_assigned: Option<UserAssignedId>) -> Result<Self, Error> {
+        // `..Default::default()` for the fields azure_identity may add.
+        #[allow(clippy::needless_update)]
+        let options = ManagedIdentityCredentialOptions {
+            user_assigned_id: user_assigned,
+            client_options: no_retries(),
+            ..Default::default()
+        };
+        ManagedIdentityCredential::new(Some(options))
+            .map(|credential| Self::new(credential))
+            .map_err(|e| credential_error("managed identity", e))
+    }
+
+    /// AKS workload identity: the federated token in `AZURE_FEDERATED_TOKEN_FILE`, for
+    /// `AZURE_CLIENT_ID` in `AZURE_TENANT_ID` (the variables the workload identity webhook sets).
+    pub fn workload_identity() -> Result<Self, Error> {
+        let options = WorkloadIdentityCredentialOptions {
+            credential_options: ClientAssertionCredentialOptions {
+                client_options: no_retries(),
+            },
+            ..Default::default()
+        };
+        WorkloadIdentityCredential::new(Some(options))
+            .map(|credential| Self::new(credential))
+            .map_err(|e| credential_error("workload identity", e))
+    }
+
+    /// An app registration's client secret.
+    pub fn client_secret(
+        tenant_id: &str,
+        client_id: impl Into<String>,
+        secret: impl Into<String>,
+    ) -> Result<Self, Error> {
+        let options = ClientSecretCredentialOptions {
+            client_options: no_retries(),
+        };
+        ClientSecretCredential::new(
+            tenant_id,
+            client_id.into(),
+            secret.into().into(),
+            Some(options),
+        )
+        .map(|credential| Self::new(credential))
+        .map_err(|e| credential_error("client secret", e))
+    }
+
+    /// A developer's own login: the Azure CLI (`az login`), else the Azure Developer CLI (`azd
+    /// auth login`). These run the tool for every token, which the cache makes once per token.
+    pub fn developer_tools() -> Result<Self, Error> {
+        DeveloperToolsCredential::new(None)
+            .map(|credential| Self::new(credential))
+            .map_err(|e| credential_error("developer tools", e))
     }
 }
 
@@ -86,19 +162,13 @@ impl fmt::Debug for AzureTokenSource {
 }
 
 /// The longest provider description kept in an error: Entra's run to a few hundred bytes.
-const MAX_DESCRIPTION: usize = 400;
+const MAX_DESCRIPTION: usize = 600;
 
 /// What the provider said, from the first HTTP answer in `error`'s chain (credentials wrap the
-/// HTTP error in an authentication error), else the kind of the transport failure.
-fn classify(error: &azure_core::Error) -> TokenSourceError {
-    // Entra's messages run over several lines (a troubleshooting link last); keep them on one.
-    let mut message = error
-        .to_string()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ");
+/// HTTP error in an authentication error), else the kind of the transport failure; the message is
+/// the whole chain, each part once, cut at a readable length.
+fn classify(error: &azure_core::Error) -> TokenError {
+    let mut message = crate::error::flatten(error);
     if message.len() > MAX_DESCRIPTION {
         let cut = (0..=MAX_DESCRIPTION)
             .rev()
@@ -107,7 +177,6 @@ fn classify(error: &azure_core::Error) -> TokenSourceError {
         message.truncate(cut);
         message.push('…');
     }
-    let mut result = TokenSourceError::new(message);
     let mut kind = TokenErrorKind::Other;
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = next {
@@ -119,7 +188,9 @@ fn classify(error: &azure_core::Error) -> TokenSourceError {
                     raw_response,
                 } => {
                     let status = u16::from(*status);
-                    result = result.with_http_status(status);
+                    let mut result =
+                        TokenError::new(TokenErrorKind::from_http_status(status), message)
+                            .with_http_status(status);
                     let oauth_error = raw_response.as_deref().and_then(|response| {
                         serde_json::from_slice::<serde_json::Value>(response.body().as_ref())
                             .ok()?
@@ -147,7 +218,6 @@ fn classify(error: &azure_core::Error) -> TokenSourceError {
                     }) {
                         result = result.with_retry_after(Duration::from_secs(delay));
                     }
-                    // The status decides the kind.
                     return result;
                 }
                 ErrorKind::Io | ErrorKind::Connection => kind = TokenErrorKind::Unreachable,
@@ -159,22 +229,48 @@ fn classify(error: &azure_core::Error) -> TokenSourceError {
         }
         next = e.source();
     }
-    result.with_kind(kind)
+    TokenError::new(kind, message)
 }
 
-#[async_trait]
 impl TokenSource for AzureTokenSource {
-    async fn get_token(&self, scope: &str) -> Result<AccessToken, TokenSourceError> {
-        match self.credential.get_token(&[scope], None).await {
-            Ok(token) => Ok(AccessToken::new(
-                token.token.secret(),
-                SystemTime::from(token.expires_on),
-            )),
-            Err(error) => Err(classify(&error).with_source(error)),
-        }
+    fn get_token<'a>(&'a self, scope: &'a str) -> TokenFuture<'a> {
+        Box::pin(async move {
+            match self.credential.get_token(&[scope], None).await {
+                Ok(token) => Ok(AccessToken::new(
+                    token.token.secret(),
+                    SystemTime::from(token.expires_on),
+                )),
+                Err(error) => Err(classify(&error)),
+            }
+        })
     }
 
     fn identity(&self) -> String {
         self.identity.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `describe` reads azure_identity's `Debug` output: pinned here against the real types.
+    #[test]
+    fn credentials_are_described_by_kind_and_client_id_from_their_debug_text() {
+        let secret = ClientSecretCredential::new(
+            "3f7c9a52-8d1e-4b6a-9c0f-5e2d7a1b4c68",
+            "2d97a1b4-0000-4b6a-9c0f-5e2d7a1b4c68".to_owned(),
+            "not-a-real-secret".to_owned().into(),
+            None,
+        )
+        .unwrap();
+        let debug = format!("{secret:?}");
+        assert!(!debug.contains("not-a-real-secret"), "{debug}");
+        assert_eq!(
+            describe(secret.as_ref()),
+            "ClientSecretCredential (client id 2d97a1b4-0000-4b6a-9c0f-5e2d7a1b4c68)"
+        );
+        let tools = DeveloperToolsCredential::new(None).unwrap();
+        assert_eq!(describe(tools.as_ref()), "DeveloperToolsCredential");
     }
 }

@@ -18,7 +18,7 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
 
 /// The real clock: `SystemTime::now()` and `tokio::time::sleep`.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
+pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> SystemTime {

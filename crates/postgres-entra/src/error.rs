@@ -1,24 +1,30 @@
 //! Errors: one enum, a variant per cause a user acts on differently, each saying what to do.
+//!
+//! Every error here prints everything it knows, once, and has no `source()`: what another crate
+//! reported (the identity provider's answer, the driver's error) is flattened into the message
+//! with repeated parts dropped, so a report that prints the chain (`{:#}` with anyhow or eyre)
+//! shows each fact once, and `{e}` alone says what went wrong.
 
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::claims::TokenClaims;
-use crate::token::TokenSourceError;
 
 /// Everything that can go wrong getting a token or logging in with it.
-#[derive(Debug, thiserror::Error)]
+///
+/// Cheap to clone: every caller waiting on one failed fetch or login gets the same error.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// No valid access token could be obtained from the identity provider.
+    /// No valid access token could be had from the identity provider.
     #[error(transparent)]
-    Token(#[from] TokenError),
+    Token(TokenError),
 
-    /// The server refused the login, and a new token would not help (see [`LoginRejected`]).
+    /// The server refused the login, and another token would not help (see [`LoginRejected`]).
     #[error(transparent)]
-    LoginRejected(#[from] Box<LoginRejected>),
+    LoginRejected(Box<LoginRejected>),
 
     /// TLS could not be set up: the server declined it, or its certificate did not verify. No
     /// token was sent.
@@ -27,20 +33,15 @@ pub enum Error {
     Tls {
         /// What failed, and what to check.
         message: String,
-        /// The underlying error.
-        #[source]
-        source: Option<Box<dyn StdError + Send + Sync>>,
     },
 
-    /// The configuration cannot work (plaintext requested, bad scope, no role name, ...).
+    /// The configuration cannot work (plaintext requested, a bad scope, no role name, a server
+    /// in another cloud, ...).
     #[error("invalid configuration: {message}")]
     #[non_exhaustive]
     Config {
         /// What is wrong and how to fix it.
         message: String,
-        /// The underlying error, if another crate reported the problem.
-        #[source]
-        source: Option<Box<dyn StdError + Send + Sync>>,
     },
 
     /// The server could not be reached, or the connection broke before the login finished (DNS,
@@ -50,83 +51,137 @@ pub enum Error {
     )]
     #[non_exhaustive]
     Connect {
-        /// `host:port` (several, comma-separated, when the configuration names several).
+        /// `host:port` (several, comma-separated, when the settings name several).
         target: String,
         /// What the network said.
         reason: String,
-        /// The underlying error.
-        #[source]
-        source: tokio_postgres::Error,
     },
 
-    /// Any other PostgreSQL failure (the server refused the session for another reason than
-    /// the token, a query failed, ...).
-    #[error("PostgreSQL: {}", chain(.0))]
-    Postgres(#[from] tokio_postgres::Error),
+    /// The server refused the session for another reason than the token (an unknown database,
+    /// too many connections, ...).
+    #[error("PostgreSQL refused the session: {message}")]
+    #[non_exhaustive]
+    Postgres {
+        /// The SQLSTATE, when the server sent one.
+        code: Option<String>,
+        /// The server's message (or the driver's, when the server sent none).
+        message: String,
+    },
 }
 
 impl Error {
-    /// A configuration error saying what is wrong and how to fix it (for crates building on this
-    /// one, such as the pool adapters).
-    pub fn config(message: impl Into<String>) -> Self {
+    pub(crate) fn config(message: impl Into<String>) -> Self {
         Error::Config {
             message: message.into(),
-            source: None,
         }
     }
 
-    /// A configuration error that another crate reported, e.g. a pool library's own settings.
-    pub fn config_from(
-        message: impl Into<String>,
-        source: impl StdError + Send + Sync + 'static,
-    ) -> Self {
-        Error::Config {
-            message: message.into(),
-            source: Some(Box::new(source)),
-        }
-    }
-
-    /// The server answered the request for TLS with a refusal: the token is never sent. For
-    /// adapters whose driver does its own TLS (sqlx); `source` is the driver's error.
-    pub fn tls_declined(source: Option<Box<dyn StdError + Send + Sync>>) -> Self {
+    pub(crate) fn tls(message: impl Into<String>) -> Self {
         Error::Tls {
-            message: "the server declined TLS; token login needs a server with TLS enabled"
-                .to_owned(),
-            source,
+            message: message.into(),
         }
+    }
+
+    pub(crate) fn connect(target: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Connect {
+            target: target.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn postgres(code: Option<&str>, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Error::Postgres {
+            message: match code {
+                Some(code) => format!("{message} (SQLSTATE {code})"),
+                None => message,
+            },
+            code: code.map(str::to_owned),
+        }
+    }
+
+    /// The server declined TLS: the token was never sent.
+    pub(crate) fn tls_declined() -> Self {
+        Self::tls("the server declined TLS; token login needs a server with TLS enabled")
     }
 
     /// Whether retrying later may succeed without a change of configuration: network and server
     /// availability, and identity-provider failures other than a rejected credential. `false`
-    /// for configuration, TLS and rejected logins, which only a fix makes work.
+    /// for configuration, TLS and refused logins, which only a fix makes work.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Token(e) => !matches!(e.kind(), TokenErrorKind::CredentialRejected),
+            Error::Token(e) => e.kind().is_transient(),
             Error::Connect { .. } => true,
-            Error::Postgres(e) => {
-                // Server-side refusals that persist: unknown database, missing privileges.
-                !e.code().is_some_and(|code| {
-                    code.code().starts_with("3D") || code.code().starts_with("42")
-                })
-            }
+            // Refusals that persist: no such database, missing privileges, authorization.
+            Error::Postgres { code, .. } => !code
+                .as_deref()
+                .is_some_and(|c| c.starts_with("3D") || c.starts_with("42") || c.starts_with("28")),
             Error::LoginRejected(_) | Error::Tls { .. } | Error::Config { .. } => false,
+        }
+    }
+
+    /// The SQLSTATE the server answered with, for a refused login or session.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Error::LoginRejected(rejected) => Some(rejected.code()),
+            Error::Postgres { code, .. } => code.as_deref(),
+            _ => None,
         }
     }
 }
 
-/// `error` and its sources, as one line: tokio-postgres's own `Display` leaves the cause out.
-pub(crate) fn chain(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
+impl From<TokenError> for Error {
+    fn from(error: TokenError) -> Self {
+        Error::Token(error)
+    }
+}
+
+impl From<LoginRejected> for Error {
+    fn from(rejected: LoginRejected) -> Self {
+        Error::LoginRejected(Box::new(rejected))
+    }
+}
+
+/// `error` and its sources as one line, each part once: a part already contained in what came
+/// before (libraries often print their source in their own message too) is left out, and
+/// multi-line messages are joined.
+pub(crate) fn flatten(error: &(dyn StdError + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(error);
     while let Some(e) = next {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
+        append_part(&mut text, &e.to_string());
         next = e.source();
     }
     text
+}
+
+/// Appends `part` (made one line) to `text` after `: `, unless `text` already says it.
+fn append_part(text: &mut String, part: &str) {
+    let part = part
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if part.is_empty() || text.contains(&part) {
+        return;
+    }
+    if !text.is_empty() {
+        text.push_str(": ");
+    }
+    text.push_str(&part);
+}
+
+/// A duration as a person reads it: `42 s`, `3 min`, `2 h 5 min`.
+pub(crate) fn human(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    if secs < 90 {
+        format!("{secs} s")
+    } else if secs < 90 * 60 {
+        format!("{} min", (secs + 30) / 60)
+    } else {
+        format!("{} h {} min", secs / 3600, (secs % 3600) / 60)
+    }
 }
 
 /// What kind of failure kept the cache from producing a valid token.
@@ -135,12 +190,13 @@ pub(crate) fn chain(error: &(dyn StdError + 'static)) -> String {
 pub enum TokenErrorKind {
     /// The identity provider could not be reached (DNS, connection refused or reset).
     Unreachable,
-    /// No token arrived within the fetch timeout.
+    /// No token arrived in time.
     Timeout,
     /// The provider throttled us (HTTP 429).
     Throttled,
     /// The provider refused the request (HTTP 4xx other than 429): a wrong secret or federated
-    /// token, an unknown client id, an identity not assigned to this resource, a bad scope.
+    /// token, an unknown client id, a disabled or deleted principal, an identity not assigned to
+    /// this resource, a bad scope.
     CredentialRejected,
     /// The provider failed (HTTP 5xx).
     ServerError,
@@ -148,13 +204,25 @@ pub enum TokenErrorKind {
     InvalidResponse,
     /// The provider returned a token that was already expired (or about to) on arrival: clock skew.
     ExpiredOnArrival,
-    /// The fetch was abandoned before it finished (its Tokio runtime shut down).
+    /// The fetch was abandoned before it finished (its Tokio runtime shut down, or the token
+    /// source panicked).
     Cancelled,
     /// Any other failure the token source reported (e.g. a developer tool that is not logged in).
     Other,
 }
 
 impl TokenErrorKind {
+    /// The kind an HTTP status from the identity provider means: 429 throttled, other 4xx
+    /// credential rejected, 5xx server error.
+    pub fn from_http_status(status: u16) -> Self {
+        match status {
+            429 => TokenErrorKind::Throttled,
+            400..=499 => TokenErrorKind::CredentialRejected,
+            500..=599 => TokenErrorKind::ServerError,
+            _ => TokenErrorKind::Other,
+        }
+    }
+
     /// A short name, for logs and metrics: `unreachable`, `timeout`, `throttled`, ...
     pub fn as_str(self) -> &'static str {
         match self {
@@ -170,7 +238,31 @@ impl TokenErrorKind {
         }
     }
 
-    /// What to check for this kind of failure, in a sentence.
+    /// Whether asking again later may succeed without a fix: not for a rejected credential, nor
+    /// for a failure the source could not classify (such as a developer tool that is not logged
+    /// in), which need a person.
+    pub fn is_transient(self) -> bool {
+        !matches!(
+            self,
+            TokenErrorKind::CredentialRejected | TokenErrorKind::Other
+        )
+    }
+
+    /// Whether the provider is unavailable (rather than refusing): nothing could replace a
+    /// session whose token has run out, so pools keep their sessions (see `PoolOptions`).
+    pub(crate) fn is_unavailability(self) -> bool {
+        matches!(
+            self,
+            TokenErrorKind::Unreachable
+                | TokenErrorKind::Timeout
+                | TokenErrorKind::Throttled
+                | TokenErrorKind::ServerError
+                | TokenErrorKind::InvalidResponse
+                | TokenErrorKind::ExpiredOnArrival
+        )
+    }
+
+    /// What to do about this kind of failure, in a sentence a person can act on.
     pub fn advice(self) -> &'static str {
         match self {
             TokenErrorKind::Unreachable => {
@@ -178,46 +270,50 @@ impl TokenErrorKind {
                  code runs on an Azure resource with an identity assigned)"
             }
             TokenErrorKind::Timeout => {
-                "the identity provider is slow or unreachable, or the credential was still \
-                 retrying failed requests internally (build it with RetryOptions::none() to see \
-                 the provider's own error at once)"
+                "check network access to the identity provider and its latency from here; \
+                 new logins resume once it answers"
             }
             TokenErrorKind::Throttled => {
-                "the identity provider is throttling requests; the cache waits as asked"
+                "the identity provider is throttling this identity: share one connector between \
+                 pools, and look for other clients using the same identity"
             }
             TokenErrorKind::CredentialRejected => {
-                "check the credential: tenant id, client id, secret or federated token, and that \
-                 the managed identity is assigned to this resource"
+                "check the credential: tenant id, client id, secret or federated token, that the \
+                 principal is enabled, and that the managed identity is assigned to this resource"
             }
             TokenErrorKind::ServerError => {
-                "the identity provider failed; the cache retries with backoff"
+                "the identity provider is failing: check Azure status for Microsoft Entra ID; \
+                 new logins resume once it answers"
             }
             TokenErrorKind::InvalidResponse => {
-                "the identity provider's answer was not understood; check proxies between here \
+                "the identity provider's answer was not understood: check proxies between here \
                  and the provider"
             }
             TokenErrorKind::ExpiredOnArrival => {
                 "check this machine's clock (NTP): the token expired before it could be used"
             }
             TokenErrorKind::Cancelled => {
-                "the Tokio runtime running the fetch shut down; the next call fetches again"
+                "the fetch ended before it finished (its Tokio runtime shut down, or the token \
+                 source panicked); the next call fetches again"
             }
             TokenErrorKind::Other => {
-                "check the credential's configuration and that the identity provider is reachable"
+                "check the credential's configuration (for developer tools: `az login`)"
             }
         }
     }
 }
 
-/// No valid token is available, and why: the identity provider's answer (HTTP status, error code
-/// and description, never a secret), classified. Cheap to clone: every caller waiting on the same
-/// failed fetch receives the same error.
+/// No valid token could be had, and why: what the identity provider answered (HTTP status,
+/// error code and description, never a secret), classified.
+///
+/// A [`crate::TokenSource`] reports its failures with [`TokenError::new`] and the `with_*`
+/// methods; the cache adds the identity and scope. Cheap to clone.
 #[derive(Clone)]
 pub struct TokenError {
     what: Arc<WhatFailed>,
-    retry_in: Option<Duration>,
 }
 
+#[derive(Clone)]
 struct WhatFailed {
     kind: TokenErrorKind,
     identity: String,
@@ -225,48 +321,70 @@ struct WhatFailed {
     message: String,
     http_status: Option<u16>,
     provider_code: Option<String>,
-    source: Option<TokenSourceError>,
+    retry_after: Option<Duration>,
+    source: Option<Arc<dyn StdError + Send + Sync>>,
+    retry_in: Option<Duration>,
 }
 
 impl TokenError {
-    pub(crate) fn new(
-        kind: TokenErrorKind,
-        identity: &str,
-        scope: &str,
-        message: impl Into<String>,
-    ) -> Self {
+    /// A failure of `kind`, with a message saying what failed (it must not contain any token
+    /// or secret).
+    pub fn new(kind: TokenErrorKind, message: impl Into<String>) -> Self {
         Self {
             what: Arc::new(WhatFailed {
                 kind,
-                identity: identity.to_owned(),
-                scope: scope.to_owned(),
+                identity: String::new(),
+                scope: String::new(),
                 message: message.into(),
                 http_status: None,
                 provider_code: None,
+                retry_after: None,
                 source: None,
+                retry_in: None,
             }),
-            retry_in: None,
         }
     }
 
-    pub(crate) fn from_source(identity: &str, scope: &str, error: TokenSourceError) -> Self {
-        Self {
-            what: Arc::new(WhatFailed {
-                kind: error.kind(),
-                identity: identity.to_owned(),
-                scope: scope.to_owned(),
-                message: error.message().to_owned(),
-                http_status: error.http_status(),
-                provider_code: error.provider_code().map(str::to_owned),
-                source: Some(error),
-            }),
-            retry_in: None,
-        }
-    }
-
-    pub(crate) fn with_retry_in(mut self, retry_in: Duration) -> Self {
-        self.retry_in = Some(retry_in);
+    fn edit(mut self, change: impl FnOnce(&mut WhatFailed)) -> Self {
+        change(Arc::make_mut(&mut self.what));
         self
+    }
+
+    /// The HTTP status the identity provider answered with.
+    #[must_use]
+    pub fn with_http_status(self, status: u16) -> Self {
+        self.edit(|w| w.http_status = Some(status))
+    }
+
+    /// The provider's error code (OAuth `error`, e.g. `invalid_client`, and Entra's `AADSTS`
+    /// number: `invalid_client (AADSTS7000215)`).
+    #[must_use]
+    pub fn with_provider_code(self, code: impl Into<String>) -> Self {
+        let code = code.into();
+        self.edit(|w| w.provider_code = Some(code))
+    }
+
+    /// The provider asked not to be called again before this delay (HTTP `Retry-After`).
+    #[must_use]
+    pub fn with_retry_after(self, retry_after: Duration) -> Self {
+        self.edit(|w| w.retry_after = Some(retry_after))
+    }
+
+    /// The underlying error; its text (each part once) becomes part of this error's message.
+    #[must_use]
+    pub fn with_source(self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.edit(|w| w.source = Some(Arc::new(source)))
+    }
+
+    pub(crate) fn for_cache(self, identity: &str, scope: &str) -> Self {
+        self.edit(|w| {
+            w.identity = identity.to_owned();
+            w.scope = scope.to_owned();
+        })
+    }
+
+    pub(crate) fn with_retry_in(self, retry_in: Duration) -> Self {
+        self.edit(|w| w.retry_in = Some(retry_in))
     }
 
     /// What kind of failure this is.
@@ -274,9 +392,13 @@ impl TokenError {
         self.what.kind
     }
 
-    /// What the provider (or the cache) said went wrong.
-    pub fn message(&self) -> &str {
-        &self.what.message
+    /// What the provider (or the cache) said went wrong, with the underlying error's text.
+    pub fn message(&self) -> String {
+        let mut text = self.what.message.clone();
+        if let Some(source) = &self.what.source {
+            append_part(&mut text, &flatten(source.as_ref()));
+        }
+        text
     }
 
     /// The HTTP status the identity provider answered with, if it answered.
@@ -299,14 +421,37 @@ impl TokenError {
         &self.what.scope
     }
 
-    /// When the cache will next ask the provider, if it is backing off.
+    /// How long until the cache next asks the provider, when it said so.
     pub fn retry_in(&self) -> Option<Duration> {
-        self.retry_in
+        self.what.retry_in
     }
 
     /// The delay the provider asked for (`Retry-After`), if any.
     pub fn provider_retry_after(&self) -> Option<Duration> {
-        self.what.source.as_ref().and_then(|s| s.retry_after())
+        self.what.retry_after
+    }
+
+    /// `HTTP 401 invalid_client: <the provider's text>`, each fact once.
+    fn what_failed(&self) -> String {
+        let what = &self.what;
+        let text = self.message();
+        let mut head = Vec::new();
+        if let Some(status) = what.http_status {
+            head.push(format!("HTTP {status}"));
+        }
+        if let Some(code) = &what.provider_code {
+            // Entra's description usually repeats its AADSTS number: print what it does not say.
+            head.extend(
+                code.split_whitespace()
+                    .filter(|part| !text.contains(part.trim_matches(|c| c == '(' || c == ')')))
+                    .map(str::to_owned),
+            );
+        }
+        match (head.is_empty(), text.is_empty()) {
+            (true, _) => text,
+            (false, true) => head.join(" "),
+            (false, false) => format!("{}: {text}", head.join(" ")),
+        }
     }
 }
 
@@ -317,10 +462,10 @@ impl fmt::Debug for TokenError {
             .field("kind", &what.kind)
             .field("identity", &what.identity)
             .field("scope", &what.scope)
-            .field("message", &what.message)
+            .field("message", &self.message())
             .field("http_status", &what.http_status)
             .field("provider_code", &what.provider_code)
-            .field("retry_in", &self.retry_in)
+            .field("retry_in", &what.retry_in)
             .finish()
     }
 }
@@ -328,33 +473,22 @@ impl fmt::Debug for TokenError {
 impl fmt::Display for TokenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = &self.what;
-        write!(
-            f,
-            "no valid Entra ID access token for {} (scope {}): ",
-            what.identity, what.scope
-        )?;
-        match (what.http_status, &what.provider_code) {
-            (Some(status), Some(code)) => write!(f, "HTTP {status} {code}: ")?,
-            (Some(status), None) => write!(f, "HTTP {status}: ")?,
-            (None, Some(code)) => write!(f, "{code}: ")?,
-            (None, None) => {}
+        f.write_str("could not get an Entra ID access token")?;
+        if !what.identity.is_empty() {
+            write!(f, " for {}", what.identity)?;
         }
-        write!(f, "{}; {}", what.message, what.kind.advice())?;
-        if let Some(retry_in) = self.retry_in {
-            write!(f, " (next attempt in {:.1}s)", retry_in.as_secs_f64())?;
+        if !what.scope.is_empty() {
+            write!(f, " (scope {})", what.scope)?;
+        }
+        write!(f, ": {}; {}", self.what_failed(), what.kind.advice())?;
+        if let Some(retry_in) = what.retry_in {
+            write!(f, " (next attempt in {:.1} s)", retry_in.as_secs_f64())?;
         }
         Ok(())
     }
 }
 
-impl StdError for TokenError {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.what
-            .source
-            .as_ref()
-            .map(|s| s as &(dyn StdError + 'static))
-    }
-}
+impl StdError for TokenError {}
 
 /// Where the role a login asked for came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -362,7 +496,7 @@ impl StdError for TokenError {
 pub enum RoleSource {
     /// The connector's `role_name(..)`.
     Connector,
-    /// The user in the connection's configuration (`user=`, `PGUSER`, the pool's `user`).
+    /// The user in the pool's connection settings (`user=`, the URL, the pool's `user`).
     ConnectionConfig,
     /// The token's claims: the claim it was read from (`xms_mirid`, `upn`, ...).
     TokenClaim(&'static str),
@@ -379,18 +513,21 @@ impl fmt::Display for RoleSource {
 }
 
 /// What became of the one retry after the server refused a token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum LoginRetry {
     /// A different token, fetched after the first refusal, was refused too.
     FreshTokenRefused,
     /// The identity provider returned the same token again (azure_identity's credentials keep
-    /// their token until 5 minutes before it expires), so retrying could not help.
+    /// their token until 5 minutes before it expires, and managed identities' tokens are cached
+    /// by Azure for up to 24 hours), so retrying could not help.
     SameTokenReturned,
     /// A token fetched after a refusal was refused already; no new one was asked for.
     AlreadyReplaced,
-    /// No new token could be fetched: the provider's error.
-    NoNewToken(String),
+    /// The driver opens its connections itself (sqlx), so no retry was made from here.
+    NotRetried,
+    /// No new token could be had to retry with: the provider's error.
+    NoNewToken(TokenError),
 }
 
 /// The server refused the login, and the token was not the problem: it was valid for the
@@ -401,10 +538,13 @@ pub struct LoginRejected {
     pub(crate) role: String,
     pub(crate) role_source: RoleSource,
     pub(crate) claims: Option<TokenClaims>,
-    pub(crate) token_expires_on: SystemTime,
+    /// How long the refused token was still valid for, when it was refused.
+    pub(crate) token_valid_for: Duration,
     pub(crate) code: String,
     pub(crate) server_message: String,
     pub(crate) retry: LoginRetry,
+    /// The pool does not log in again before this (refused logins back off).
+    pub(crate) next_attempt_in: Option<Duration>,
 }
 
 impl LoginRejected {
@@ -432,9 +572,10 @@ impl LoginRejected {
     pub fn retry(&self) -> &LoginRetry {
         &self.retry
     }
-    /// Whether a second, fresh token was refused too.
-    pub fn fresh_token_refused(&self) -> bool {
-        self.retry == LoginRetry::FreshTokenRefused
+    /// When the pool logs in again: refused logins back off, so that a revoked principal does not
+    /// flood the server with refused logins.
+    pub fn next_attempt_in(&self) -> Option<Duration> {
+        self.next_attempt_in
     }
 }
 
@@ -445,34 +586,27 @@ impl fmt::Display for LoginRejected {
             "PostgreSQL refused the Entra ID login as role `{}` ({}) with {}: {}; ",
             self.role, self.role_source, self.code, self.server_message
         )?;
-        let valid_for = self
-            .token_expires_on
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        let minutes = valid_for.as_secs().div_ceil(60);
+        let valid_for = human(self.token_valid_for);
         match &self.retry {
             LoginRetry::FreshTokenRefused | LoginRetry::AlreadyReplaced => write!(
                 f,
-                "a freshly fetched token, valid for another {minutes} min, was refused too, so the token is not the problem"
+                "a freshly fetched token, valid for another {valid_for}, was refused too, so the token is not the problem"
             )?,
             LoginRetry::SameTokenReturned => write!(
                 f,
-                "the token is valid for another {minutes} min and the identity provider returns the same one, so a new token would not help"
+                "the token is valid for another {valid_for} and the identity provider returns the same one, so a new token would not help"
             )?,
+            LoginRetry::NotRetried => write!(f, "the token was valid for another {valid_for}")?,
             LoginRetry::NoNewToken(why) => {
-                write!(f, "no fresh token could be fetched to retry ({why})")?
+                write!(f, "no fresh token could be had to retry with ({why})")?
             }
         }
         if let Some(claims) = &self.claims {
             write!(f, "; the token is for {claims}")?;
-            if let Ok(name) = claims.role_name()
-                && name.name != self.role
+            if let Some((name, claim)) = claims.role_name()
+                && name != self.role
             {
-                write!(
-                    f,
-                    " and names the principal `{}` ({})",
-                    name.name, name.claim
-                )?;
+                write!(f, " and names the principal `{name}` ({claim})")?;
             }
         }
         write!(
@@ -483,8 +617,92 @@ impl fmt::Display for LoginRejected {
              identities, groups); if the role was created under another name \
              (pgaadauth_create_principal_with_oid), log in with that name; to log in through a \
              group role, the principal must be a member of the group"
-        )
+        )?;
+        if let Some(next) = self.next_attempt_in {
+            write!(f, " (this pool logs in again in {})", human(next))?;
+        }
+        Ok(())
     }
 }
 
 impl StdError for LoginRejected {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+    impl fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl StdError for Layer {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            self.1.as_deref().map(|l| l as &(dyn StdError + 'static))
+        }
+    }
+
+    #[test]
+    fn a_flattened_chain_says_each_part_once_on_one_line() {
+        // azure_core's shape: a message that contains its source's, then the source twice.
+        let chain = Layer(
+            "ClientSecretCredential authentication failed. AADSTS7000215: bad secret\nTo troubleshoot, visit https://aka.ms/x",
+            Some(Box::new(Layer(
+                "AADSTS7000215: bad secret",
+                Some(Box::new(Layer(
+                    "AADSTS7000215: bad secret",
+                    Some(Box::new(Layer("connection reset", None))),
+                ))),
+            ))),
+        );
+        assert_eq!(
+            flatten(&chain),
+            "ClientSecretCredential authentication failed. AADSTS7000215: bad secret To troubleshoot, visit https://aka.ms/x: connection reset"
+        );
+    }
+
+    #[test]
+    fn a_token_error_names_status_and_code_once_and_has_no_source() {
+        let error = TokenError::new(TokenErrorKind::CredentialRejected, "")
+            .with_http_status(401)
+            .with_provider_code("invalid_client (AADSTS7000215)")
+            .with_source(Layer("AADSTS7000215: Invalid client secret provided", None))
+            .for_cache(
+                "ClientSecretCredential (client id 2d97)",
+                "https://x/.default",
+            );
+        let text = error.to_string();
+        assert_eq!(
+            text,
+            "could not get an Entra ID access token for ClientSecretCredential (client id 2d97) (scope https://x/.default): \
+             HTTP 401 invalid_client: AADSTS7000215: Invalid client secret provided; check the credential: tenant id, \
+             client id, secret or federated token, that the principal is enabled, and that the managed identity is \
+             assigned to this resource"
+        );
+        assert!(error.source().is_none());
+        assert_eq!(text.matches("AADSTS7000215").count(), 1);
+        let bare = TokenError::new(TokenErrorKind::ServerError, "").with_http_status(500);
+        assert!(bare.to_string().contains(": HTTP 500; "), "{bare}");
+    }
+
+    #[test]
+    fn durations_read_as_people_say_them() {
+        assert_eq!(human(Duration::from_secs(42)), "42 s");
+        assert_eq!(human(Duration::from_secs(89)), "89 s");
+        assert_eq!(human(Duration::from_secs(300)), "5 min");
+        assert_eq!(human(Duration::from_secs(3 * 3600 + 600)), "3 h 10 min");
+    }
+
+    #[test]
+    fn only_failures_that_may_pass_are_transient() {
+        assert!(!TokenErrorKind::Other.is_transient());
+        assert!(!TokenErrorKind::CredentialRejected.is_transient());
+        assert!(TokenErrorKind::ServerError.is_transient());
+        assert!(!Error::config("x").is_transient());
+        assert!(Error::connect("h:5432", "refused").is_transient());
+        assert!(!Error::postgres(Some("3D000"), "no such database").is_transient());
+        assert!(Error::postgres(Some("53300"), "too many connections").is_transient());
+    }
+}

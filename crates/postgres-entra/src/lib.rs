@@ -3,32 +3,36 @@
 // The public interface is:
 #[cfg(feature = "azure")]
 pub use crate::azure::AzureTokenSource;
-pub use crate::cache::{CacheOptions, CacheStats, Token, TokenCache, TokenCacheBuilder};
-pub use crate::claims::{MAX_TOKEN_LEN, RoleFromToken, RoleNameError, TokenClaims};
+pub use crate::cache::{CacheOptions, CacheStats, TokenCache, TokenCacheBuilder};
+pub use crate::claims::{ClaimsError, TokenClaims};
 #[cfg(feature = "test-util")]
-pub use crate::clock::{Clock, SystemClock, TokioClock};
-pub use crate::connect::{Connection, EntraConnector, EntraConnectorBuilder};
+pub use crate::clock::{Clock, TokioClock};
+pub use crate::connector::{EntraConnector, EntraConnectorBuilder};
 pub use crate::error::{Error, LoginRejected, LoginRetry, RoleSource, TokenError, TokenErrorKind};
+pub use crate::pool::PoolOptions;
 pub use crate::scope::Cloud;
-pub use crate::session::{Session, Sessions, TokenBound};
-pub use crate::tls::{AZURE_ROOTS, AzureRoot, TlsRoots};
-pub use crate::token::{AccessToken, FnTokenSource, TokenSource, TokenSourceError};
+pub use crate::tls::TlsRoots;
+pub use crate::token::{AccessToken, TokenFuture, TokenSource};
+#[cfg(feature = "opentelemetry_0_33")]
+pub use opentelemetry_0_33;
 #[cfg(feature = "azure")]
-pub use azure_core;
-#[cfg(feature = "opentelemetry")]
-pub use opentelemetry;
-pub use tokio_postgres;
+pub use {azure_core, azure_identity};
 
 #[cfg(feature = "azure")]
 mod azure;
 mod cache;
 mod claims;
 mod clock;
-mod connect;
+mod connector;
 mod error;
-#[cfg(feature = "opentelemetry")]
-pub mod metrics;
+mod log;
+#[cfg(feature = "opentelemetry_0_33")]
+mod metrics;
+mod pool;
 mod scope;
-mod session;
 mod tls;
 mod token;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;

@@ -1,25 +1,27 @@
-//! OpenTelemetry metrics (feature `opentelemetry`), recorded through the `opentelemetry` API only:
-//! the application installs the SDK and the exporter, and with none installed every instrument is
-//! a no-op.
+//! OpenTelemetry metrics (feature `opentelemetry_0_33`), recorded through the `opentelemetry` API
+//! only: the application installs the SDK and the exporter, and with none installed every
+//! instrument is a no-op.
 //!
 //! The token cache's instruments are under `postgres_entra.*`, with the attributes
 //! `postgres_entra.identity` (the token source's readable name, never a secret) and
-//! `postgres_entra.scope`. [`PoolMetrics`] gives pool adapters the instruments OpenTelemetry's
-//! semantic conventions define for database client connection pools (`db.client.connection.*`).
+//! `postgres_entra.scope`; pools are recorded with the instruments OpenTelemetry's semantic
+//! conventions define for database client connection pools (`db.client.connection.*`).
 //! No token or secret is ever a measurement, an attribute or an exemplar.
+//!
+//! The OpenTelemetry API has no way to unregister a callback, so callbacks are registered once
+//! per token cache and once per connector, and read the pools registered with the connector
+//! through weak references: creating and dropping pools leaves nothing behind.
 
-use opentelemetry::metrics::{Counter, Histogram, Meter};
-use opentelemetry::{InstrumentationScope, KeyValue};
-use std::sync::Arc;
+use opentelemetry_0_33::metrics::{Counter, Histogram, Meter};
+use opentelemetry_0_33::{InstrumentationScope, KeyValue};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use crate::error::TokenErrorKind;
 
 /// The meter used when none is given: the global provider's, with this crate as the scope.
-/// Install your `MeterProvider` as the global one before building connectors, or give the
-/// connector a meter.
 pub(crate) fn default_meter() -> Meter {
-    opentelemetry::global::meter_with_scope(
+    opentelemetry_0_33::global::meter_with_scope(
         InstrumentationScope::builder("postgres-entra")
             .with_version(env!("CARGO_PKG_VERSION"))
             .build(),
@@ -158,219 +160,188 @@ impl TokenMetrics {
     }
 }
 
-/// The counter of connections retired because their login token expired, with the pool's name.
-pub(crate) struct RetiredCounter {
-    counter: Counter<u64>,
-    name: KeyValue,
-}
-
-impl RetiredCounter {
-    pub(crate) fn add(&self) {
-        self.counter.add(1, std::slice::from_ref(&self.name));
-    }
-}
-
-/// Connections of a pool at one moment, for [`PoolMetrics::observe`].
+/// A pool's connections at one moment, as its adapter reads them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolCounts {
-    idle: u64,
-    used: u64,
-    max: u64,
-    pending: Option<u64>,
-    timeouts: Option<u64>,
+    /// Open connections not checked out.
+    pub idle: u64,
+    /// Connections checked out.
+    pub used: u64,
+    /// The most connections the pool opens.
+    pub max: u64,
+    /// Checkouts waiting for a connection now, where the pool tells.
+    pub pending: Option<u64>,
+    /// Checkouts that timed out so far, where the pool counts them.
+    pub timeouts: Option<u64>,
 }
 
-impl PoolCounts {
-    /// `idle` open connections not checked out, `used` ones checked out, and the most the pool
-    /// opens.
-    pub fn new(idle: u64, used: u64, max: u64) -> Self {
-        Self {
-            idle,
-            used,
-            max,
-            pending: None,
-            timeouts: None,
-        }
-    }
+/// Reads a pool's counts; `None` once the pool is gone.
+pub type PoolReader = dyn Fn() -> Option<PoolCounts> + Send + Sync;
 
-    /// Checkouts waiting for a connection now.
-    #[must_use]
-    pub fn pending(mut self, pending: u64) -> Self {
-        self.pending = Some(pending);
-        self
-    }
-
-    /// Checkouts that timed out so far (cumulative, from the pool's own statistics).
-    #[must_use]
-    pub fn timeouts(mut self, timeouts: u64) -> Self {
-        self.timeouts = Some(timeouts);
-        self
-    }
-}
-
-/// The instruments OpenTelemetry's semantic conventions for database client connection pools
-/// define (<https://opentelemetry.io/docs/specs/semconv/database/database-metrics/>), with the
-/// pool's name as `db.client.connection.pool.name`; for pool adapters.
-///
-/// `db.client.connection.create_time` comes from [`PoolMetrics::record_create_time`];
-/// `db.client.connection.count` (by `db.client.connection.state`: idle, used),
-/// `db.client.connection.max`, `db.client.connection.pending_requests` and
-/// `db.client.connection.timeouts` from [`PoolMetrics::observe`], read when metrics are
-/// collected. Cheap to clone; clones record under the same name.
-#[derive(Clone)]
-pub struct PoolMetrics {
-    meter: Meter,
+/// What the connector's callbacks read from one pool.
+pub(crate) struct Observed {
     name: KeyValue,
-    create_time: Histogram<f64>,
+    reader: Mutex<Option<Weak<PoolReader>>>,
 }
 
-impl std::fmt::Debug for PoolMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PoolMetrics")
-            .field("pool_name", &self.pool_name())
-            .finish_non_exhaustive()
-    }
-}
-
-impl PoolMetrics {
-    /// The instruments of the pool named `pool_name`, recorded with `connector`'s meter (see
-    /// [`crate::EntraConnectorBuilder::meter`]).
-    pub fn new(connector: &crate::EntraConnector, pool_name: impl Into<String>) -> Self {
-        let meter = connector.meter().clone();
+impl Observed {
+    pub(crate) fn new(name: &str) -> Self {
         Self {
-            name: KeyValue::new("db.client.connection.pool.name", pool_name.into()),
-            create_time: meter
-                .f64_histogram("db.client.connection.create_time")
-                .with_unit("s")
-                .with_description("The time it took to create a new connection")
-                .with_boundaries(duration_boundaries())
-                .build(),
-            meter,
+            name: KeyValue::new("db.client.connection.pool.name", name.to_owned()),
+            reader: Mutex::new(None),
         }
     }
 
-    /// The name the conventions suggest for a pool that has none:
-    /// `server.address:server.port/db.namespace`, from `config`'s first host, its port and its
-    /// database (the user's name when none is set, as PostgreSQL does).
-    pub fn default_name(config: &tokio_postgres::Config) -> String {
-        let host = match config.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(host)) => host.as_str(),
-            _ => "localhost",
-        };
-        let port = config.get_ports().first().copied().unwrap_or(5432);
-        let database = config
-            .get_dbname()
-            .or(config.get_user().filter(|user| !user.is_empty()))
-            .unwrap_or("postgres");
-        format!("{host}:{port}/{database}")
+    pub(crate) fn set_reader(&self, reader: Weak<PoolReader>) {
+        *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(reader);
     }
 
-    /// The pool's name.
-    pub fn pool_name(&self) -> &str {
-        match &self.name.value {
-            opentelemetry::Value::String(name) => name.as_str(),
-            _ => unreachable!("the pool name is a string"),
-        }
+    fn counts(&self) -> Option<PoolCounts> {
+        let reader = self
+            .reader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        reader.upgrade()?()
     }
+}
 
-    /// A new connection took `took` to open, login included.
-    pub fn record_create_time(&self, took: Duration) {
-        self.create_time
-            .record(took.as_secs_f64(), std::slice::from_ref(&self.name));
-    }
+/// A pool as the connector's callbacks read it.
+pub(crate) trait ObservedPool: Send + Sync {
+    /// Its name and reader.
+    fn observed(&self) -> &Observed;
+    /// How long ago the oldest token its open connections logged in with was received.
+    fn oldest_token_age(&self) -> Option<Duration>;
+}
 
-    /// Records `sessions`' metrics under this pool's name: `postgres_entra.connection.retired`
-    /// (connections retired because their login token expired) and
-    /// `postgres_entra.connection.oldest_token_age` (seconds since the oldest login token still
-    /// used by an open connection was received), until the sessions are gone.
-    pub fn track(&self, sessions: &crate::Sessions) {
-        sessions.count_retired_with(RetiredCounter {
-            counter: self
-                .meter
-                .u64_counter("postgres_entra.connection.retired")
-                .with_unit("{connection}")
-                .with_description(
-                    "Connections retired because the token they logged in with expired",
-                )
-                .build(),
-            name: self.name.clone(),
-        });
-        let read = sessions.oldest_token_age_reader();
-        let name = self.name.clone();
-        self.meter
-            .f64_observable_gauge("postgres_entra.connection.oldest_token_age")
-            .with_unit("s")
-            .with_description(
-                "Seconds since the oldest login token still used by an open connection was received",
-            )
-            .with_callback(move |gauge| {
-                if let Some(Some(age)) = read() {
-                    gauge.observe(age.as_secs_f64(), std::slice::from_ref(&name));
-                }
-            })
-            .build();
-    }
+type Pools = Arc<Mutex<Vec<Weak<dyn ObservedPool>>>>;
 
-    /// Observes the pool through `counts` each time metrics are collected, until `counts` returns
-    /// `None` (the pool is gone: hold it weakly). The callbacks stay registered with the meter
-    /// provider, so observe each pool once.
-    pub fn observe(&self, counts: impl Fn() -> Option<PoolCounts> + Send + Sync + 'static) {
-        let counts = Arc::new(counts);
-        let (read, name) = (counts.clone(), self.name.clone());
-        let state = |state: &'static str| {
-            [
-                name.clone(),
-                KeyValue::new("db.client.connection.state", state),
-            ]
-        };
-        let (idle, used) = (state("idle"), state("used"));
-        self.meter
+/// The pools of one connector, and the instruments they are recorded with.
+pub(crate) struct PoolTelemetry {
+    pools: Pools,
+    create_time: Histogram<f64>,
+    retired: Counter<u64>,
+}
+
+/// The live pools of `pools`, forgetting those that are gone.
+fn live(pools: &Pools) -> Vec<Arc<dyn ObservedPool>> {
+    let mut pools = pools.lock().unwrap_or_else(|e| e.into_inner());
+    pools.retain(|pool| pool.strong_count() > 0);
+    pools.iter().filter_map(Weak::upgrade).collect()
+}
+
+impl PoolTelemetry {
+    pub(crate) fn new(meter: Meter) -> Self {
+        let pools: Pools = Arc::default();
+        let read = pools.clone();
+        meter
             .i64_observable_up_down_counter("db.client.connection.count")
             .with_unit("{connection}")
             .with_description(
                 "The number of connections that are currently in state described by the state attribute",
             )
             .with_callback(move |counter| {
-                if let Some(now) = read() {
-                    counter.observe(now.idle as i64, &idle);
-                    counter.observe(now.used as i64, &used);
+                for pool in live(&read) {
+                    if let Some(now) = pool.observed().counts() {
+                        for (state, value) in [("idle", now.idle), ("used", now.used)] {
+                            counter.observe(
+                                value as i64,
+                                &[
+                                    pool.observed().name.clone(),
+                                    KeyValue::new("db.client.connection.state", state),
+                                ],
+                            );
+                        }
+                    }
                 }
             })
             .build();
-        let (read, name) = (counts.clone(), self.name.clone());
-        self.meter
+        let read = pools.clone();
+        meter
             .i64_observable_up_down_counter("db.client.connection.max")
             .with_unit("{connection}")
             .with_description("The maximum number of open connections allowed")
             .with_callback(move |counter| {
-                if let Some(now) = read() {
-                    counter.observe(now.max as i64, std::slice::from_ref(&name));
+                for pool in live(&read) {
+                    if let Some(now) = pool.observed().counts() {
+                        counter.observe(now.max as i64, std::slice::from_ref(&pool.observed().name));
+                    }
                 }
             })
             .build();
-        let (read, name) = (counts.clone(), self.name.clone());
-        self.meter
+        let read = pools.clone();
+        meter
             .i64_observable_up_down_counter("db.client.connection.pending_requests")
             .with_unit("{request}")
             .with_description("The number of current pending requests for an open connection")
             .with_callback(move |counter| {
-                if let Some(pending) = read().and_then(|now| now.pending) {
-                    counter.observe(pending as i64, std::slice::from_ref(&name));
+                for pool in live(&read) {
+                    if let Some(pending) = pool.observed().counts().and_then(|now| now.pending) {
+                        counter.observe(pending as i64, std::slice::from_ref(&pool.observed().name));
+                    }
                 }
             })
             .build();
-        let name = self.name.clone();
-        self.meter
+        let read = pools.clone();
+        meter
             .u64_observable_counter("db.client.connection.timeouts")
             .with_unit("{timeout}")
             .with_description(
                 "The number of connection timeouts that have occurred trying to obtain a connection from the pool",
             )
             .with_callback(move |counter| {
-                if let Some(timeouts) = counts().and_then(|now| now.timeouts) {
-                    counter.observe(timeouts, std::slice::from_ref(&name));
+                for pool in live(&read) {
+                    if let Some(timeouts) = pool.observed().counts().and_then(|now| now.timeouts) {
+                        counter.observe(timeouts, std::slice::from_ref(&pool.observed().name));
+                    }
                 }
             })
             .build();
+        let read = pools.clone();
+        meter
+            .f64_observable_gauge("postgres_entra.connection.oldest_token_age")
+            .with_unit("s")
+            .with_description(
+                "Seconds since the oldest login token still used by an open connection was received",
+            )
+            .with_callback(move |gauge| {
+                for pool in live(&read) {
+                    if let Some(age) = pool.oldest_token_age() {
+                        gauge.observe(age.as_secs_f64(), std::slice::from_ref(&pool.observed().name));
+                    }
+                }
+            })
+            .build();
+        Self {
+            pools,
+            create_time: meter
+                .f64_histogram("db.client.connection.create_time")
+                .with_unit("s")
+                .with_description("The time it took to create a new connection")
+                .with_boundaries(duration_boundaries())
+                .build(),
+            retired: meter
+                .u64_counter("postgres_entra.connection.retired")
+                .with_unit("{connection}")
+                .with_description(
+                    "Connections retired because the token they logged in with expired, or because they reached their age limit",
+                )
+                .build(),
+        }
+    }
+
+    pub(crate) fn register(&self, pool: Weak<dyn ObservedPool>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|pool| pool.strong_count() > 0);
+        pools.push(pool);
+    }
+
+    pub(crate) fn record_create_time(&self, pool: &Observed, took: Duration) {
+        self.create_time
+            .record(took.as_secs_f64(), std::slice::from_ref(&pool.name));
+    }
+
+    pub(crate) fn record_retired(&self, pool: &Observed) {
+        self.retired.add(1, std::slice::from_ref(&pool.name));
     }
 }

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::Error;
+use crate::error::Error;
 
 /// An Azure cloud, or service, which decides the token audience of its PostgreSQL servers.
 ///
@@ -43,7 +43,9 @@ impl Cloud {
         }
     }
 
-    /// The cloud a server host name belongs to; anything not recognised is the public cloud.
+    /// The cloud a server host name belongs to (`*.postgres.database.<cloud suffix>`,
+    /// `*.postgres.cosmos.azure.com`); any other name (a custom domain, `localhost`, an address)
+    /// is the public cloud's.
     pub fn from_host(host: &str) -> Self {
         Self::from_server_name(host).unwrap_or_default()
     }
@@ -51,14 +53,14 @@ impl Cloud {
     /// The cloud or service of an Azure server name (`*.postgres.database.<cloud suffix>`,
     /// `*.postgres.cosmos.azure.com`), or `None` for any other name (a custom domain,
     /// `localhost`, an address).
-    pub fn from_server_name(host: &str) -> Option<Self> {
+    pub(crate) fn from_server_name(host: &str) -> Option<Self> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         ALL.into_iter()
             .find(|cloud| host.ends_with(cloud.server_suffix()))
     }
 
     /// The cloud whose scope `scope` is, if it is one of theirs.
-    pub fn from_scope(scope: &str) -> Option<Self> {
+    pub(crate) fn from_scope(scope: &str) -> Option<Self> {
         ALL.into_iter().find(|cloud| cloud.scope() == scope)
     }
 
@@ -84,15 +86,13 @@ impl fmt::Display for Cloud {
     }
 }
 
-/// Refuses to send a token for one cloud to a server that is plainly in another: the server would
-/// reject it, and the rejection would not say why.
-pub(crate) fn check_cloud(host: &str, scope: &str) -> Result<(), Error> {
+/// The cloud of `host` when it is plainly in another cloud than the one `scope` is for (a token
+/// sent there would be refused, and the refusal would not say why); `None` when they agree or
+/// either side is not one of Azure's (a custom domain, `localhost`, a custom scope).
+pub(crate) fn other_cloud(host: &str, scope: &str) -> Option<(Cloud, Cloud)> {
     match (Cloud::from_server_name(host), Cloud::from_scope(scope)) {
-        (Some(server), Some(token)) if server != token => Err(Error::config(format!(
-            "`{host}` is a server of {server} but tokens are requested for {token} ({scope}); \
-             build the connector with `.host(\"{host}\")` or `.cloud(Cloud::{server:?})`"
-        ))),
-        _ => Ok(()),
+        (Some(server), Some(token)) if server != token => Some((server, token)),
+        _ => None,
     }
 }
 
@@ -158,13 +158,15 @@ mod tests {
     #[test]
     fn a_token_for_another_cloud_is_refused_only_when_both_sides_are_plain() {
         let gov = "db1.postgres.database.usgovcloudapi.net";
-        let error = check_cloud(gov, Cloud::Public.scope()).unwrap_err();
-        assert!(error.to_string().contains("Cloud::UsGovernment"), "{error}");
-        check_cloud(gov, Cloud::UsGovernment.scope()).unwrap();
+        assert_eq!(
+            other_cloud(gov, Cloud::Public.scope()),
+            Some((Cloud::UsGovernment, Cloud::Public))
+        );
+        assert_eq!(other_cloud(gov, Cloud::UsGovernment.scope()), None);
         // A custom domain, localhost, or a custom scope: nothing to compare.
-        check_cloud("db.example.com", Cloud::China.scope()).unwrap();
-        check_cloud("localhost", Cloud::UsGovernment.scope()).unwrap();
-        check_cloud(gov, "api://my-app/.default").unwrap();
+        assert_eq!(other_cloud("db.example.com", Cloud::China.scope()), None);
+        assert_eq!(other_cloud("localhost", Cloud::UsGovernment.scope()), None);
+        assert_eq!(other_cloud(gov, "api://my-app/.default"), None);
         assert_eq!(
             Cloud::from_server_name("x.postgres.database.azure.com."),
             Some(Cloud::Public)

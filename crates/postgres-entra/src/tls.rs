@@ -1,20 +1,20 @@
 //! TLS for token logins: rustls with full chain and host-name verification, always.
 
 use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::Error;
+use crate::error::Error;
 
 /// One of the root certificates [`TlsRoots::Azure`] trusts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct AzureRoot {
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AzureRoot {
     /// The root's common name, e.g. `DigiCert Global Root G2`.
-    pub name: &'static str,
+    pub(crate) name: &'static str,
     /// The certificate, PEM-encoded.
-    pub pem: &'static str,
+    pub(crate) pem: &'static str,
 }
 
 /// The roots Microsoft tells clients of Azure Database for PostgreSQL to trust, as of its TLS
@@ -29,7 +29,7 @@ pub struct AzureRoot {
 ///
 /// Embedded as PEM (Mozilla's copies, as Debian's ca-certificates ships them); a test pins each by
 /// its published SHA-256 fingerprint and by the SHA-1 thumbprint Microsoft lists.
-pub const AZURE_ROOTS: [AzureRoot; 4] = [
+pub(crate) const AZURE_ROOTS: [AzureRoot; 4] = [
     AzureRoot {
         name: "DigiCert Global Root G2",
         pem: include_str!("roots/digicert-global-root-g2.pem"),
@@ -52,9 +52,10 @@ pub const AZURE_ROOTS: [AzureRoot; 4] = [
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum TlsRoots {
-    /// Only the roots Microsoft documents for Azure Database for PostgreSQL: [`AZURE_ROOTS`]
-    /// (DigiCert Global Root G2, Microsoft RSA Root CA 2017, DigiCert Global Root CA, Microsoft
-    /// ECC Root CA 2017). The default.
+    /// Only the roots Microsoft documents for Azure Database for PostgreSQL (Microsoft Learn, "Transport
+    /// Layer Security (TLS) in Azure Database for PostgreSQL", December 2025): DigiCert Global Root
+    /// G2, Microsoft RSA Root CA 2017, DigiCert Global Root CA, Microsoft ECC Root CA 2017;
+    /// embedded, each pinned by its published fingerprint in a test. The default.
     #[default]
     Azure,
     /// The operating system's verifier and trust store (feature `platform-verifier`).
@@ -87,9 +88,25 @@ fn roots_from_pem(pem: &[u8], origin: &str) -> Result<RootCertStore, Error> {
     Ok(roots)
 }
 
-/// A rustls client configuration for `roots`, with the aws-lc-rs provider chosen explicitly.
-pub(crate) fn tls_config(roots: &TlsRoots) -> Result<rustls::ClientConfig, Error> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+/// The rustls crypto provider: the process-wide default when the application installed one,
+/// otherwise aws-lc-rs (feature `aws-lc-rs`, the default) or ring (feature `ring`).
+fn crypto_provider() -> Result<Arc<CryptoProvider>, Error> {
+    if let Some(installed) = CryptoProvider::get_default() {
+        return Ok(installed.clone());
+    }
+    #[cfg(feature = "aws-lc-rs")]
+    return Ok(Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+    return Ok(Arc::new(rustls::crypto::ring::default_provider()));
+    #[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
+    Err(Error::config(
+        "no rustls crypto provider: enable feature `aws-lc-rs` or `ring`, or install one with `rustls::crypto::CryptoProvider::install_default` before building the connector",
+    ))
+}
+
+/// A rustls client configuration trusting `roots`, verifying chain and host name.
+pub(crate) fn client_config(roots: &TlsRoots) -> Result<rustls::ClientConfig, Error> {
+    let provider = crypto_provider()?;
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::config(format!("TLS protocol versions: {e}")))?;
@@ -113,6 +130,28 @@ pub(crate) fn tls_config(roots: &TlsRoots) -> Result<rustls::ClientConfig, Error
         TlsRoots::CaPem(pem) => roots_from_pem(pem.as_bytes(), "the CA PEM")?,
     };
     Ok(builder.with_root_certificates(store).with_no_client_auth())
+}
+
+/// The PEM of `roots`, for a driver that does its own TLS (sqlx); `None` for the platform
+/// verifier, which has no PEM.
+pub(crate) fn roots_pem(roots: &TlsRoots) -> Result<Option<Vec<u8>>, Error> {
+    Ok(match roots {
+        TlsRoots::Azure => Some(
+            AZURE_ROOTS
+                .iter()
+                .map(|r| r.pem)
+                .collect::<String>()
+                .into_bytes(),
+        ),
+        TlsRoots::CaFile(path) => {
+            Some(std::fs::read(path).map_err(|e| {
+                Error::config(format!("cannot read CA file {}: {e}", path.display()))
+            })?)
+        }
+        TlsRoots::CaPem(pem) => Some(pem.clone().into_bytes()),
+        #[cfg(feature = "platform-verifier")]
+        TlsRoots::Platform => None,
+    })
 }
 
 #[cfg(test)]
@@ -182,17 +221,17 @@ mod tests {
     #[cfg(feature = "platform-verifier")]
     #[test]
     fn the_platform_verifier_builds_a_config() {
-        tls_config(&TlsRoots::Platform).unwrap();
+        client_config(&TlsRoots::Platform).unwrap();
     }
 
     #[test]
     fn a_missing_or_empty_ca_file_is_a_configuration_error() {
-        let missing = tls_config(&TlsRoots::CaFile("/nonexistent/ca.pem".into())).unwrap_err();
+        let missing = client_config(&TlsRoots::CaFile("/nonexistent/ca.pem".into())).unwrap_err();
         assert!(
             missing.to_string().contains("cannot read CA file"),
             "{missing}"
         );
-        let empty = tls_config(&TlsRoots::CaPem(String::new())).unwrap_err();
+        let empty = client_config(&TlsRoots::CaPem(String::new())).unwrap_err();
         assert!(
             empty.to_string().contains("holds no certificate"),
             "{empty}"

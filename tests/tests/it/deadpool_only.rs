@@ -1,7 +1,7 @@
 //! What only deadpool has: the user's own recycling method, which the adapter must keep.
 
 use deadpool_postgres::{ManagerConfig, RecyclingMethod};
-use postgres_entra_deadpool::create_pool;
+use postgres_entra_deadpool::{PoolOptions, create_pool};
 use std::time::Duration;
 
 use crate::pools::{Deadpool, PoolSpec};
@@ -16,7 +16,7 @@ async fn the_users_recycling_method_still_runs() {
             "SET application_name = 'recycled by the user''s method'".into(),
         ),
     });
-    let pool = create_pool(&config, connector(&emulator)).unwrap();
+    let pool = create_pool(&config, &connector(&emulator), PoolOptions::new()).unwrap();
 
     let first = pool.get().await.unwrap();
     let name: String = first

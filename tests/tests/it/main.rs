@@ -42,12 +42,15 @@ mod faults;
 mod metrics;
 mod misconfiguration;
 mod pools;
+mod reports;
 mod scenarios;
 mod secrecy;
 mod sessions;
 mod sqlx_only;
 
-use postgres_entra::{AzureTokenSource, EntraConnector, EntraConnectorBuilder, TlsRoots};
+use postgres_entra::{
+    AzureTokenSource, CacheOptions, EntraConnector, EntraConnectorBuilder, TlsRoots, TokenCache,
+};
 use postgres_entra_testkit::{Emulator, EmulatorBuilder, MetricsReader, trace_capture};
 use std::ops::Deref;
 use std::sync::Arc;
@@ -124,28 +127,72 @@ impl Drop for Suite {
     }
 }
 
-/// A connector for the service principal of `emulator`, through azure_identity's
-/// `ClientSecretCredential`, trusting the emulator's CA.
-pub fn connector(emulator: &Emulator) -> EntraConnector {
-    connector_builder(emulator).build().unwrap()
+/// A connector over a token cache the test can read.
+#[derive(Debug, Clone)]
+pub struct TestConnector {
+    connector: EntraConnector,
+    cache: TokenCache,
+}
+
+impl TestConnector {
+    /// `builder`'s connector, over `cache`.
+    pub fn over(builder: EntraConnectorBuilder, cache: TokenCache) -> Self {
+        Self {
+            connector: builder.build().unwrap(),
+            cache,
+        }
+    }
+
+    /// The cache the connector's logins take their tokens from.
+    pub fn cache(&self) -> &TokenCache {
+        &self.cache
+    }
+}
+
+impl Deref for TestConnector {
+    type Target = EntraConnector;
+    fn deref(&self) -> &EntraConnector {
+        &self.connector
+    }
+}
+
+impl From<TestConnector> for EntraConnector {
+    fn from(test: TestConnector) -> Self {
+        test.connector
+    }
+}
+
+/// The service principal's token source for `emulator` (azure_identity's `ClientSecretCredential`,
+/// built without azure_core's own retries, as `AzureTokenSource::client_secret` builds it).
+pub fn service_principal_source(emulator: &Emulator) -> AzureTokenSource {
+    let sp = emulator.service_principal();
+    AzureTokenSource::new(emulator.client_secret_credential(&sp).unwrap())
+}
+
+/// A connector for the service principal of `emulator`, trusting the emulator's CA, over a cache
+/// the test can read.
+pub fn connector(emulator: &Emulator) -> TestConnector {
+    connector_with(emulator, CacheOptions::default())
 }
 
 /// [`connector`] with cache `options`.
-pub fn connector_with(
-    emulator: &Emulator,
-    options: postgres_entra::CacheOptions,
-) -> EntraConnector {
-    connector_builder(emulator)
-        .cache_options(options)
-        .build()
-        .unwrap()
+pub fn connector_with(emulator: &Emulator, options: CacheOptions) -> TestConnector {
+    let cache = service_principal_cache(emulator, options);
+    TestConnector {
+        connector: EntraConnector::builder_with_cache(cache.clone())
+            .role_name(emulator.service_principal().role_name)
+            .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+            .build()
+            .unwrap(),
+        cache,
+    }
 }
 
-/// [`connector`], to finish building.
+/// A connector for the service principal, to finish building; told nothing of the cloud, so
+/// each pool's host decides the scope.
 pub fn connector_builder(emulator: &Emulator) -> EntraConnectorBuilder {
     let sp = emulator.service_principal();
-    let credential = emulator.client_secret_credential(&sp).unwrap();
-    EntraConnector::builder(AzureTokenSource::new(credential))
+    EntraConnector::builder(service_principal_source(emulator))
         .role_name(sp.role_name)
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
 }
@@ -175,14 +222,8 @@ pub fn wrong_secret_connector(emulator: &Emulator) -> EntraConnector {
 /// A cache over the service principal's `ClientSecretCredential` (built, as the README
 /// recommends, without azure_core's own retries), to see what the cache does with each answer of
 /// the identity provider.
-pub fn service_principal_cache(
-    emulator: &Emulator,
-    options: postgres_entra::CacheOptions,
-) -> postgres_entra::TokenCache {
-    let credential = emulator
-        .client_secret_credential(&emulator.service_principal())
-        .unwrap();
-    postgres_entra::TokenCache::builder(AzureTokenSource::new(credential))
+pub fn service_principal_cache(emulator: &Emulator, options: CacheOptions) -> TokenCache {
+    TokenCache::builder(service_principal_source(emulator))
         .options(options)
         .build()
         .unwrap()

@@ -2,9 +2,9 @@
 //! adapter. Adding an adapter means one more impl here and one more line in `scenarios.rs`.
 
 use deadpool_postgres::{ManagerConfig, PoolConfig, RecyclingMethod, Timeouts};
-use postgres_entra::{EntraConnector, Error, TokenBound};
-use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink, PoolObservation};
-use postgres_entra_deadpool::{PoolOptions, create_pool_with, entra_error};
+use postgres_entra::{EntraConnector, Error, PoolOptions, TokenCache};
+use postgres_entra_bb8::{EntraConnectionManager, PoolObservation};
+use postgres_entra_deadpool::create_pool;
 use postgres_entra_testkit::AzureServer;
 use std::any::Any;
 use std::future::Future;
@@ -33,19 +33,15 @@ pub(crate) struct PoolSpec {
     pub(crate) max_age: Option<Duration>,
     /// deadpool: wait and create timeouts; bb8: `connection_timeout`.
     pub(crate) timeout: Duration,
-    /// The pool's name in its metrics (default: `host:port/database`).
-    pub(crate) pool_name: Option<String>,
-    /// Sessions bounded by their login token (default: the adapters' default).
-    pub(crate) token_bound: Option<TokenBound>,
-    /// deadpool: how often idle connections are checked against it (default: the adapter's).
-    pub(crate) reap_interval: Option<Duration>,
+    /// What this library adds to the pool (sessions bounded by their token, name, ...).
+    pub(crate) options: PoolOptions,
 }
 
 impl PoolSpec {
     /// A pool of 8 for `emulator`'s server, TLS required, 10 s timeouts, no retirement.
-    pub(crate) fn new(emulator: &Suite, connector: EntraConnector) -> Self {
+    pub(crate) fn new(emulator: &Suite, connector: impl Into<EntraConnector>) -> Self {
         Self {
-            connector,
+            connector: connector.into(),
             host: emulator.host().to_owned(),
             hostaddr: None,
             port: emulator.port(),
@@ -55,21 +51,18 @@ impl PoolSpec {
             max_size: 8,
             max_age: None,
             timeout: Duration::from_secs(10),
-            pool_name: None,
-            token_bound: Some(TokenBound::default()),
-            reap_interval: None,
+            options: PoolOptions::new(),
         }
     }
 
-    pub(crate) fn token_bound(mut self, bound: Option<TokenBound>, reap: Duration) -> Self {
-        self.token_bound = bound;
-        self.reap_interval = Some(reap);
+    /// The pool options, changed by `change`.
+    pub(crate) fn options(mut self, change: impl FnOnce(PoolOptions) -> PoolOptions) -> Self {
+        self.options = change(self.options);
         self
     }
 
-    pub(crate) fn pool_name(mut self, name: &str) -> Self {
-        self.pool_name = Some(name.to_owned());
-        self
+    pub(crate) fn pool_name(self, name: &str) -> Self {
+        self.options(|options| options.pool_name(name))
     }
 
     pub(crate) fn size(mut self, max_size: usize) -> Self {
@@ -150,6 +143,7 @@ pub(crate) struct Reason {
     /// The variant: `Token`, `LoginRejected`, `Tls`, `Config`, `Connect` or `Postgres`.
     pub(crate) variant: &'static str,
     pub(crate) text: String,
+    pub(crate) error: Error,
 }
 
 impl Reason {
@@ -160,12 +154,13 @@ impl Reason {
             Error::Tls { .. } => "Tls",
             Error::Config { .. } => "Config",
             Error::Connect { .. } => "Connect",
-            Error::Postgres(_) => "Postgres",
+            Error::Postgres { .. } => "Postgres",
             _ => "other",
         };
         Self {
             variant,
             text: error.to_string(),
+            error: error.clone(),
         }
     }
 }
@@ -208,6 +203,13 @@ pub(crate) trait PoolUnderTest: Clone + Send + Sync + 'static {
 
     /// Connections open, and idle among them.
     fn counts(&self) -> Counts;
+
+    /// The token cache the pool's logins use.
+    fn token_cache(&self) -> TokenCache;
+
+    /// Whether the pool records the age of the oldest token its connections logged in with
+    /// (sqlx keeps nothing beside a connection).
+    const RECORDS_OLDEST_TOKEN_AGE: bool = true;
 
     /// Checks a connection out and keeps it until the returned guard is dropped.
     fn hold(&self) -> impl Future<Output = Result<Box<dyn Any + Send>, Failure>> + Send {
@@ -256,9 +258,9 @@ async fn simple_first_value(
         .unwrap_or_default())
 }
 
-/// deadpool-postgres through `postgres_entra_deadpool::create_pool_with`, as a user configures it.
+/// deadpool through `postgres_entra_deadpool::create_pool`, as a user configures it.
 #[derive(Clone)]
-pub(crate) struct Deadpool(deadpool_postgres::Pool);
+pub(crate) struct Deadpool(postgres_entra_deadpool::Pool);
 
 impl Deadpool {
     /// The kind of `deadpool_postgres::Config` a user loads from env or serde.
@@ -290,28 +292,21 @@ impl Deadpool {
 }
 
 impl PoolUnderTest for Deadpool {
-    type Connection = deadpool_postgres::Object;
+    type Connection = postgres_entra_deadpool::Object;
     const COUNTS_TIMEOUTS: bool = false;
 
     async fn build(spec: PoolSpec) -> Result<Self, Error> {
-        let mut options = match spec.max_age {
-            Some(age) => PoolOptions::new().max_age(age, age / 5),
-            None => PoolOptions::new(),
-        };
-        if let Some(name) = &spec.pool_name {
-            options = options.pool_name(name);
+        let mut options = spec.options.clone();
+        if let Some(age) = spec.max_age {
+            options = options.max_age(age, age / 5);
         }
-        options = options.token_bound(spec.token_bound);
-        if let Some(interval) = spec.reap_interval {
-            options = options.reap_interval(interval);
-        }
-        create_pool_with(&Self::user_config(&spec), spec.connector, options).map(Deadpool)
+        create_pool(&Self::user_config(&spec), &spec.connector, options).map(Deadpool)
     }
 
     async fn checkout(&self) -> Result<Self::Connection, Failure> {
         self.0.get().await.map_err(|error| Failure {
             text: chain(&error),
-            reason: entra_error(&error).map(Reason::of),
+            reason: self.0.manager().explain(&error).map(|e| Reason::of(&e)),
         })
     }
 
@@ -329,14 +324,18 @@ impl PoolUnderTest for Deadpool {
             idle: status.available,
         }
     }
+
+    fn token_cache(&self) -> TokenCache {
+        self.0.manager().token_cache().clone()
+    }
 }
 
 /// bb8 with `postgres_entra_bb8::EntraConnectionManager`, checking connections on checkout, its
-/// connect errors kept by a `LastErrorSink`.
+/// failures explained by the manager.
 #[derive(Clone)]
 pub(crate) struct Bb8 {
     pool: bb8::Pool<EntraConnectionManager>,
-    errors: LastErrorSink,
+    manager: EntraConnectionManager,
     _observed: Arc<PoolObservation>,
 }
 
@@ -345,24 +344,21 @@ impl PoolUnderTest for Bb8 {
     const COUNTS_TIMEOUTS: bool = true;
 
     async fn build(spec: PoolSpec) -> Result<Self, Error> {
-        let mut manager = EntraConnectionManager::new(spec.server_config(), spec.connector)?;
-        if let Some(name) = &spec.pool_name {
-            manager = manager.pool_name(name);
+        let mut options = spec.options.clone();
+        if let Some(age) = spec.max_age {
+            options = options.max_age(age, age / 5);
         }
-        manager = manager.token_bound(spec.token_bound);
-        let errors = LastErrorSink::new();
+        let manager = EntraConnectionManager::new(spec.server_config(), &spec.connector, options)?;
         let pool = bb8::Pool::builder()
             .max_size(spec.max_size as u32)
-            .max_lifetime(spec.max_age)
             .connection_timeout(spec.timeout)
             .test_on_check_out(true)
-            .error_sink(Box::new(errors.clone()))
             .build(manager.clone())
             .await?;
         let observed = Arc::new(manager.observe(&pool));
         Ok(Self {
             pool,
-            errors,
+            manager,
             _observed: observed,
         })
     }
@@ -370,10 +366,7 @@ impl PoolUnderTest for Bb8 {
     async fn checkout(&self) -> Result<Self::Connection, Failure> {
         self.pool.get_owned().await.map_err(|error| Failure {
             text: format!("{error:?}"),
-            reason: match &error {
-                bb8::RunError::User(e) => Some(Reason::of(e)),
-                bb8::RunError::TimedOut => self.errors.last_error().map(|e| Reason::of(&e)),
-            },
+            reason: self.manager.explain(&error).map(|e| Reason::of(&e)),
         })
     }
 
@@ -391,6 +384,10 @@ impl PoolUnderTest for Bb8 {
             idle: state.idle_connections as usize,
         }
     }
+
+    fn token_cache(&self) -> TokenCache {
+        self.manager.token_cache().clone()
+    }
 }
 
 /// sqlx through `postgres_entra_sqlx::connect_lazy_with`, its failures explained by the pool.
@@ -400,11 +397,12 @@ pub(crate) struct Sqlx(postgres_entra_sqlx::EntraPgPool);
 impl PoolUnderTest for Sqlx {
     type Connection = sqlx::pool::PoolConnection<sqlx::Postgres>;
     const COUNTS_TIMEOUTS: bool = false;
+    const RECORDS_OLDEST_TOKEN_AGE: bool = false;
 
     async fn build(spec: PoolSpec) -> Result<Self, Error> {
         use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
         if spec.hostaddr.is_some() {
-            return Err(Error::config(
+            return Err(postgres_entra::__private::config_error(
                 "sqlx has no hostaddr: the host name must resolve",
             ));
         }
@@ -422,11 +420,8 @@ impl PoolUnderTest for Sqlx {
             .max_connections(spec.max_size as u32)
             .max_lifetime(spec.max_age)
             .acquire_timeout(spec.timeout);
-        match postgres_entra_sqlx::connect_lazy_with(options, pool, spec.connector).await {
-            Ok(pool) => Ok(Sqlx(pool)),
-            Err(postgres_entra_sqlx::Error::Entra(error)) => Err(error),
-            Err(error) => Err(Error::config_from(error.to_string(), error)),
-        }
+        postgres_entra_sqlx::connect_lazy_with(options, pool, &spec.connector, spec.options)
+            .map(Sqlx)
     }
 
     async fn checkout(&self) -> Result<Self::Connection, Failure> {
@@ -459,5 +454,9 @@ impl PoolUnderTest for Sqlx {
             open: self.0.size() as usize,
             idle: self.0.num_idle(),
         }
+    }
+
+    fn token_cache(&self) -> TokenCache {
+        self.0.token_cache().clone()
     }
 }

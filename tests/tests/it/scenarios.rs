@@ -3,9 +3,10 @@
 //! server restart, network cuts and stalls, sessions killed server-side, a stale token, load, a
 //! plaintext server that must never see a token, and every Azure cloud and service by its name.
 
-use postgres_entra::{AccessToken, Cloud, EntraConnector, FnTokenSource, TlsRoots};
+use postgres_entra::{AccessToken, Cloud, EntraConnector, TlsRoots};
 use postgres_entra_testkit::{
-    AzureServer, Endpoint, Fault, PlaintextListener, Rejection, Relay, Signer, TokenOptions,
+    AzureServer, Endpoint, Fault, FnTokenSource, PlaintextListener, Rejection, Relay, Signer,
+    TokenOptions,
 };
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -13,8 +14,8 @@ use tokio_postgres::config::SslMode;
 
 use crate::pools::{PoolSpec, PoolUnderTest, Reason};
 use crate::{
-    Load, Suite, captured_len, connector, connector_with, expected_requests, hammer,
-    wrong_secret_connector,
+    Load, Suite, captured_len, connector, connector_builder, connector_with, expected_requests,
+    hammer, wrong_secret_connector,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -341,13 +342,15 @@ async fn a_token_failure_reaches_the_caller_as_our_typed_error<P: PoolUnderTest>
     };
     assert_eq!(reason.variant, "Token");
     assert!(
-        reason.text.contains("no valid Entra ID access token"),
+        reason
+            .text
+            .contains("could not get an Entra ID access token"),
         "{reason:?}"
     );
     assert!(
-        reason
-            .text
-            .contains("HTTP 401 invalid_client (AADSTS7000215)"),
+        reason.text.contains(
+            "HTTP 401 invalid_client: ClientSecretCredential authentication failed. AADSTS7000215"
+        ),
         "{reason:?}"
     );
     assert!(emulator.logins().is_empty());
@@ -382,7 +385,7 @@ async fn a_login_rejected_for_a_stale_token_is_retried_once_with_a_fresh_one<P: 
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
     let outcomes: Vec<_> = emulator.logins().into_iter().map(|l| l.outcome).collect();
     assert_eq!(outcomes, [Err(Rejection::BadSignature), Ok(())]);
-    assert_eq!(connector.cache().stats().invalidations, 1);
+    assert_eq!(pool.token_cache().stats().invalidations, 1);
 }
 
 async fn relay_to(emulator: &Suite) -> Relay {
@@ -614,8 +617,8 @@ async fn every_azure_name_logs_in_with_the_scope_its_host_implies<P: PoolUnderTe
 
     for server in AzureServer::ALL {
         // A connector told nothing: the pool's host decides the scope, and TLS verifies the name.
-        let connector = connector(&emulator);
-        let spec = PoolSpec::new(&emulator, connector.clone())
+        let connector = connector_builder(&emulator).build().unwrap();
+        let spec = PoolSpec::new(&emulator, connector)
             .size(2)
             .azure_server(&emulator, server);
         let pool: P = pool(spec).await;
@@ -623,7 +626,7 @@ async fn every_azure_name_logs_in_with_the_scope_its_host_implies<P: PoolUnderTe
         pool.checkout_as(ROLE).await.unwrap();
 
         assert_eq!(
-            connector.cache().scope(),
+            pool.token_cache().scope(),
             cloud_of(server).scope(),
             "{server:?}"
         );

@@ -1,14 +1,13 @@
 //! The token is a password: never in Debug, Display or errors. (Never in logs: every test's TRACE
 //! capture is searched; never without TLS: the plaintext scenario in `scenarios.rs`.)
 
-use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots};
-use postgres_entra_bb8::{EntraConnectionManager, LastErrorSink};
-use postgres_entra_deadpool::entra_error;
+use postgres_entra::{EntraConnector, PoolOptions, TlsRoots};
+use postgres_entra_bb8::EntraConnectionManager;
 use postgres_entra_testkit::Endpoint;
 use std::time::Duration;
 
 use crate::pools::{Deadpool, PoolSpec};
-use crate::{Suite, chain, connector};
+use crate::{Suite, chain, connector, service_principal_source};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
@@ -16,48 +15,47 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
     let good = connector(&emulator);
     let token = good.cache().get().await.unwrap();
     // A login that fails after a token was fetched (wrong role for this identity).
-    let sp = emulator.service_principal();
-    let credential = emulator.client_secret_credential(&sp).unwrap();
-    let wrong_role = EntraConnector::builder(AzureTokenSource::new(credential.clone()))
+    let wrong_role = EntraConnector::builder(service_principal_source(&emulator))
         .role_name("orders-mi")
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
         .build()
         .unwrap();
     let config = Deadpool::user_config(&PoolSpec::new(&emulator, wrong_role.clone()).size(2));
-    let pool = postgres_entra_deadpool::create_pool(&config, wrong_role.clone()).unwrap();
+    let pool =
+        postgres_entra_deadpool::create_pool(&config, &wrong_role, PoolOptions::new()).unwrap();
     let pool_error = pool.get().await.unwrap_err();
-    let sink = LastErrorSink::new();
-    let pg = emulator.server_config();
-    let manager = EntraConnectionManager::new(pg, wrong_role.clone()).unwrap();
+    let manager =
+        EntraConnectionManager::new(emulator.server_config(), &wrong_role, PoolOptions::new())
+            .unwrap();
     let bb8_pool = bb8::Pool::builder()
         .max_size(1)
         .connection_timeout(Duration::from_secs(1))
-        .error_sink(Box::new(sink.clone()))
         .build_unchecked(manager.clone());
-    let _ = bb8_pool.get().await;
-    let bb8_error = bb8_pool.dedicated_connection().await.unwrap_err();
-    let good_manager = EntraConnectionManager::new(emulator.server_config(), good.clone()).unwrap();
+    let bb8_error = bb8_pool.get().await.unwrap_err();
+    let good_manager =
+        EntraConnectionManager::new(emulator.server_config(), &good, PoolOptions::new()).unwrap();
     let bb8_client = bb8::ManageConnection::connect(&good_manager).await.unwrap();
     // sqlx: a pool (its connect options hold a token), and a refused login.
-    let sqlx_pool = postgres_entra_sqlx::connect_lazy_with(
+    let sqlx_options = || {
         sqlx::postgres::PgConnectOptions::new_without_pgpass()
             .host(emulator.host())
             .port(emulator.port())
             .database(emulator.database())
-            .username(""),
+            .username("")
+    };
+    let sqlx_pool = postgres_entra_sqlx::connect_with(
+        sqlx_options(),
         sqlx::postgres::PgPoolOptions::new().acquire_timeout(Duration::from_secs(2)),
-        good.clone(),
+        &good,
+        PoolOptions::new(),
     )
     .await
     .unwrap();
     let sqlx_wrong = postgres_entra_sqlx::connect_with(
-        sqlx::postgres::PgConnectOptions::new_without_pgpass()
-            .host(emulator.host())
-            .port(emulator.port())
-            .database(emulator.database())
-            .username(""),
+        sqlx_options(),
         sqlx::postgres::PgPoolOptions::new(),
-        wrong_role.clone(),
+        &wrong_role,
+        PoolOptions::new(),
     )
     .await
     .unwrap_err();
@@ -72,15 +70,19 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
         format!("{:?}", good.cache()),
         format!("{:?}", good.cache().stats()),
         format!("{pool_error:?} {pool_error} {}", chain(&pool_error)),
-        format!("{:?}", entra_error(&pool_error)),
-        format!("{bb8_error:?} {bb8_error}"),
-        format!("{sink:?} {:?}", sink.last_error()),
+        format!("{:?}", pool.manager().explain(&pool_error)),
+        format!("{:?}", pool.manager()),
+        format!(
+            "{bb8_error:?} {bb8_error} {:?}",
+            manager.explain(&bb8_error)
+        ),
         format!("{manager:?}"),
         format!("{token_error:?} {token_error}"),
-        format!("{:?}", AzureTokenSource::new(credential)),
+        format!("{:?}", service_principal_source(&emulator)),
         format!("{pool:?} {bb8_pool:?}"),
         format!("{bb8_client:?}"),
-        format!("{sqlx_pool:?} {:?}", sqlx_pool.refresher()),
+        // Neither our pool nor sqlx's own `Debug` of the pool shows the connect options.
+        format!("{sqlx_pool:?} {:?}", &*sqlx_pool),
         format!("{sqlx_wrong:?} {sqlx_wrong}"),
     ];
     let issued = emulator.issued_tokens();
@@ -96,9 +98,16 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
         }
     }
     assert!(matches!(
-        entra_error(&pool_error),
+        pool.manager().explain(&pool_error),
         Some(postgres_entra::Error::LoginRejected { .. })
     ));
+    // sqlx's `PgConnectOptions` prints its password in `Debug`: the options hold the token, which
+    // is why only `connect_options()` (never printed by us) exposes them.
+    let options = format!("{:?}", sqlx_pool.connect_options());
+    assert!(
+        issued.iter().any(|token| options.contains(token.as_str())),
+        "the options hold the token (and sqlx's Debug shows it: never print them)"
+    );
     println!(
         "{} renderings searched for {} tokens: 0 leaks",
         rendered.len(),

@@ -1,6 +1,14 @@
 //! The token cache: single-flight fetches, proactive background refresh, backoff on failure, a
 //! guarantee that no expired token is ever handed out, and at most one replacement per token
 //! after the server rejects it.
+//!
+//! Two regimes of retrying after a failure:
+//! - while a valid token is still served, refreshes back off exponentially (with jitter, up to
+//!   `backoff_max`, never past the moment the token stops being served): nobody waits, so there
+//!   is no hurry;
+//! - while no usable token is cached, callers that want one make the cache ask again at a steady
+//!   rate (`retry_interval`, one second by default, or later if the provider said `Retry-After`),
+//!   one request at a time: the first caller after the provider answers again gets a token.
 
 use arc_swap::ArcSwapOption;
 use std::fmt;
@@ -9,15 +17,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use crate::claims::{RoleNameError, TokenClaims};
+use crate::claims::{ClaimsError, TokenClaims};
 use crate::clock::{Clock, SystemClock};
-use crate::error::{Error, TokenError, TokenErrorKind};
+use crate::error::{Error, TokenError, TokenErrorKind, human};
+use crate::log::FailureLog;
 use crate::scope::{Cloud, validate_scope};
-use crate::token::{AccessToken, TokenSource, TokenSourceError};
+use crate::token::{AccessToken, TokenSource};
 
-/// How the cache refreshes, backs off and decides a token is too old to hand out. Checked when
+/// How the cache refreshes, retries and decides a token is too old to hand out. Checked when
 /// the cache is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheOptions {
@@ -26,6 +36,7 @@ pub struct CacheOptions {
     fetch_timeout: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
+    retry_interval: Duration,
 }
 
 impl Default for CacheOptions {
@@ -36,6 +47,7 @@ impl Default for CacheOptions {
             fetch_timeout: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
+            retry_interval: Duration::from_secs(1),
         }
     }
 }
@@ -43,8 +55,8 @@ impl Default for CacheOptions {
 /// How much longer than the fetch timeout a caller waits for a fetch another caller started.
 const WAIT_GRACE: Duration = Duration::from_secs(1);
 
-/// The shortest first backoff delay: anything shorter makes a tight loop against the provider.
-const MIN_BACKOFF: Duration = Duration::from_millis(10);
+/// The shortest retry delay: anything shorter makes a tight loop against the provider.
+const MIN_RETRY: Duration = Duration::from_millis(10);
 
 impl CacheOptions {
     /// Refresh this long before expiry, in the background (capped at a quarter of the token's
@@ -65,17 +77,17 @@ impl CacheOptions {
         self
     }
 
-    /// Give up waiting for one request to the identity provider after this long; it also bounds
-    /// how long any caller waits for a token. Default 10 seconds. Must not be zero.
+    /// Give up on one request to the identity provider after this long; it also bounds how long
+    /// any caller waits for a token. Default 10 seconds. Must not be zero.
     #[must_use]
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
         self.fetch_timeout = timeout;
         self
     }
 
-    /// After a failed fetch, wait `initial` (at least 10 ms), doubling with each consecutive
-    /// failure up to `max`, with jitter; a `Retry-After` from the provider is honoured up to
-    /// `max`. Defaults 500 ms and 60 seconds.
+    /// While a valid token is still served, a failed refresh is retried after `initial` (at
+    /// least 10 ms), doubling with each consecutive failure up to `max`, with jitter; a
+    /// `Retry-After` from the provider is honoured up to `max`. Defaults 500 ms and 60 seconds.
     #[must_use]
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.backoff_initial = initial;
@@ -83,13 +95,23 @@ impl CacheOptions {
         self
     }
 
+    /// While no usable token is cached, callers that want one make the cache ask the provider
+    /// again at most this often (at least 10 ms; default 1 second), or after the provider's
+    /// `Retry-After` (up to the longest backoff): an outage ends for the pools within about this
+    /// long of the provider answering again.
+    #[must_use]
+    pub fn retry_interval(mut self, interval: Duration) -> Self {
+        self.retry_interval = interval;
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), Error> {
         let problem = if self.fetch_timeout.is_zero() {
             Some("fetch_timeout is zero: no fetch could ever finish".to_owned())
-        } else if self.backoff_initial < MIN_BACKOFF {
+        } else if self.backoff_initial < MIN_RETRY || self.retry_interval < MIN_RETRY {
             Some(format!(
-                "the first backoff delay ({:?}) is under {MIN_BACKOFF:?}: a failing identity provider would be asked in a tight loop",
-                self.backoff_initial
+                "the first backoff delay ({:?}) or the retry interval ({:?}) is under {MIN_RETRY:?}: a failing identity provider would be asked in a tight loop",
+                self.backoff_initial, self.retry_interval
             ))
         } else if self.backoff_max < self.backoff_initial {
             Some(format!(
@@ -125,63 +147,70 @@ impl CacheOptions {
     }
 }
 
-/// A cached access token, as handed out by [`TokenCache::get`]. `Debug` never shows the secret.
-pub struct Token {
-    access: AccessToken,
+/// A token as the cache keeps it: the token, when it was received, when it is refreshed and
+/// until when it is handed out, and what it says.
+pub struct Entry {
+    token: Arc<AccessToken>,
     received_at: SystemTime,
     refresh_at: SystemTime,
     usable_until: SystemTime,
-    claims: Result<TokenClaims, RoleNameError>,
+    claims: Result<TokenClaims, ClaimsError>,
     /// Fetched because the server rejected the token before it.
     after_rejection: bool,
     /// A replacement was asked for after the server rejected this token.
     replacement_requested: AtomicBool,
 }
 
-impl Token {
-    /// The token: the PostgreSQL password. Treat it as one.
-    pub fn secret(&self) -> &str {
-        self.access.secret()
+impl Entry {
+    /// The token.
+    pub fn token(&self) -> &AccessToken {
+        &self.token
     }
 
-    /// When the cache received the token from its source.
-    pub fn received_at(&self) -> SystemTime {
-        self.received_at
+    /// The token itself: the PostgreSQL password.
+    pub fn secret(&self) -> &str {
+        self.token.secret()
     }
 
     /// When the token expires.
     pub fn expires_on(&self) -> SystemTime {
-        self.access.expires_on()
+        self.token.expires_on()
     }
 
-    /// When the cache starts refreshing it in the background.
-    pub fn refresh_at(&self) -> SystemTime {
-        self.refresh_at
+    /// When the cache received it.
+    pub fn received_at(&self) -> SystemTime {
+        self.received_at
     }
 
-    /// After this instant the cache no longer hands it out.
+    /// Until when the cache hands it out.
     pub fn usable_until(&self) -> SystemTime {
         self.usable_until
     }
 
-    /// The token's claims (names, ids, audience), or why they could not be read.
-    pub fn claims(&self) -> Result<&TokenClaims, &RoleNameError> {
+    /// When the cache starts refreshing it.
+    pub fn refresh_at(&self) -> SystemTime {
+        self.refresh_at
+    }
+
+    /// Its claims, or why they could not be read.
+    pub fn claims(&self) -> Result<&TokenClaims, &ClaimsError> {
         self.claims.as_ref()
     }
 
-    pub(crate) fn after_rejection(&self) -> bool {
+    /// Whether it was fetched because the server rejected the token before it.
+    pub fn after_rejection(&self) -> bool {
         self.after_rejection
     }
 }
 
-impl fmt::Debug for Token {
+impl fmt::Debug for Entry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Token")
-            .field("secret", &"<redacted>")
-            .field("expires_on", &self.access.expires_on())
+        f.debug_struct("Entry")
+            .field("token", &self.token)
             .field("refresh_at", &self.refresh_at)
+            .field("usable_until", &self.usable_until)
             .field("claims", &self.claims)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -193,11 +222,11 @@ pub struct CacheStats {
     pub requests: u64,
     /// Requests that produced a usable token.
     pub successes: u64,
-    /// Requests that failed (error, timeout, or a token expired on arrival).
+    /// Requests that failed (error, timeout, panic, or a token expired on arrival).
     pub failures: u64,
     /// Calls answered from the cache without waiting.
     pub hits: u64,
-    /// Calls of [`TokenCache::get`] that had to wait for a fetch.
+    /// Calls that had to wait for a fetch (or were told the provider is failing).
     pub waits: u64,
     /// Rejected tokens for which the cache asked the provider for a different one.
     pub invalidations: u64,
@@ -217,7 +246,7 @@ struct Counters {
     invalidations: AtomicU64,
 }
 
-type FetchResult = Result<Arc<Token>, TokenError>;
+type FetchResult = Result<Arc<Entry>, TokenError>;
 
 /// Why a fetch was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,10 +273,16 @@ impl Trigger {
 struct State {
     /// The fetch in progress, if any: every caller that misses waits on this one.
     inflight: Option<watch::Receiver<Option<FetchResult>>>,
+    /// When the fetch in progress started.
+    inflight_since: Option<SystemTime>,
     failures: u32,
     last_error: Option<TokenError>,
-    /// No new request before this instant (backoff).
-    retry_at: Option<SystemTime>,
+    /// When the last fetch started.
+    last_attempt: Option<SystemTime>,
+    /// The provider asked not to be called before this (`Retry-After`).
+    retry_after_until: Option<SystemTime>,
+    /// The next background retry (exponential backoff).
+    background_at: Option<SystemTime>,
     /// The one pending wake-up (refresh or retry).
     timer: Option<AbortHandle>,
 }
@@ -262,18 +297,17 @@ impl State {
 }
 
 struct Inner {
-    #[cfg(feature = "opentelemetry")]
+    #[cfg(feature = "opentelemetry_0_33")]
     metrics: crate::metrics::TokenMetrics,
-    #[cfg(feature = "opentelemetry")]
-    meter: opentelemetry::metrics::Meter,
     source: Arc<dyn TokenSource>,
     identity: String,
     scope: String,
     options: CacheOptions,
     clock: Arc<dyn Clock>,
-    current: ArcSwapOption<Token>,
+    current: ArcSwapOption<Entry>,
     state: Mutex<State>,
     counters: Counters,
+    log: FailureLog,
 }
 
 impl Drop for Inner {
@@ -287,8 +321,8 @@ impl Drop for Inner {
 
 /// A cached, self-refreshing source of access tokens for one identity and scope.
 ///
-/// Cheap to clone, and clones share everything: to share one cache between pools, clone the
-/// [`crate::EntraConnector`] (or this cache) into each. Two caches built separately never share.
+/// Cheap to clone, and clones share everything: to share one cache between connectors, clone it
+/// into [`crate::EntraConnector::builder_with_cache`]. Two caches built separately never share.
 ///
 /// Tokens are refreshed in the background before they expire, so in steady state
 /// [`TokenCache::get`] never waits on the identity provider. The background work (fetches, the
@@ -317,18 +351,19 @@ pub struct TokenCacheBuilder {
     scope: Option<String>,
     options: CacheOptions,
     clock: Arc<dyn Clock>,
-    #[cfg(feature = "opentelemetry")]
-    meter: Option<opentelemetry::metrics::Meter>,
+    #[cfg(feature = "opentelemetry_0_33")]
+    meter: Option<opentelemetry_0_33::metrics::Meter>,
 }
 
 impl TokenCacheBuilder {
-    /// The scope to request (default: the public cloud's Azure Database for PostgreSQL scope).
+    /// The scope to request (default: the public cloud's Azure Database for PostgreSQL scope;
+    /// see [`Cloud::scope`]).
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
         self.scope = Some(scope.into());
         self
     }
 
-    /// Refresh, expiry and backoff settings.
+    /// Refresh, expiry and retry settings.
     pub fn options(mut self, options: CacheOptions) -> Self {
         self.options = options;
         self
@@ -341,10 +376,10 @@ impl TokenCacheBuilder {
         self
     }
 
-    /// The OpenTelemetry meter to record the cache's metrics with (feature `opentelemetry`;
-    /// default: the global meter provider's, as it is when the cache is built).
-    #[cfg(feature = "opentelemetry")]
-    pub fn meter(mut self, meter: opentelemetry::metrics::Meter) -> Self {
+    /// The OpenTelemetry meter to record the cache's metrics with (default: the global meter
+    /// provider's, as it is when the cache is built).
+    #[cfg(feature = "opentelemetry_0_33")]
+    pub fn meter(mut self, meter: opentelemetry_0_33::metrics::Meter) -> Self {
         self.meter = Some(meter);
         self
     }
@@ -356,9 +391,15 @@ impl TokenCacheBuilder {
         self
     }
 
-    /// Checks the options (the scope is checked when it is known).
-    pub(crate) fn check_options(&self) -> Result<(), Error> {
-        self.options.validate()
+    pub(crate) fn set_meter(
+        self,
+        #[cfg(feature = "opentelemetry_0_33")] meter: Option<opentelemetry_0_33::metrics::Meter>,
+    ) -> Self {
+        #[cfg(feature = "opentelemetry_0_33")]
+        if let Some(meter) = meter {
+            return self.meter(meter);
+        }
+        self
     }
 
     /// Checks the scope and options and builds the cache.
@@ -369,19 +410,16 @@ impl TokenCacheBuilder {
         validate_scope(&scope)?;
         self.options.validate()?;
         let identity = self.source.identity();
-        #[cfg(feature = "opentelemetry")]
-        let meter = self.meter.unwrap_or_else(crate::metrics::default_meter);
         Ok(TokenCache {
             inner: Arc::new_cyclic(|_cache| Inner {
-                #[cfg(feature = "opentelemetry")]
+                #[cfg(feature = "opentelemetry_0_33")]
                 metrics: crate::metrics::TokenMetrics::new(
-                    &meter,
+                    &self.meter.unwrap_or_else(crate::metrics::default_meter),
                     &identity,
                     &scope,
                     Inner::reading(_cache.clone()),
                 ),
-                #[cfg(feature = "opentelemetry")]
-                meter,
+                log: FailureLog::new(format!("token requests for {identity} (scope {scope})")),
                 identity,
                 source: self.source,
                 scope,
@@ -400,40 +438,50 @@ enum Waited {
     Done(FetchResult),
     /// The fetch's runtime shut down before it finished.
     Abandoned,
-    TimedOut,
+    TimedOut(Duration),
 }
 
 impl TokenCache {
     /// Starts building a cache over `source`.
-    pub fn builder(source: Arc<dyn TokenSource>) -> TokenCacheBuilder {
+    pub fn builder(source: impl TokenSource + 'static) -> TokenCacheBuilder {
+        Self::builder_from(Arc::new(source))
+    }
+
+    pub(crate) fn builder_from(source: Arc<dyn TokenSource>) -> TokenCacheBuilder {
         TokenCacheBuilder {
             source,
             scope: None,
             options: CacheOptions::default(),
             clock: Arc::new(SystemClock),
-            #[cfg(feature = "opentelemetry")]
+            #[cfg(feature = "opentelemetry_0_33")]
             meter: None,
         }
     }
 
     /// A valid token: from the cache when it holds one (no waiting), otherwise from one fetch
-    /// shared by all concurrent callers, waiting at most the fetch timeout (and a second's grace). Never returns a token
-    /// past its usable lifetime.
-    pub async fn get(&self) -> Result<Arc<Token>, TokenError> {
+    /// shared by all concurrent callers, waiting at most the fetch timeout (and a second's
+    /// grace). Never returns a token past its usable lifetime. While the provider is failing and
+    /// no token is cached, returns the last error at once until the next attempt is due.
+    pub async fn get(&self) -> Result<Arc<AccessToken>, TokenError> {
+        self.entry(None).await.map(|entry| entry.token.clone())
+    }
+
+    /// [`TokenCache::get`], as the cache keeps the token, waiting no later than `deadline`.
+    pub(crate) async fn entry(&self, deadline: Option<Instant>) -> Result<Arc<Entry>, TokenError> {
         let now = self.inner.clock.now();
-        if let Some(token) = self.inner.current.load().as_ref()
-            && now < token.usable_until
+        if let Some(entry) = self.inner.current.load().as_ref()
+            && now < entry.usable_until
         {
             self.inner.counters.hits.fetch_add(1, Relaxed);
-            if now >= token.refresh_at {
+            if now >= entry.refresh_at {
                 // The background timer should be doing this; make sure it happens even if the
                 // runtime that owned the timer is gone.
                 self.inner.refresh_if_due(false);
             }
-            return Ok(token.clone());
+            return Ok(entry.clone());
         }
         self.inner.counters.waits.fetch_add(1, Relaxed);
-        self.inner.fetch_or_wait().await
+        self.inner.fetch_or_wait(deadline).await
     }
 
     /// The server rejected the login with `rejected`: a different token to retry with, or `None`
@@ -442,16 +490,19 @@ impl TokenCache {
     ///
     /// Asks the provider at most once per token, however many logins it failed; meanwhile every
     /// other caller keeps getting the current token without waiting (a rejection may say nothing
-    /// about the token, e.g. a wrong role name). Waits at most the fetch timeout.
-    pub async fn replacement_for(
+    /// about the token, e.g. a wrong role name). Waits no later than `deadline`, or the fetch
+    /// timeout.
+    pub(crate) async fn replacement_for(
         &self,
-        rejected: &Token,
-    ) -> Result<Option<Arc<Token>>, TokenError> {
+        rejected: &Entry,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Arc<Entry>>, TokenError> {
         let inner = &self.inner;
         for _ in 0..3 {
             let receiver = {
                 let mut state = inner.lock_state();
-                if let Some(current) = inner.usable(inner.clock.now())
+                let now = inner.clock.now();
+                if let Some(current) = inner.usable(now)
                     && current.secret() != rejected.secret()
                 {
                     return Ok(Some(current));
@@ -464,11 +515,11 @@ impl TokenCache {
                         {
                             return Ok(None);
                         }
-                        if let Some(error) = inner.backing_off(&state) {
+                        if let Some(error) = inner.must_wait(&state, now) {
                             return Err(error);
                         }
                         inner.counters.invalidations.fetch_add(1, Relaxed);
-                        #[cfg(feature = "opentelemetry")]
+                        #[cfg(feature = "opentelemetry_0_33")]
                         inner.metrics.invalidated();
                         tracing::info!(
                             identity = %inner.identity,
@@ -478,10 +529,10 @@ impl TokenCache {
                     }
                 }
             };
-            match inner.wait(receiver).await {
+            match inner.wait(receiver, deadline).await {
                 Waited::Done(Ok(_)) | Waited::Abandoned => continue,
                 Waited::Done(Err(error)) => return Err(error),
-                Waited::TimedOut => return Err(inner.wait_timeout()),
+                Waited::TimedOut(waited) => return Err(inner.wait_timeout(waited)),
             }
         }
         Ok(None)
@@ -519,35 +570,77 @@ impl TokenCache {
         &self.inner.scope
     }
 
+    /// The current token if it is usable, without fetching.
+    pub(crate) fn usable_entry(&self) -> Option<Arc<Entry>> {
+        self.inner.usable(self.inner.clock.now())
+    }
+
+    /// The cache's clock: wall-clock time as the cache sees it.
+    pub(crate) fn now(&self) -> SystemTime {
+        self.inner.clock.now()
+    }
+
+    /// Whether no usable token is cached because the provider is unavailable (unreachable, slow,
+    /// failing, throttling), rather than refusing: nothing could replace a session now.
+    pub(crate) fn provider_unavailable(&self) -> bool {
+        let now = self.inner.clock.now();
+        if self.inner.usable(now).is_some() {
+            return false;
+        }
+        let state = self.inner.lock_state();
+        state
+            .last_error
+            .as_ref()
+            .is_some_and(|e| e.kind().is_unavailability())
+    }
+
+    /// Whether no usable token is cached because the last request failed.
+    pub(crate) fn failed_without_token(&self) -> bool {
+        self.inner.usable(self.inner.clock.now()).is_none()
+            && self.inner.lock_state().last_error.is_some()
+    }
+
+    /// Why no usable token is cached, if none is: the last failure, or a fetch still running.
+    pub(crate) fn failure(&self) -> Option<TokenError> {
+        let now = self.inner.clock.now();
+        if self.inner.usable(now).is_some() {
+            return None;
+        }
+        let state = self.inner.lock_state();
+        if let Some(error) = &state.last_error {
+            return Some(error.clone());
+        }
+        let since = state.inflight_since?;
+        Some(
+            TokenError::new(
+                TokenErrorKind::Timeout,
+                format!(
+                    "the request to the identity provider has not been answered yet ({} so far)",
+                    human(now.duration_since(since).unwrap_or_default())
+                ),
+            )
+            .for_cache(&self.inner.identity, &self.inner.scope),
+        )
+    }
+
     /// Counts a login the server refused, and whether it is retried (metrics).
     pub(crate) fn note_login_rejected(&self, retried: bool) {
-        #[cfg(feature = "opentelemetry")]
+        #[cfg(feature = "opentelemetry_0_33")]
         {
             self.inner.metrics.login_rejected();
             if retried {
                 self.inner.metrics.login_retried();
             }
         }
-        #[cfg(not(feature = "opentelemetry"))]
+        #[cfg(not(feature = "opentelemetry_0_33"))]
         let _ = retried;
-    }
-
-    /// The meter the cache records its metrics with.
-    #[cfg(feature = "opentelemetry")]
-    pub(crate) fn meter(&self) -> &opentelemetry::metrics::Meter {
-        &self.inner.meter
-    }
-
-    /// Whether two handles share one cache.
-    pub fn ptr_eq(&self, other: &TokenCache) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
     }
 }
 
 impl Inner {
     /// What the metrics' gauges read: seconds until the current token stops being handed out (0
     /// once it has), and its age; nothing before the first token.
-    #[cfg(feature = "opentelemetry")]
+    #[cfg(feature = "opentelemetry_0_33")]
     fn reading(cache: std::sync::Weak<Inner>) -> crate::metrics::TokenReading {
         Box::new(move || {
             let inner = cache.upgrade()?;
@@ -564,89 +657,99 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn usable(&self, now: SystemTime) -> Option<Arc<Token>> {
+    fn usable(&self, now: SystemTime) -> Option<Arc<Entry>> {
         self.current
             .load_full()
             .filter(|token| now < token.usable_until)
     }
 
-    /// The last error, while the backoff it started is still running.
-    fn backing_off(&self, state: &State) -> Option<TokenError> {
-        let (error, retry_at) = (state.last_error.as_ref()?, state.retry_at?);
-        let wait = retry_at.duration_since(self.clock.now()).ok()?;
+    /// The last error, if a caller without a token must not start a fetch yet: the provider
+    /// failed less than `retry_interval` ago, or asked to wait (`Retry-After`).
+    fn must_wait(&self, state: &State, now: SystemTime) -> Option<TokenError> {
+        let error = state.last_error.as_ref()?;
+        let mut next = state.last_attempt? + self.options.retry_interval;
+        if let Some(asked) = state.retry_after_until {
+            next = next.max(asked);
+        }
+        let wait = next.duration_since(now).ok().filter(|w| !w.is_zero())?;
         Some(error.clone().with_retry_in(wait))
     }
 
-    fn wait_timeout(&self) -> TokenError {
+    fn wait_timeout(&self, waited: Duration) -> TokenError {
         TokenError::new(
             TokenErrorKind::Timeout,
-            &self.identity,
-            &self.scope,
             format!(
-                "no token within {:?}: the fetch runs on another Tokio runtime that did not finish it",
-                self.options.fetch_timeout_value() + WAIT_GRACE
+                "no token within {}: the request to the identity provider is still running",
+                human(waited)
             ),
         )
+        .for_cache(&self.identity, &self.scope)
     }
 
-    /// Waits for a fetch. The fetch ends itself within the fetch timeout; this bound, a little
-    /// longer so that the fetch's own outcome wins, covers a caller whose fetch runs on another
-    /// runtime that is blocked or shutting down.
-    async fn wait(&self, mut receiver: watch::Receiver<Option<FetchResult>>) -> Waited {
-        let outcome = tokio::time::timeout(
-            self.options.fetch_timeout_value() + WAIT_GRACE,
-            receiver.wait_for(Option::is_some),
-        )
-        .await;
+    /// Waits for a fetch, until `deadline` or the fetch timeout and a grace. The fetch ends itself
+    /// within the fetch timeout; the grace covers a fetch running on another runtime that is
+    /// blocked or shutting down.
+    async fn wait(
+        &self,
+        mut receiver: watch::Receiver<Option<FetchResult>>,
+        deadline: Option<Instant>,
+    ) -> Waited {
+        let started = Instant::now();
+        let limit = started + self.options.fetch_timeout_value() + WAIT_GRACE;
+        let limit = deadline.map_or(limit, |d| d.min(limit));
+        let outcome = tokio::time::timeout_at(limit, receiver.wait_for(Option::is_some)).await;
         match outcome {
             Ok(Ok(result)) => match result.clone() {
                 Some(result) => Waited::Done(result),
                 None => Waited::Abandoned,
             },
             Ok(Err(_)) => Waited::Abandoned,
-            Err(_) => Waited::TimedOut,
+            Err(_) => Waited::TimedOut(started.elapsed()),
         }
     }
 
-    async fn fetch_or_wait(self: &Arc<Self>) -> Result<Arc<Token>, TokenError> {
+    async fn fetch_or_wait(
+        self: &Arc<Self>,
+        deadline: Option<Instant>,
+    ) -> Result<Arc<Entry>, TokenError> {
         // A fetch may be abandoned (its runtime shut down) or return a token that is already too
         // old by the time we see it; both are rare, so a couple of rounds suffice.
         for _ in 0..3 {
             let receiver = {
                 let mut state = self.lock_state();
-                if let Some(token) = self.usable(self.clock.now()) {
+                let now = self.clock.now();
+                if let Some(token) = self.usable(now) {
                     return Ok(token);
                 }
                 match state.fetch_in_progress() {
                     Some(receiver) => receiver,
                     None => {
-                        if let Some(error) = self.backing_off(&state) {
+                        if let Some(error) = self.must_wait(&state, now) {
                             return Err(error);
                         }
                         self.start_fetch(&mut state, Trigger::Caller)?
                     }
                 }
             };
-            match self.wait(receiver).await {
+            match self.wait(receiver, deadline).await {
                 Waited::Done(Ok(token)) if self.clock.now() < token.usable_until => {
                     return Ok(token);
                 }
                 Waited::Done(Ok(_)) | Waited::Abandoned => continue,
                 Waited::Done(Err(error)) => return Err(error),
-                Waited::TimedOut => return Err(self.wait_timeout()),
+                Waited::TimedOut(waited) => return Err(self.wait_timeout(waited)),
             }
         }
         Err(TokenError::new(
             TokenErrorKind::Cancelled,
-            &self.identity,
-            &self.scope,
             "the token fetch did not complete (its Tokio runtime shut down)",
-        ))
+        )
+        .for_cache(&self.identity, &self.scope))
     }
 
-    /// Starts a background fetch if the current token is due for refresh (or there is none after
-    /// failures) and no fetch or backoff is pending. `blocking`: wait for the state lock (timers)
-    /// rather than skip when it is busy (callers on the hot path).
+    /// Starts a background fetch if the current token is due for refresh (or there is none left
+    /// after failures) and no fetch or backoff is pending. `blocking`: wait for the state lock
+    /// (timers) rather than skip when it is busy (callers on the hot path).
     fn refresh_if_due(self: &Arc<Self>, blocking: bool) {
         let mut state = if blocking {
             self.lock_state()
@@ -660,7 +763,7 @@ impl Inner {
             return;
         }
         let now = self.clock.now();
-        if state.retry_at.is_some_and(|at| now < at) {
+        if state.background_at.is_some_and(|at| now < at) {
             return;
         }
         let due = match self.current.load().as_ref() {
@@ -681,13 +784,15 @@ impl Inner {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             TokenError::new(
                 TokenErrorKind::Other,
-                &self.identity,
-                &self.scope,
                 "the token cache needs a Tokio runtime (with time enabled) to fetch tokens",
             )
+            .for_cache(&self.identity, &self.scope)
         })?;
         let (sender, receiver) = watch::channel(None);
+        let now = self.clock.now();
         state.inflight = Some(receiver.clone());
+        state.inflight_since = Some(now);
+        state.last_attempt = Some(now);
         self.counters.requests.fetch_add(1, Relaxed);
         let inner = self.clone();
         let span = tracing::debug_span!(
@@ -699,15 +804,11 @@ impl Inner {
         runtime.spawn(
             async move {
                 tracing::debug!("requesting a token");
-                #[cfg(feature = "opentelemetry")]
-                let started = tokio::time::Instant::now();
-                let result = tokio::time::timeout(
-                    inner.options.fetch_timeout_value(),
-                    inner.source.get_token(&inner.scope),
-                )
-                .await;
+                #[cfg(feature = "opentelemetry_0_33")]
+                let started = Instant::now();
+                let result = inner.request().await;
                 let outcome = inner.complete(result, trigger);
-                #[cfg(feature = "opentelemetry")]
+                #[cfg(feature = "opentelemetry_0_33")]
                 inner.metrics.request_done(
                     trigger.as_str(),
                     started.elapsed(),
@@ -720,62 +821,98 @@ impl Inner {
         Ok(receiver)
     }
 
+    /// One request to the token source, within the fetch timeout. The source runs in a task of
+    /// its own, so that a source that panics is a failure like any other (counted, backed off),
+    /// not a fetch that silently vanishes.
+    async fn request(self: &Arc<Self>) -> Result<AccessToken, TokenError> {
+        let inner = self.clone();
+        let mut call = tokio::spawn(async move { inner.source.get_token(&inner.scope).await });
+        let timeout = self.options.fetch_timeout_value();
+        let outcome = match tokio::time::timeout(timeout, &mut call).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(failed)) if failed.is_panic() => Err(TokenError::new(
+                TokenErrorKind::Cancelled,
+                "the token source panicked",
+            )),
+            Ok(Err(_)) => Err(TokenError::new(
+                TokenErrorKind::Cancelled,
+                "the token request was cancelled",
+            )),
+            Err(_) => {
+                call.abort();
+                Err(TokenError::new(
+                    TokenErrorKind::Timeout,
+                    format!(
+                        "no answer from the identity provider within {}",
+                        human(timeout)
+                    ),
+                ))
+            }
+        };
+        outcome.map_err(|e| e.for_cache(&self.identity, &self.scope))
+    }
+
     fn complete(
         self: &Arc<Self>,
-        result: Result<Result<AccessToken, TokenSourceError>, tokio::time::error::Elapsed>,
+        result: Result<AccessToken, TokenError>,
         trigger: Trigger,
     ) -> FetchResult {
         let now = self.clock.now();
         let mut state = self.lock_state();
         state.inflight = None;
+        state.inflight_since = None;
         let outcome = match result {
-            Ok(Ok(access)) => self.accept(access, now, trigger),
-            Ok(Err(error)) => Err(TokenError::from_source(&self.identity, &self.scope, error)),
-            Err(_) => Err(TokenError::new(
-                TokenErrorKind::Timeout,
-                &self.identity,
-                &self.scope,
-                format!(
-                    "no token from the token source within {:?}",
-                    self.options.fetch_timeout_value()
-                ),
-            )),
+            Ok(access) => self.accept(access, now, trigger),
+            Err(error) => Err(error),
         };
         match &outcome {
             Ok(token) => {
                 self.counters.successes.fetch_add(1, Relaxed);
                 state.failures = 0;
                 state.last_error = None;
-                state.retry_at = None;
+                state.retry_after_until = None;
+                state.background_at = None;
                 let expires_in = token.expires_on().duration_since(now).unwrap_or_default();
                 tracing::debug!(expires_in_secs = expires_in.as_secs(), "token fetched");
+                self.log.success();
                 self.schedule(&mut state, token.refresh_at);
             }
             Err(error) => {
                 self.counters.failures.fetch_add(1, Relaxed);
                 state.failures = state.failures.saturating_add(1);
                 let mut delay = self.options.backoff_delay(state.failures, fastrand::f64());
-                if let Some(asked) = error.provider_retry_after() {
-                    // Honour Retry-After, but never beyond the longest backoff.
-                    delay = delay.max(asked.min(self.options.backoff_max));
+                let asked = error
+                    .provider_retry_after()
+                    .map(|asked| asked.min(self.options.backoff_max));
+                if let Some(asked) = asked {
+                    delay = delay.max(asked);
                 }
+                state.retry_after_until = asked.map(|asked| now + asked);
                 let serving = self.usable(now);
                 let mut retry_at = now + delay;
                 if let Some(token) = &serving {
                     // Try again no later than the current token stops being handed out.
                     retry_at = retry_at.min(token.usable_until);
                 }
-                state.retry_at = Some(retry_at);
+                state.background_at = Some(retry_at);
                 state.last_error = Some(error.clone());
-                tracing::warn!(
-                    error = %error,
-                    kind = error.kind().as_str(),
-                    http_status = error.http_status().unwrap_or_default(),
-                    consecutive_failures = state.failures,
-                    retry_in_ms = retry_at.duration_since(now).unwrap_or_default().as_millis() as u64,
-                    still_serving_valid_token = serving.is_some(),
-                    "token fetch failed"
-                );
+                match &serving {
+                    Some(token) => {
+                        let left =
+                            human(token.usable_until.duration_since(now).unwrap_or_default());
+                        self.log.failure(
+                            &format!("refresh/{}", error.kind().as_str()),
+                            &format_args!("refreshing the token failed; the current one is still handed out for {left}: {error}"),
+                        );
+                    }
+                    None => self.log.failure(
+                        &format!("no_token/{}", error.kind().as_str()),
+                        &format_args!(
+                            "{error} (callers make the cache ask again every {})",
+                            human(self.options.retry_interval)
+                        ),
+                    ),
+                }
                 // Keep retrying in the background, so a recovered provider is noticed before the
                 // current token runs out (or, with none left, before the next caller arrives).
                 self.schedule(&mut state, retry_at);
@@ -793,10 +930,9 @@ impl Inner {
         if lifetime.is_zero() || usable_until <= now {
             return Err(TokenError::new(
                 TokenErrorKind::ExpiredOnArrival,
-                &self.identity,
-                &self.scope,
                 "the identity provider returned a token that had already expired",
-            ));
+            )
+            .for_cache(&self.identity, &self.scope));
         }
         let margin = self.options.refresh_margin.min(lifetime / 4);
         let refresh_at = (expires_on - margin).min(usable_until);
@@ -806,17 +942,18 @@ impl Inner {
             .current
             .load_full()
             .filter(|t| t.secret() == access.secret());
-        let (after_rejection, replacement_requested) = match &previous {
+        let (after_rejection, replacement_requested, received_at) = match &previous {
             Some(same) => (
                 same.after_rejection,
                 same.replacement_requested.load(SeqCst),
+                same.received_at,
             ),
-            None => (trigger == Trigger::Rejected, false),
+            None => (trigger == Trigger::Rejected, false, now),
         };
-        let claims = TokenClaims::parse(access.secret());
-        let token = Arc::new(Token {
-            access,
-            received_at: now,
+        let claims = access.claims();
+        let token = Arc::new(Entry {
+            token: Arc::new(access),
+            received_at,
             refresh_at,
             usable_until,
             claims,

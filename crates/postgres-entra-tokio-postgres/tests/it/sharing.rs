@@ -1,11 +1,11 @@
-//! Sharing is explicit (clone a connector or a cache), the scope follows the server, and the
-//! cache's background work does not belong to whichever runtime used it first.
+//! Sharing is explicit (clone a connector or a cache), the scope follows each pool's host (a
+//! cache per cloud, whatever the order), and the cache's background work does not belong to
+//! whichever runtime used it first.
 
 use postgres_entra::{
-    AccessToken, Cloud, EntraConnector, Error, FnTokenSource, TlsRoots, TokenCache, TokenErrorKind,
-    TokenSource,
+    AccessToken, Cloud, EntraConnector, Error, TlsRoots, TokenCache, TokenErrorKind, TokenSource,
 };
-use postgres_entra_testkit::Emulator;
+use postgres_entra_testkit::{Emulator, FnTokenSource};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -31,7 +31,7 @@ fn counting(
             Ok(AccessToken::new(token, SystemTime::now() + lifetime))
         }
     });
-    (source, calls)
+    (Arc::new(source), calls)
 }
 
 /// Runs `f` on a new thread with a single-threaded runtime of its own.
@@ -74,9 +74,15 @@ async fn clones_share_one_token_and_connectors_built_apart_do_not() {
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
         .build()
         .unwrap();
-    assert!(as_user.cache().ptr_eq(as_other_role.cache()));
     current_user(&as_user, &config).await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let refused = current_user(&as_other_role, &config).await.unwrap_err();
+    assert!(matches!(refused, Error::LoginRejected(_)), "{refused}");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "one cache for both: one token, and one replacement after the refusal"
+    );
     let mismatch = EntraConnector::builder_with_cache(cache)
         .cloud(Cloud::China)
         .build()
@@ -84,48 +90,84 @@ async fn clones_share_one_token_and_connectors_built_apart_do_not() {
     assert!(matches!(mismatch, Error::Config { .. }), "{mismatch}");
 }
 
-fn config_for(host: &str) -> tokio_postgres::Config {
+/// Settings for `host`, reached at a closed loopback port: the login stops at the network, after
+/// the token was fetched.
+fn config_for(host: &str, closed_port: u16) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
-    config.host(host).dbname("postgres");
+    config
+        .host(host)
+        .hostaddr([127, 0, 0, 1].into())
+        .port(closed_port)
+        .dbname("postgres");
     config
 }
 
-#[test]
-fn the_scope_follows_the_first_server_and_a_server_in_another_cloud_is_refused() {
-    let source = FnTokenSource::fixed(
-        "scope-test",
-        AccessToken::new("t", SystemTime::now() + Duration::from_secs(3600)),
-    );
-    let gov = config_for("db1.postgres.database.usgovcloudapi.net");
-    let public = config_for("db1.postgres.database.azure.com");
+#[tokio::test]
+async fn each_pools_host_decides_the_scope_whatever_the_order_and_a_told_cloud_refuses_others() {
+    let scopes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let asked = scopes.clone();
+    let source = Arc::new(FnTokenSource::new("scope-test", move |scope| {
+        asked.lock().unwrap().push(scope.to_owned());
+        async {
+            Ok(AccessToken::new(
+                "t",
+                SystemTime::now() + Duration::from_secs(3600),
+            ))
+        }
+    }));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let gov = config_for("db1.postgres.database.usgovcloudapi.net", port);
+    let public = config_for("db1.postgres.database.azure.com", port);
+    let reached = |result: Result<_, Error>| match result {
+        Err(Error::Connect { .. }) => {}
+        other => panic!("expected to reach the network, got {:?}", other.map(|_| ())),
+    };
 
-    let connector = EntraConnector::builder(source.clone()).build().unwrap();
-    connector.prepare(&gov).unwrap();
-    assert_eq!(connector.cache().scope(), Cloud::UsGovernment.scope());
-    let error = connector.prepare(&public).unwrap_err();
-    let text = error.to_string();
-    assert!(text.contains("first server it met"), "{text}");
-    assert!(
-        text.contains("db1.postgres.database.usgovcloudapi.net"),
-        "{text}"
+    // A connector told nothing: US Government first, then public; each gets its own scope.
+    let connector = EntraConnector::builder(source.clone())
+        .role_name("r")
+        .build()
+        .unwrap();
+    reached(postgres_entra_tokio_postgres::connect(&connector, &gov).await);
+    reached(postgres_entra_tokio_postgres::connect(&connector, &public).await);
+    reached(postgres_entra_tokio_postgres::connect(&connector, &gov).await);
+    assert_eq!(
+        *scopes.lock().unwrap(),
+        [Cloud::UsGovernment.scope(), Cloud::Public.scope()],
+        "a cache per cloud, each asked once"
     );
 
-    // Told the cloud, the connector refuses a server plainly in another one at once.
+    // Told the cloud, the connector refuses a server plainly in another one, before any token.
     let china = EntraConnector::builder(source.clone())
+        .role_name("r")
         .cloud(Cloud::China)
         .build()
         .unwrap();
-    let error = china.prepare(&gov).unwrap_err();
+    let error = postgres_entra_tokio_postgres::connect(&china, &gov)
+        .await
+        .unwrap_err();
     assert!(error.to_string().contains("Cloud::UsGovernment"), "{error}");
+    assert_eq!(scopes.lock().unwrap().len(), 2);
     // A name that says nothing about the cloud (a custom domain, localhost) is accepted.
-    china.prepare(&config_for("db.example.com")).unwrap();
+    reached(
+        postgres_entra_tokio_postgres::connect(&china, &config_for("db.example.com", port)).await,
+    );
+
+    // A host and a cloud that disagree are refused when the connector is built, naming the fix.
+    let error = EntraConnector::builder(source.clone())
+        .host("mydb.postgres.database.azure.com")
+        .cloud(Cloud::UsGovernment)
+        .build()
+        .unwrap_err();
+    assert!(error.to_string().contains("drop `.cloud(..)`"), "{error}");
 
     // Plaintext is refused before anything else.
-    let mut plaintext = config_for("db1.postgres.database.azure.com");
+    let mut plaintext = public.clone();
     plaintext.ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let fresh = EntraConnector::builder(source).build().unwrap();
     assert!(matches!(
-        fresh.prepare(&plaintext),
+        postgres_entra_tokio_postgres::connect(&connector, &plaintext).await,
         Err(Error::Config { .. })
     ));
 }
@@ -194,7 +236,7 @@ async fn a_waiter_is_released_when_the_runtime_running_its_fetch_shuts_down() {
 
     let started = Instant::now();
     let token = waiter.await.unwrap().unwrap();
-    assert!(SystemTime::now() < token.usable_until());
+    assert!(SystemTime::now() < token.expires_on());
     assert_eq!(
         calls.load(Ordering::SeqCst),
         2,
@@ -241,7 +283,7 @@ async fn a_waiter_is_bounded_even_when_the_runtime_running_its_fetch_is_blocked(
     let waited = started.elapsed();
 
     assert_eq!(error.kind(), TokenErrorKind::Timeout, "{error}");
-    assert!(error.message().contains("another Tokio runtime"), "{error}");
+    assert!(error.message().contains("still running"), "{error}");
     // The fetch timeout (1 s) plus the one-second grace, not the 4 s block.
     assert!(waited < Duration::from_millis(3500), "waited {waited:?}");
     blocked.join().unwrap();

@@ -1,9 +1,8 @@
 //! The token never travels without verified TLS.
 
-use postgres_entra::{AccessToken, EntraConnector, Error, FnTokenSource, TlsRoots};
-use postgres_entra_testkit::Emulator;
+use postgres_entra::{AccessToken, EntraConnector, Error, TlsRoots};
 use postgres_entra_testkit::PlaintextListener;
-use std::sync::Arc;
+use postgres_entra_testkit::{Emulator, FnTokenSource};
 use std::time::{Duration, SystemTime};
 
 use crate::current_user;
@@ -11,7 +10,7 @@ use crate::current_user;
 const TOKEN: &str =
     "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.plaintext-must-never-see-this-token.c2lnbmF0dXJl";
 
-fn fixed_source() -> Arc<FnTokenSource> {
+fn fixed_source() -> FnTokenSource {
     FnTokenSource::fixed(
         "tls-test",
         AccessToken::new(TOKEN, SystemTime::now() + Duration::from_secs(3600)),

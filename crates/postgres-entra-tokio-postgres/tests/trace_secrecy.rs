@@ -1,9 +1,9 @@
-//! The cache's tracing output at TRACE, over a fetch, a background refresh, an invalidation and a
-//! failure, never contains a token. A test binary of its own: the capture is the process-wide
+//! The cache's tracing output at TRACE, over a fetch, a background refresh and failures, never
+//! contains a token (the end-to-end scenarios check logins and invalidations the same way). A test binary of its own: the capture is the process-wide
 //! subscriber, so no other test's threads can race its registration.
 
-use postgres_entra::{AccessToken, FnTokenSource, TokenCache, TokenSourceError, TokioClock};
-use postgres_entra_testkit::trace_capture;
+use postgres_entra::{AccessToken, TokenCache, TokenError, TokenErrorKind, TokioClock};
+use postgres_entra_testkit::{FnTokenSource, trace_capture};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -18,7 +18,10 @@ async fn trace_output_of_fetch_refresh_invalidation_and_failure_never_contains_t
     let source = FnTokenSource::new("trace-test", move |_| {
         let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
         let result = if *fail.lock().unwrap() {
-            Err(TokenSourceError::new("provider down"))
+            Err(TokenError::new(
+                TokenErrorKind::ServerError,
+                "provider down",
+            ))
         } else {
             Ok(AccessToken::new(
                 format!("secret-token-{n}"),
@@ -35,9 +38,10 @@ async fn trace_output_of_fetch_refresh_invalidation_and_failure_never_contains_t
     let first = cache.get().await.unwrap();
     tokio::time::sleep(Duration::from_secs(7)).await; // the background refresh runs at 6 s
     *failing.lock().unwrap() = true;
-    let rejected = cache.get().await.unwrap();
-    let _ = cache.replacement_for(&rejected).await;
-    let _ = cache.get().await;
+    let _ = cache.get().await.unwrap();
+    // Past the usable life, with the provider down.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = cache.get().await.unwrap_err();
 
     let text = captured.text();
     assert!(
@@ -46,8 +50,8 @@ async fn trace_output_of_fetch_refresh_invalidation_and_failure_never_contains_t
     );
     for expected in [
         "token fetched",
-        "token fetch failed",
-        "the server rejected a token",
+        "refreshing the token failed",
+        "provider down",
         "entra_token_fetch",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in {text}");

@@ -2,10 +2,9 @@
 //! provider outage on a paused clock, and logins against the emulator with a real credential.
 
 use postgres_entra::{
-    AccessToken, AzureTokenSource, Clock, FnTokenSource, TokenCache, TokenErrorKind,
-    TokenSourceError, TokioClock,
+    AccessToken, AzureTokenSource, Clock, TokenCache, TokenError, TokenErrorKind, TokioClock,
 };
-use postgres_entra_testkit::{Emulator, Fault, MetricsReader, Signer, TokenOptions};
+use postgres_entra_testkit::{Emulator, Fault, FnTokenSource, MetricsReader, Signer, TokenOptions};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
@@ -36,9 +35,10 @@ async fn a_provider_outage_shows_as_failed_refreshes_and_a_falling_time_to_expir
     let source = FnTokenSource::new("metrics-test", move |_| {
         let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
         let result = if failing.load(Ordering::SeqCst) {
-            Err(TokenSourceError::new("service unavailable")
-                .with_kind(TokenErrorKind::ServerError)
-                .with_http_status(503))
+            Err(
+                TokenError::new(TokenErrorKind::ServerError, "service unavailable")
+                    .with_http_status(503),
+            )
         } else {
             Ok(AccessToken::new(
                 format!("secret-token-{n}"),
@@ -61,8 +61,8 @@ async fn a_provider_outage_shows_as_failed_refreshes_and_a_falling_time_to_expir
     let token = cache.get().await.unwrap();
     let start = reader.collect();
     let left_at_start = start.value(TIME_TO_EXPIRY, &ours).unwrap();
-    let expected = token
-        .usable_until()
+    // Handed out until 30 s before expiry.
+    let expected = (token.expires_on() - Duration::from_secs(30))
         .duration_since(clock.now())
         .unwrap()
         .as_secs_f64();
@@ -84,7 +84,8 @@ async fn a_provider_outage_shows_as_failed_refreshes_and_a_falling_time_to_expir
     // The provider goes down; the background refresh (15 minutes before expiry) and its retries
     // fail, while the token keeps being handed out.
     down.store(true, Ordering::SeqCst);
-    tokio::time::advance(token.refresh_at().duration_since(clock.now()).unwrap()).await;
+    let refresh_at = token.expires_on() - Duration::from_secs(15 * 60);
+    tokio::time::advance(refresh_at.duration_since(clock.now()).unwrap()).await;
     settle().await;
     tokio::time::advance(Duration::from_secs(1)).await;
     settle().await;
@@ -255,8 +256,8 @@ async fn an_entra_outage_seen_by_a_real_credential_counts_failures_as_the_token_
     let token = cache.get().await.unwrap();
     emulator.set_fault(postgres_entra_testkit::Endpoint::Token, Fault::ServerError);
     // Past the refresh point (three quarters of the life), the background refresh fails.
-    let refresh_in = token
-        .refresh_at()
+    // At three quarters of its life: 6 s of 8.
+    let refresh_in = (token.expires_on() - LIFETIME / 4)
         .duration_since(SystemTime::now())
         .unwrap_or_default();
     tokio::time::sleep(refresh_in + Duration::from_millis(300)).await;

@@ -4,10 +4,9 @@
 
 use postgres_entra::{AzureTokenSource, CacheOptions, TokenCache, TokenErrorKind};
 use postgres_entra_testkit::{Emulator, Endpoint, Fault, in_child, run_test_in_child};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn cache(source: Arc<AzureTokenSource>, options: CacheOptions) -> TokenCache {
+fn cache(source: AzureTokenSource, options: CacheOptions) -> TokenCache {
     TokenCache::builder(source)
         .options(options)
         .build()
@@ -40,9 +39,10 @@ async fn a_server_error_reaches_the_caller_typed_and_at_once() {
     );
     let text = error.to_string();
     assert!(
-        text.contains("HTTP 500 temporarily_unavailable (AADSTS50001)"),
+        text.contains("HTTP 500 temporarily_unavailable: ClientSecretCredential authentication failed. AADSTS50001"),
         "{text}"
     );
+    assert_eq!(text.matches("AADSTS50001").count(), 1, "{text}");
     assert!(
         text.contains("ClientSecretCredential (client id "),
         "{text}"
@@ -151,7 +151,7 @@ async fn with_azure_cores_default_retries_a_failing_provider_shows_up_as_a_timeo
     assert!(
         error
             .to_string()
-            .contains("still retrying failed requests internally"),
+            .contains("no answer from the identity provider within 2 s"),
         "{error}"
     );
     assert!(
@@ -185,11 +185,9 @@ async fn credentials_are_named_by_kind_and_client_id() {
     );
     assert_eq!(managed.identity(), "ManagedIdentityCredential");
     assert_eq!(
-        AzureTokenSource::with_identity(
-            emulator.managed_identity_credential().unwrap(),
-            "orders-mi"
-        )
-        .identity(),
+        AzureTokenSource::new(emulator.managed_identity_credential().unwrap())
+            .with_identity("orders-mi")
+            .identity(),
         "orders-mi"
     );
 }
@@ -222,17 +220,9 @@ async fn app_service_child() {
     // Never build a managed-identity credential that could fall through to IMDS.
     let endpoint = std::env::var("IDENTITY_ENDPOINT").expect("IDENTITY_ENDPOINT is set");
     assert!(endpoint.starts_with("http://127.0.0.1:"), "{endpoint}");
-    let credential = azure_identity::ManagedIdentityCredential::new(Some(
-        azure_identity::ManagedIdentityCredentialOptions {
-            client_options: azure_core::http::ClientOptions {
-                retry: azure_core::http::RetryOptions::none(),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    ))
-    .unwrap();
-    let cache = cache(AzureTokenSource::new(credential), CacheOptions::default());
+    // As the README builds it: the library's own constructor.
+    let source = AzureTokenSource::managed_identity(None).unwrap();
+    let cache = cache(source, CacheOptions::default());
 
     let started = Instant::now();
     let error = cache.get().await.unwrap_err();

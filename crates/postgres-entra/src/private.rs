@@ -1,0 +1,82 @@
+//! Not public API: what the postgres-entra adapters share, which may change in any release.
+//! Applications use the items at the crate root.
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{EntraConnector, Error};
+
+pub use crate::cache::Entry;
+#[cfg(feature = "opentelemetry_0_33")]
+pub use crate::metrics::{PoolCounts, PoolReader};
+pub use crate::pool::{PoolCore, Session};
+
+/// The rustls configuration `connector` logs in with: its roots, full verification.
+pub fn tls_config(connector: &EntraConnector) -> Arc<rustls::ClientConfig> {
+    connector.inner.tls_config.clone()
+}
+
+/// The PEM of `connector`'s roots, for a driver that does its own TLS; `None` for the platform
+/// verifier.
+pub fn roots_pem(connector: &EntraConnector) -> Result<Option<Vec<u8>>, Error> {
+    crate::tls::roots_pem(&connector.inner.tls_roots)
+}
+
+/// [`Error::Config`].
+pub fn config_error(message: impl Into<String>) -> Error {
+    Error::config(message)
+}
+
+/// [`Error::Tls`].
+pub fn tls_error(message: impl Into<String>) -> Error {
+    Error::tls(message)
+}
+
+/// [`Error::Tls`]: the server declined TLS.
+pub fn tls_declined() -> Error {
+    Error::tls_declined()
+}
+
+/// [`Error::Connect`].
+pub fn connect_error(target: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::connect(target, reason)
+}
+
+/// [`Error::Postgres`].
+pub fn postgres_error(code: Option<&str>, message: impl Into<String>) -> Error {
+    Error::postgres(code, message)
+}
+
+/// `error` and its sources as one line, each part once.
+pub fn flatten(error: &(dyn StdError + 'static)) -> String {
+    crate::error::flatten(error)
+}
+
+/// A duration as a person reads it.
+pub fn human(duration: Duration) -> String {
+    crate::error::human(duration)
+}
+
+/// A token from `cache`, as the cache keeps it (see [`crate::TokenCache::get`]).
+pub async fn entry(cache: &crate::TokenCache) -> Result<Arc<Entry>, crate::TokenError> {
+    cache.entry(None).await
+}
+
+/// `cache`'s token if it holds a usable one, without fetching.
+pub fn usable_entry(cache: &crate::TokenCache) -> Option<Arc<Entry>> {
+    cache.usable_entry()
+}
+
+/// Wall-clock time as `cache` sees it (a test clock in tests).
+pub fn now(cache: &crate::TokenCache) -> std::time::SystemTime {
+    cache.now()
+}
+
+/// The roots `TlsRoots::Azure` trusts, by name, as PEM (for a tool that says which root
+/// verified a chain).
+pub fn azure_roots() -> impl Iterator<Item = (&'static str, &'static str)> {
+    crate::tls::AZURE_ROOTS
+        .iter()
+        .map(|root| (root.name, root.pem))
+}

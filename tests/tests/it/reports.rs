@@ -1,0 +1,105 @@
+//! What users read: an error report that prints the whole chain (anyhow's and eyre's `{:#}`)
+//! shows each fact once, through every adapter; a pool's own error names the cause.
+
+use postgres_entra::{EntraConnector, Error, PoolOptions};
+use postgres_entra_testkit::{Endpoint, Fault};
+use std::time::Duration;
+
+use crate::pools::{PoolSpec, PoolUnderTest};
+use crate::{Suite, connector, service_principal_cache};
+
+for_pools!([deadpool, bb8, sqlx] {
+    a_failing_provider_is_reported_with_each_fact_once,
+});
+
+/// How often `needle` appears in `haystack`.
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+/// `error` as anyhow prints it with `{:#}`: the error and every source, joined by `: `.
+fn report(error: impl std::error::Error + Send + Sync + 'static) -> String {
+    format!("{:#}", anyhow::Error::new(error))
+}
+
+async fn a_failing_provider_is_reported_with_each_fact_once<P: PoolUnderTest>() {
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
+    emulator.set_fault(Endpoint::Token, Fault::ServerError);
+    let spec = PoolSpec::new(&emulator, connector(&emulator))
+        .size(1)
+        .timeout(Duration::from_secs(2));
+    let pool: P = P::build(spec).await.unwrap();
+
+    let failure = pool.query("select 1").await.unwrap_err();
+    let reason = failure.reason.expect("the adapter gives our error");
+
+    let text = report(reason.error);
+    println!("{text}");
+    for fact in [
+        "HTTP 500",
+        "AADSTS50001",
+        "ClientSecretCredential authentication failed",
+        "The service is temporarily unavailable",
+        "ClientSecretCredential (client id",
+        "check Azure status",
+    ] {
+        assert_eq!(count(&text, fact), 1, "{fact:?} in {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_configuration_and_login_errors_say_each_fact_once() {
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
+
+    // The cache's own error.
+    emulator.set_fault(Endpoint::Token, Fault::ServerError);
+    let cache = service_principal_cache(&emulator, Default::default());
+    let text = report(cache.get().await.unwrap_err());
+    assert_eq!(count(&text, "AADSTS50001"), 1, "{text}");
+    assert_eq!(count(&text, "authentication failed"), 1, "{text}");
+    emulator.clear_fault(Endpoint::Token);
+
+    // A configuration error says "invalid configuration" once.
+    let error = EntraConnector::builder(crate::service_principal_source(&emulator))
+        .role_name(" ")
+        .build()
+        .unwrap_err();
+    let text = report(error);
+    assert_eq!(count(&text, "invalid configuration"), 1, "{text}");
+
+    // deadpool: its own `{e}` names our cause; its report repeats it only because deadpool's
+    // `PoolError` prints its backend error and also returns it as the source.
+    let no_role = EntraConnector::builder(crate::service_principal_source(&emulator))
+        .tls_roots(postgres_entra::TlsRoots::CaPem(
+            emulator.ca_pem().to_owned(),
+        ))
+        .build()
+        .unwrap();
+    let mut config =
+        crate::pools::Deadpool::user_config(&PoolSpec::new(&emulator, no_role.clone()));
+    config.user = Some("nobody-mi".into());
+    let pool = postgres_entra_deadpool::create_pool(&config, &no_role, PoolOptions::new()).unwrap();
+    let error = pool.get().await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("PostgreSQL refused the Entra ID login as role `nobody-mi`"),
+        "{error}"
+    );
+    assert!(
+        !error
+            .to_string()
+            .contains("error communicating with the server")
+    );
+    let typed = pool.manager().explain(&error).unwrap();
+    assert!(matches!(typed, Error::LoginRejected(_)));
+    let text = report(typed);
+    assert_eq!(count(&text, "28000"), 1, "{text}");
+    assert_eq!(count(&text, "pgaadauth_create_principal("), 1, "{text}");
+    let text = report(error);
+    assert_eq!(
+        count(&text, "refused the Entra ID login"),
+        2,
+        "deadpool's own repeat: {text}"
+    );
+}
