@@ -4,10 +4,11 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use postgres_entra::TokenClaims;
+use postgres_entra::AccessToken;
+use std::time::SystemTime;
 
 fn parse(token: &str) {
-    if let Ok(claims) = TokenClaims::parse(token) {
+    if let Ok(claims) = AccessToken::new(token, SystemTime::UNIX_EPOCH).claims() {
         let _ = claims.role_name();
         let _ = claims.to_string();
     }

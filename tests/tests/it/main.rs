@@ -37,6 +37,7 @@ macro_rules! for_pools {
     };
 }
 
+mod claims_corpus;
 mod deadpool_only;
 mod faults;
 mod metrics;
