@@ -264,7 +264,8 @@ impl PoolTelemetry {
             .with_callback(move |counter| {
                 for pool in live(&read) {
                     if let Some(now) = pool.observed().counts() {
-                        counter.observe(now.max as i64, std::slice::from_ref(&pool.observed().name));
+                        counter
+                            .observe(now.max as i64, std::slice::from_ref(&pool.observed().name));
                     }
                 }
             })
@@ -277,7 +278,8 @@ impl PoolTelemetry {
             .with_callback(move |counter| {
                 for pool in live(&read) {
                     if let Some(pending) = pool.observed().counts().and_then(|now| now.pending) {
-                        counter.observe(pending as i64, std::slice::from_ref(&pool.observed().name));
+                        counter
+                            .observe(pending as i64, std::slice::from_ref(&pool.observed().name));
                     }
                 }
             })

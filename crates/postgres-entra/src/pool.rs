@@ -569,7 +569,6 @@ impl CoreInner {
         let oldest = lock(&self.open).values().min().copied()?;
         Some(self.cache.now().duration_since(oldest).unwrap_or_default())
     }
-
 }
 
 /// One open connection's login token and retirement time, kept with the connection. Dropping it
@@ -632,15 +631,20 @@ impl Drop for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::TokenSource;
     use crate::token::TokenFuture;
+    use crate::token::TokenSource;
 
     #[derive(Debug)]
     struct Never;
 
     impl TokenSource for Never {
         fn get_token<'a>(&'a self, _: &'a str) -> TokenFuture<'a> {
-            Box::pin(async { Err(TokenError::new(crate::error::TokenErrorKind::Other, "never")) })
+            Box::pin(async {
+                Err(TokenError::new(
+                    crate::error::TokenErrorKind::Other,
+                    "never",
+                ))
+            })
         }
         fn identity(&self) -> String {
             "never".to_owned()

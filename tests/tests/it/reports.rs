@@ -103,3 +103,66 @@ async fn token_configuration_and_login_errors_say_each_fact_once() {
         "deadpool's own repeat: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_deadpool_users_log_is_what_the_readme_shows() {
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
+    let readme = include_str!("../../../README.md");
+    let get_error = |connector: EntraConnector, user: &str| {
+        let mut config =
+            crate::pools::Deadpool::user_config(&PoolSpec::new(&emulator, connector.clone()));
+        config.user = Some(user.into());
+        async move {
+            let pool =
+                postgres_entra_deadpool::create_pool(&config, &connector, PoolOptions::new())
+                    .unwrap();
+            pool.get().await.unwrap_err().to_string()
+        }
+    };
+    let managed_identity = || {
+        EntraConnector::builder(postgres_entra::AzureTokenSource::new(
+            emulator.managed_identity_credential().unwrap(),
+        ))
+        .tls_roots(postgres_entra::TlsRoots::CaPem(
+            emulator.ca_pem().to_owned(),
+        ))
+    };
+
+    // A managed identity logging in as a role mapped to another principal.
+    let wrong_role = get_error(managed_identity().build().unwrap(), "orders-api").await;
+    // The identity provider failing.
+    emulator.set_fault(Endpoint::Token, Fault::ServerError);
+    let outage = get_error(connector(&emulator).into(), "orders-api").await;
+    emulator.clear_fault(Endpoint::Token);
+    // A server certificate from a CA the connector does not trust.
+    let wrong_ca = get_error(
+        managed_identity()
+            .tls_roots(postgres_entra::TlsRoots::Azure)
+            .build()
+            .unwrap(),
+        "orders-mi",
+    )
+    .await;
+
+    for (logged, shown) in [
+        (
+            &wrong_role,
+            "Error occurred while creating a new object: PostgreSQL refused the Entra ID login as role `orders-api` (the user in the connection settings) with 28000: ",
+        ),
+        (
+            &outage,
+            "Error occurred while creating a new object: could not get an Entra ID access token for ",
+        ),
+        (
+            &wrong_ca,
+            "Error occurred while creating a new object: TLS to the PostgreSQL server failed, so no token was sent: invalid peer certificate: UnknownIssuer; ",
+        ),
+    ] {
+        assert!(logged.starts_with(shown), "{logged}");
+        assert!(readme.contains(shown), "the README shows {shown:?}");
+    }
+    assert!(outage.contains(": HTTP 500"), "{outage}");
+    assert!(
+        readme.contains("(scope https://ossrdbms-aad.database.windows.net/.default): HTTP 500: …")
+    );
+}
