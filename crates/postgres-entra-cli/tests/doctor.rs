@@ -411,7 +411,23 @@ async fn the_binary_reads_the_environment_and_exits_with_the_verdict() {
         "https://ossrdbms-aad.database.windows.net"
     );
 
-    let all_output: Vec<u8> = [healthy, json, token]
+    // A token that cannot be had: still JSON with --json, and the cause, whole.
+    emulator.set_fault(Endpoint::ManagedIdentity, Fault::ServerError);
+    let failed = run_binary(&["token", "--json"]);
+    emulator.clear_fault(Endpoint::ManagedIdentity);
+    assert_eq!(failed.status.code(), Some(1));
+    let error: serde_json::Value = serde_json::from_slice(&failed.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}",
+            String::from_utf8_lossy(&failed.stdout)
+        )
+    });
+    assert!(
+        error["error"].as_str().unwrap().contains("HTTP 500"),
+        "{error}"
+    );
+
+    let all_output: Vec<u8> = [healthy, json, token, failed]
         .iter()
         .flat_map(|o| {
             o.stdout

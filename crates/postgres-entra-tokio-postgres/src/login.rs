@@ -275,6 +275,10 @@ impl PgLogin {
                 None => return Err(classify(&error, &self.config)),
             },
         };
+        if core.probing() {
+            core.note_refused(false);
+            return Err(core.rejected(&entry, role, &code, &message, LoginRetry::NotRetried));
+        }
         tracing::debug!(
             role = %role.0,
             code,

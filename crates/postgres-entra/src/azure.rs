@@ -21,7 +21,7 @@ use crate::token::{AccessToken, TokenFuture, TokenSource};
 ///
 /// The constructors build the credentials this library recommends, with azure_core's own retry
 /// policy off (`RetryOptions::none()`): the token cache already retries (with backoff while a
-/// valid token is still served, once a second while none is), so a failing identity provider's
+/// valid token is still served, every 0.8 s while none is), so a failing identity provider's
 /// answer (HTTP status, `AADSTS` code) reaches your logs and errors at once instead of after
 /// azure_core's eight retries. On a VM, azure_identity's instance metadata (IMDS) credential keeps
 /// Microsoft's IMDS retry guidance whatever is asked. [`AzureTokenSource::new`] takes any other

@@ -524,7 +524,8 @@ pub enum LoginRetry {
     SameTokenReturned,
     /// A token fetched after a refusal was refused already; no new one was asked for.
     AlreadyReplaced,
-    /// The driver opens its connections itself (sqlx), so no retry was made from here.
+    /// No retry was made: the driver opens its connections itself (sqlx), or refused logins
+    /// were backing off and this login was the one attempt let through.
     NotRetried,
     /// No new token could be had to retry with: the provider's error.
     NoNewToken(TokenError),

@@ -315,6 +315,13 @@ impl PoolCore {
         }
     }
 
+    /// Whether refused logins are backing off and the login in flight is the one let through
+    /// (a probe): it is not retried with another token, so that a revoked principal costs the
+    /// server at most one refused login per wait.
+    pub fn probing(&self) -> bool {
+        lock(&self.inner.refusals).probing
+    }
+
     /// The role a login with `entry` uses.
     pub fn role(&self, entry: &Entry) -> Result<(String, RoleSource), Error> {
         self.inner
@@ -535,6 +542,7 @@ impl CoreInner {
             return false;
         }
         if self.cache.provider_unavailable() {
+            self.cache.wanted();
             if !self.keeping_logged.swap(true, Ordering::Relaxed) {
                 tracing::info!(
                     pool = %self.name,

@@ -7,8 +7,11 @@
 //!   `backoff_max`, never past the moment the token stops being served): nobody waits, so there
 //!   is no hurry;
 //! - while no usable token is cached, callers that want one make the cache ask again at a steady
-//!   rate (`retry_interval`, one second by default, or later if the provider said `Retry-After`),
-//!   one request at a time: the first caller after the provider answers again gets a token.
+//!   rate (`retry_interval`, 800 ms by default, or later if the provider said `Retry-After`), one
+//!   request at a time. While the provider is unavailable, a caller that arrives between two
+//!   attempts waits for the next one when it falls before the caller's deadline (else, and after
+//!   a refusal, it gets the last failure at once), so the first attempt after the provider
+//!   answers again serves every caller waiting.
 
 use arc_swap::ArcSwapOption;
 use std::fmt;
@@ -47,7 +50,7 @@ impl Default for CacheOptions {
             fetch_timeout: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
-            retry_interval: Duration::from_secs(1),
+            retry_interval: Duration::from_millis(800),
         }
     }
 }
@@ -96,9 +99,12 @@ impl CacheOptions {
     }
 
     /// While no usable token is cached, callers that want one make the cache ask the provider
-    /// again at most this often (at least 10 ms; default 1 second), or after the provider's
-    /// `Retry-After` (up to the longest backoff): an outage ends for the pools within about this
-    /// long of the provider answering again.
+    /// again at most this often (at least 10 ms), or after the provider's `Retry-After` (up to the
+    /// longest backoff). While the provider is unavailable, callers between two attempts wait for
+    /// the next one (within their deadline), so an outage ends for the pools within about this
+    /// long of the provider answering again. Default 800 ms: the first checkout after the
+    /// provider recovers succeeds within a second, and the provider hears about one request a
+    /// second meanwhile (1.25 at most).
     #[must_use]
     pub fn retry_interval(mut self, interval: Duration) -> Self {
         self.retry_interval = interval;
@@ -594,6 +600,25 @@ impl TokenCache {
             .is_some_and(|e| e.kind().is_unavailability())
     }
 
+    /// A token is wanted although no caller waits for one (a pool keeps sessions past their
+    /// retirement while the provider is unavailable): asks the provider again, at the steady rate
+    /// callers would, so that the sessions are retired soon after it answers again.
+    pub(crate) fn wanted(&self) {
+        let inner = &self.inner;
+        let Ok(mut state) = inner.state.try_lock() else {
+            return;
+        };
+        let now = inner.clock.now();
+        if inner.usable(now).is_some()
+            || state.fetch_in_progress().is_some()
+            || inner.must_wait(&state, now).is_some()
+        {
+            return;
+        }
+        // Outside a Tokio runtime there is no one to run it; the next caller will.
+        let _ = inner.start_fetch(&mut state, Trigger::Caller);
+    }
+
     /// Whether no usable token is cached because the last request failed.
     pub(crate) fn failed_without_token(&self) -> bool {
         self.inner.usable(self.inner.clock.now()).is_none()
@@ -714,23 +739,45 @@ impl Inner {
     ) -> Result<Arc<Entry>, TokenError> {
         // A fetch may be abandoned (its runtime shut down) or return a token that is already too
         // old by the time we see it; both are rare, so a couple of rounds suffice.
-        for _ in 0..3 {
-            let receiver = {
+        let mut waited_for_attempt = false;
+        let mut round = 0;
+        while round < 3 {
+            let next_attempt_in = {
                 let mut state = self.lock_state();
                 let now = self.clock.now();
                 if let Some(token) = self.usable(now) {
                     return Ok(token);
                 }
                 match state.fetch_in_progress() {
-                    Some(receiver) => receiver,
-                    None => {
-                        if let Some(error) = self.must_wait(&state, now) {
-                            return Err(error);
+                    Some(receiver) => Ok(receiver),
+                    None => match self.must_wait(&state, now) {
+                        // The provider is unavailable and the next attempt is due within the
+                        // retry interval and before the caller's deadline: wait for it, so that
+                        // callers are served as soon as the provider answers again rather than at
+                        // their own next try (bb8 retries a failed connect only every 200 ms to
+                        // half its timeout).
+                        Some(error) if !waited_for_attempt && error.kind().is_unavailability() => {
+                            let wait = error.retry_in().unwrap_or_default();
+                            let fits = deadline.is_none_or(|d| Instant::now() + wait < d);
+                            if wait > self.options.retry_interval || !fits {
+                                return Err(error);
+                            }
+                            Err(wait)
                         }
-                        self.start_fetch(&mut state, Trigger::Caller)?
-                    }
+                        Some(error) => return Err(error),
+                        None => Ok(self.start_fetch(&mut state, Trigger::Caller)?),
+                    },
                 }
             };
+            let receiver = match next_attempt_in {
+                Ok(receiver) => receiver,
+                Err(wait) => {
+                    waited_for_attempt = true;
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            };
+            round += 1;
             match self.wait(receiver, deadline).await {
                 Waited::Done(Ok(token)) if self.clock.now() < token.usable_until => {
                     return Ok(token);

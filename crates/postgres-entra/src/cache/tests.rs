@@ -314,7 +314,7 @@ async fn a_valid_token_is_served_through_an_outage_and_an_expired_one_never() {
 
     // The provider recovers: the next caller, within a second, gets a token again.
     provider.fail_with(None);
-    advance(Duration::from_millis(1001)).await;
+    advance(Duration::from_millis(801)).await;
     let token = cache.entry(None).await.unwrap();
     assert!(token.secret() != "secret-token-1");
     assert!(provider.clock.now() < token.usable_until());
@@ -333,33 +333,61 @@ async fn without_a_token_callers_make_the_cache_ask_once_a_second_and_recovery_i
         TokenError::new(TokenErrorKind::ServerError, "AADSTS50001").with_http_status(500),
     ));
 
-    // 60 s of callers every 10 ms: about one request a second, never a storm, never a long
-    // exponential wait.
-    let mut failures = 0;
-    for _ in 0..6000 {
-        if cache.get().await.is_err() {
-            failures += 1;
-        }
-        advance(Duration::from_millis(10)).await;
+    // 60 s of 8 callers, each asking again 10 ms after its last answer: about one request a
+    // second, never a storm, never a long exponential wait; a caller waits at most for the next
+    // attempt.
+    let started = Instant::now();
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let (mut failures, mut longest) = (0, Duration::ZERO);
+                while started.elapsed() < Duration::from_secs(60) {
+                    let asked = Instant::now();
+                    assert!(cache.get().await.is_err());
+                    failures += 1;
+                    longest = longest.max(asked.elapsed());
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                (failures, longest)
+            })
+        })
+        .collect();
+    let mut longest = Duration::ZERO;
+    for caller in callers {
+        let (failures, waited) = caller.await.unwrap();
+        assert!(failures >= 60, "{failures} answers in 60 s");
+        longest = longest.max(waited);
     }
     let calls = provider.calls();
-    assert_eq!(failures, 6000);
-    assert!((55..=62).contains(&calls), "{calls} requests in 60 s");
+    assert!((72..=82).contains(&calls), "{calls} requests in 60 s");
+    assert!(
+        longest <= Duration::from_millis(800),
+        "a caller waited {longest:?}"
+    );
 
-    // The provider answers again: the first caller after at most a second gets a token.
+    // The provider answers again: a caller that asks at once is served by the next attempt,
+    // within a second.
     provider.fail_with(None);
     let recovered_at = Instant::now();
-    loop {
-        if cache.get().await.is_ok() {
-            break;
-        }
-        advance(Duration::from_millis(10)).await;
-    }
+    cache.get().await.unwrap();
     assert!(
-        recovered_at.elapsed() <= Duration::from_secs(1),
+        recovered_at.elapsed() <= Duration::from_millis(800),
         "{:?}",
         recovered_at.elapsed()
     );
+
+    // A refusal is not worth waiting for: callers get it at once.
+    let (provider, cache) = setup(HOUR);
+    provider.fail_with(Some(TokenError::new(
+        TokenErrorKind::CredentialRejected,
+        "AADSTS700016: application not found",
+    )));
+    let _ = cache.get().await;
+    let asked = Instant::now();
+    let error = cache.get().await.unwrap_err();
+    assert_eq!(error.kind(), TokenErrorKind::CredentialRejected);
+    assert_eq!(asked.elapsed(), Duration::ZERO);
 }
 
 #[tokio::test(start_paused = true)]
