@@ -19,7 +19,7 @@ deps:
 fmt:
 	$(CARGO) fmt --all --check
 
-LIBRARIES := -p postgres-entra -p postgres-entra-tokio-postgres -p postgres-entra-deadpool -p postgres-entra-bb8 -p postgres-entra-sqlx
+LIBRARIES := -p postgres-entra -p postgres-entra-tokio-postgres -p postgres-entra-deadpool -p postgres-entra-bb8 -p postgres-entra-sqlx -p postgres-entra-diesel
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
@@ -30,7 +30,7 @@ clippy:
 	$(CARGO) clippy $(LIBRARIES) --lib --locked --no-default-features --features ring,azure -- -D warnings
 	# The published crates' docs, links included, with and without the optional features.
 	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked $(LIBRARIES)
-	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked $(LIBRARIES) --features postgres-entra/opentelemetry_0_33,postgres-entra-deadpool/opentelemetry_0_33,postgres-entra-bb8/opentelemetry_0_33,postgres-entra-sqlx/opentelemetry_0_33
+	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked $(LIBRARIES) --features postgres-entra/opentelemetry_0_33,postgres-entra-deadpool/opentelemetry_0_33,postgres-entra-bb8/opentelemetry_0_33,postgres-entra-sqlx/opentelemetry_0_33,postgres-entra-diesel/opentelemetry_0_33
 
 build:
 	$(CARGO) build --workspace --all-targets --locked
@@ -50,6 +50,7 @@ examples:
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example deadpool_quickstart
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example bb8_quickstart
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example sqlx_quickstart
+	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example diesel_quickstart
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example web_service -- --check
 
 ## The live-Azure suite: the emulator's checks against a real server and credential named by PGHOST

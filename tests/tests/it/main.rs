@@ -5,7 +5,7 @@
 //! by searching the capture for every token the emulator issued.
 
 /// Runs each scenario in braces as a test for each pool adapter listed: one module per adapter
-/// (`deadpool`, `bb8`, `sqlx`), one test per scenario in it. After `only [pools] { scenarios }`
+/// (`deadpool`, `bb8`, `sqlx`, `diesel_deadpool`, `diesel_bb8`), one test per scenario in it. After `only [pools] { scenarios }`
 /// come scenarios that only some of the listed adapters run.
 macro_rules! for_pools {
     ([$($pool:ident),* $(,)?] $scenarios:tt) => {
@@ -17,6 +17,10 @@ macro_rules! for_pools {
     (@pool deadpool $($rest:tt)*) => { for_pools!(@tests deadpool Deadpool $($rest)*); };
     (@pool bb8 $($rest:tt)*) => { for_pools!(@tests bb8 Bb8 $($rest)*); };
     (@pool sqlx $($rest:tt)*) => { for_pools!(@tests sqlx Sqlx $($rest)*); };
+    (@pool diesel_deadpool $($rest:tt)*) => {
+        for_pools!(@tests diesel_deadpool DieselDeadpool $($rest)*);
+    };
+    (@pool diesel_bb8 $($rest:tt)*) => { for_pools!(@tests diesel_bb8 DieselBb8 $($rest)*); };
     (@tests $module:ident $pool:ident $scenarios:tt [$($some:ident),* $(,)?] $extra:tt) => {
         mod $module {
             for_pools!(@each $pool $scenarios);
@@ -26,6 +30,10 @@ macro_rules! for_pools {
     (@if deadpool deadpool $pool:ident $extra:tt) => { for_pools!(@each $pool $extra); };
     (@if bb8 bb8 $pool:ident $extra:tt) => { for_pools!(@each $pool $extra); };
     (@if sqlx sqlx $pool:ident $extra:tt) => { for_pools!(@each $pool $extra); };
+    (@if diesel_deadpool diesel_deadpool $pool:ident $extra:tt) => {
+        for_pools!(@each $pool $extra);
+    };
+    (@if diesel_bb8 diesel_bb8 $pool:ident $extra:tt) => { for_pools!(@each $pool $extra); };
     (@if $module:ident $other:ident $pool:ident $extra:tt) => {};
     (@each $pool:ident { $($scenario:ident),* $(,)? }) => {
         $(
@@ -42,6 +50,7 @@ mod deadpool_only;
 mod faults;
 mod metrics;
 mod misconfiguration;
+mod outages;
 mod pools;
 mod reports;
 mod scenarios;
@@ -282,6 +291,21 @@ where
         failed: failed.load(Ordering::Relaxed),
         first_error,
     }
+}
+
+/// `hammer` on `checkout_as(role)`: checkouts that log in as `role`.
+pub(crate) async fn churn<P: pools::PoolUnderTest>(
+    pool: &P,
+    tasks: usize,
+    run: Duration,
+    role: &'static str,
+) -> Load {
+    let pool = pool.clone();
+    hammer(tasks, run, move || {
+        let pool = pool.clone();
+        async move { pool.checkout_as(role).await }
+    })
+    .await
 }
 
 /// `error` and all its sources, as a reporter like anyhow's `{:#}` prints them.

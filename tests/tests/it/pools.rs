@@ -5,6 +5,7 @@ use deadpool_postgres::{ManagerConfig, PoolConfig, RecyclingMethod, Timeouts};
 use postgres_entra::{EntraConnector, Error, PoolOptions, TokenCache};
 use postgres_entra_bb8::{EntraConnectionManager, PoolObservation};
 use postgres_entra_deadpool::create_pool;
+use postgres_entra_diesel::{EntraDiesel, deadpool, diesel, diesel_async};
 use postgres_entra_testkit::AzureServer;
 use std::any::Any;
 use std::future::Future;
@@ -458,5 +459,136 @@ impl PoolUnderTest for Sqlx {
 
     fn token_cache(&self) -> TokenCache {
         self.0.token_cache().clone()
+    }
+}
+
+/// `sql`'s first value as text through diesel: `sql` is `select <expression>`.
+async fn diesel_first_value(
+    connection: &mut diesel_async::AsyncPgConnection,
+    sql: &'static str,
+) -> Result<String, Failure> {
+    use diesel_async::RunQueryDsl;
+    let expression = sql
+        .strip_prefix("select ")
+        .expect("a `select <expression>`");
+    diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(&format!(
+        "({expression})::text"
+    )))
+    .get_result(connection)
+    .await
+    .map_err(|e| Failure {
+        text: e.to_string(),
+        reason: None,
+    })
+}
+
+/// diesel-async's deadpool pool of `AsyncPgConnection`s, on `EntraDiesel::manager`.
+#[derive(Clone)]
+pub(crate) struct DieselDeadpool {
+    pool: postgres_entra_diesel::DeadpoolPool,
+    entra: EntraDiesel,
+}
+
+impl PoolUnderTest for DieselDeadpool {
+    type Connection =
+        diesel_async::pooled_connection::deadpool::Object<diesel_async::AsyncPgConnection>;
+    const COUNTS_TIMEOUTS: bool = false;
+
+    async fn build(spec: PoolSpec) -> Result<Self, Error> {
+        let mut options = spec.options.clone();
+        if let Some(age) = spec.max_age {
+            options = options.max_age(age, age / 5);
+        }
+        let entra = EntraDiesel::new(spec.server_config(), &spec.connector, options)?;
+        let pool = postgres_entra_diesel::DeadpoolPool::builder(entra.manager())
+            .max_size(spec.max_size)
+            .wait_timeout(Some(spec.timeout))
+            .create_timeout(Some(spec.timeout))
+            .recycle_timeout(Some(Duration::from_secs(5).min(spec.timeout)))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .expect("a valid deadpool configuration");
+        Ok(Self { pool, entra })
+    }
+
+    async fn checkout(&self) -> Result<Self::Connection, Failure> {
+        self.pool.get().await.map_err(|error| Failure {
+            text: chain(&error),
+            reason: self.entra.explain(&error).map(|e| Reason::of(&e)),
+        })
+    }
+
+    async fn first_value(
+        connection: &mut Self::Connection,
+        sql: &'static str,
+    ) -> Result<String, Failure> {
+        diesel_first_value(connection, sql).await
+    }
+
+    fn counts(&self) -> Counts {
+        let status = self.pool.status();
+        Counts {
+            open: status.size,
+            idle: status.available,
+        }
+    }
+
+    fn token_cache(&self) -> TokenCache {
+        self.entra.token_cache().clone()
+    }
+}
+
+/// A bb8 pool of diesel-async `AsyncPgConnection`s on `EntraDiesel::manager`, checking
+/// connections on checkout.
+#[derive(Clone)]
+pub(crate) struct DieselBb8 {
+    pool: postgres_entra_diesel::Bb8Pool,
+    entra: EntraDiesel,
+}
+
+impl PoolUnderTest for DieselBb8 {
+    type Connection = bb8::PooledConnection<'static, postgres_entra_diesel::Manager>;
+    const COUNTS_TIMEOUTS: bool = true;
+
+    async fn build(spec: PoolSpec) -> Result<Self, Error> {
+        let mut options = spec.options.clone();
+        if let Some(age) = spec.max_age {
+            options = options.max_age(age, age / 5);
+        }
+        let entra = EntraDiesel::new(spec.server_config(), &spec.connector, options)?;
+        let pool = bb8::Pool::builder()
+            .max_size(spec.max_size as u32)
+            .connection_timeout(spec.timeout)
+            .test_on_check_out(true)
+            .build(entra.manager())
+            .await
+            .map_err(|e| postgres_entra::__private::config_error(e.to_string()))?;
+        Ok(Self { pool, entra })
+    }
+
+    async fn checkout(&self) -> Result<Self::Connection, Failure> {
+        self.pool.get_owned().await.map_err(|error| Failure {
+            text: format!("{error:?}"),
+            reason: self.entra.explain(&error).map(|e| Reason::of(&e)),
+        })
+    }
+
+    async fn first_value(
+        connection: &mut Self::Connection,
+        sql: &'static str,
+    ) -> Result<String, Failure> {
+        diesel_first_value(connection, sql).await
+    }
+
+    fn counts(&self) -> Counts {
+        let state = self.pool.state();
+        Counts {
+            open: state.connections as usize,
+            idle: state.idle_connections as usize,
+        }
+    }
+
+    fn token_cache(&self) -> TokenCache {
+        self.entra.token_cache().clone()
     }
 }

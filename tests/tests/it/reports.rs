@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::pools::{PoolSpec, PoolUnderTest};
 use crate::{Suite, connector, service_principal_cache};
 
-for_pools!([deadpool, bb8, sqlx] {
+for_pools!([deadpool, bb8, sqlx, diesel_deadpool, diesel_bb8] {
     a_failing_provider_is_reported_with_each_fact_once,
 });
 

@@ -22,7 +22,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// The emulator's service principal, whose role every connector here logs in as.
 const ROLE: &str = "orders-api";
 
-for_pools!([deadpool, bb8, sqlx] {
+for_pools!([deadpool, bb8, sqlx, diesel_deadpool, diesel_bb8] {
     churn_across_token_lifetimes_never_fails,
     a_cold_start_with_thirty_two_checkouts_makes_one_token_request,
     connections_past_their_age_are_replaced,
@@ -37,7 +37,7 @@ for_pools!([deadpool, bb8, sqlx] {
     a_stalled_network_fails_checkouts_within_the_pool_timeouts_and_heals,
     load_of_256_tasks_on_16_connections_for_30_seconds,
     a_plaintext_server_receives_no_token_byte_whatever_the_sslmode,
-} only [deadpool, bb8] {
+} only [deadpool, bb8, diesel_deadpool, diesel_bb8] {
     // sqlx opens its connections itself: a refused login is not retried with another token (the
     // next connect uses the cache's current one), and it has no hostaddr to reach an Azure name at
     // the emulator's address. Everything else holds for it too.
@@ -52,12 +52,7 @@ async fn pool<P: PoolUnderTest>(spec: PoolSpec) -> P {
 
 /// `hammer` on `checkout_as(ROLE)`.
 async fn churn<P: PoolUnderTest>(pool: &P, tasks: usize, run: Duration) -> Load {
-    let pool = pool.clone();
-    hammer(tasks, run, move || {
-        let pool = pool.clone();
-        async move { pool.checkout_as(ROLE).await }
-    })
-    .await
+    crate::churn(pool, tasks, run, ROLE).await
 }
 
 async fn churn_across_token_lifetimes_never_fails<P: PoolUnderTest>() {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::pools::{Failure, PoolSpec, PoolUnderTest};
 use crate::{Suite, connector_builder, metered_connector};
 
-for_pools!([deadpool, bb8, sqlx] {
+for_pools!([deadpool, bb8, sqlx, diesel_deadpool, diesel_bb8] {
     revoking_principals_mid_churn_ends_their_sessions_and_spares_the_others,
     with_the_bound_off_a_session_outlives_its_token_and_with_it_on_it_does_not,
 });

@@ -1,0 +1,329 @@
+//! Identity-provider outages longer than a token's life, for every pool: new logins resume within a
+//! second of the provider answering again while the provider hears about one request a second,
+//! warm pools serve every checkout through the outage, every failed checkout carries our typed
+//! cause (no pool's own untyped timeout), refused logins back off, and the logs stay readable.
+
+use postgres_entra::CacheOptions;
+use postgres_entra_testkit::{Endpoint, Fault};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::pools::{PoolSpec, PoolUnderTest};
+use crate::{Suite, captured_len, captured_text, connector, connector_with, hammer};
+
+for_pools!([deadpool, bb8, sqlx, diesel_deadpool, diesel_bb8] {
+    new_logins_resume_within_a_second_of_the_provider_answering_after_one_and_three_token_lives,
+    a_warm_pool_serves_every_checkout_through_an_outage_of_three_token_lives,
+    during_a_stalled_provider_every_failed_checkout_carries_our_typed_cause,
+} only [deadpool, bb8, diesel_deadpool, diesel_bb8] {
+    // sqlx opens its connections itself: a refused login cannot be held back.
+    refused_logins_back_off_after_a_revocation,
+});
+
+const ROLE: &str = "orders-api";
+
+/// Ends every session of the service principal's role server-side, so that the pool must log in
+/// again.
+async fn kill_sessions(emulator: &Suite) {
+    let admin = emulator.admin_client().await.unwrap();
+    admin
+        .execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity where usename = 'orders-api'",
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
+/// How long after now the first checkout succeeds, trying every 20 ms for at most `limit`.
+async fn first_success<P: PoolUnderTest>(pool: &P, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if pool.checkout_as(ROLE).await.is_ok() {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn new_logins_resume_within_a_second_of_the_provider_answering_after_one_and_three_token_lives<
+    P: PoolUnderTest,
+>() {
+    const LIFETIME: Duration = Duration::from_secs(2);
+    let emulator = Suite::start(LIFETIME).await;
+    // As the README builds credentials: azure_core's retries off (the emulator's credentials are
+    // built so), the cache's defaults.
+    let spec = PoolSpec::new(&emulator, connector(&emulator))
+        .size(2)
+        .timeout(Duration::from_secs(1));
+    let pool: P = P::build(spec).await.unwrap();
+    pool.checkout_as(ROLE).await.unwrap();
+
+    for lives in [1, 3] {
+        let outage = LIFETIME * lives;
+        let requests_before = emulator.requests(Endpoint::Token);
+        emulator.set_fault(Endpoint::Token, Fault::ServerError);
+        // Past the usable life, the sessions gone: every checkout needs a new login, which needs
+        // a token, which the provider will not give.
+        let started = Instant::now();
+        while started.elapsed() < outage {
+            kill_sessions(&emulator).await;
+            let _ = pool.checkout_as(ROLE).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let requests = emulator.requests(Endpoint::Token) - requests_before;
+        emulator.clear_fault(Endpoint::Token);
+        let recovered = first_success(&pool, Duration::from_secs(5))
+            .await
+            .expect("new logins resume");
+
+        let rate = requests as f64 / outage.as_secs_f64();
+        println!(
+            "outage of {lives} token life (lives {LIFETIME:?}): {requests} requests to the provider ({rate:.2}/s); first checkout {recovered:?} after it answered again"
+        );
+        assert!(
+            recovered <= Duration::from_secs(1),
+            "recovered {recovered:?} after the provider answered"
+        );
+        // One request per retry interval (800 ms), plus the background refresh and the request
+        // that began the outage.
+        let allowed = outage.as_secs_f64() / 0.8 + 2.0;
+        assert!(
+            requests as f64 <= allowed,
+            "{requests} requests ({rate:.2} a second) during an outage of {outage:?}"
+        );
+    }
+}
+
+async fn a_warm_pool_serves_every_checkout_through_an_outage_of_three_token_lives<
+    P: PoolUnderTest,
+>() {
+    const LIFETIME: Duration = Duration::from_secs(2);
+    const SIZE: usize = 4;
+    let emulator = Suite::start(LIFETIME).await;
+    // Default options: sessions bounded by their token.
+    let spec = PoolSpec::new(&emulator, connector(&emulator)).size(SIZE);
+    let pool: P = P::build(spec).await.unwrap();
+    // Warm: every connection open.
+    let mut held = Vec::new();
+    for _ in 0..SIZE {
+        held.push(pool.hold().await.unwrap());
+    }
+    drop(held);
+    let before = emulator.sessions_of(ROLE).await.unwrap();
+    assert_eq!(before.len(), SIZE);
+
+    // An outage from now for three lives: the tokens the sessions logged in with run out.
+    emulator.set_fault_for(Endpoint::Token, Fault::ServerError, 3 * LIFETIME);
+    let load = crate::churn(&pool, SIZE, 3 * LIFETIME, ROLE).await;
+
+    assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
+    assert!(load.ok > 100, "{} checkouts", load.ok);
+    let during = emulator.sessions_of(ROLE).await.unwrap();
+    assert_eq!(
+        during, before,
+        "the sessions were kept past their token's expiry: nothing could replace them"
+    );
+    // The provider answers again: the sessions are retired and replaced.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        pool.checkout_as(ROLE).await.unwrap();
+        let now = emulator.sessions_of(ROLE).await.unwrap();
+        if before.iter().all(|pid| !now.contains(pid)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "old sessions remain: {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "{} checkouts through an outage of {:?} with tokens of {LIFETIME:?}, none failed",
+        load.ok,
+        3 * LIFETIME
+    );
+}
+
+async fn during_a_stalled_provider_every_failed_checkout_carries_our_typed_cause<
+    P: PoolUnderTest,
+>() {
+    const LIFETIME: Duration = Duration::from_secs(2);
+    let emulator = Suite::start(LIFETIME).await;
+    // The pool's timeout as in a typical configuration (10 s), the cache's defaults (its fetch
+    // timeout is 10 s too).
+    let spec = PoolSpec::new(&emulator, connector(&emulator)).size(2);
+    let pool: P = P::build(spec).await.unwrap();
+    pool.checkout_as(ROLE).await.unwrap();
+    // The provider stops answering; the token runs out; the sessions end.
+    emulator.set_latency(Endpoint::Token, Duration::from_secs(60));
+    tokio::time::sleep(LIFETIME).await;
+    kill_sessions(&emulator).await;
+
+    let started = Instant::now();
+    let failure = pool.query("select 1").await.unwrap_err();
+    let took = started.elapsed();
+
+    let reason = failure
+        .reason
+        .unwrap_or_else(|| panic!("an untyped failure: {}", failure.text));
+    assert_eq!(reason.variant, "Token", "{reason:?}");
+    assert!(
+        !failure.text.contains("Timeout occurred while creating"),
+        "deadpool's own timeout won: {}",
+        failure.text
+    );
+    println!("failed after {took:?}: {}", failure.text);
+}
+
+async fn refused_logins_back_off_after_a_revocation<P: PoolUnderTest>() {
+    const LIFETIME: Duration = Duration::from_secs(2);
+    let emulator = Suite::start(LIFETIME).await;
+    let sp = emulator.service_principal();
+    let readers = emulator
+        .add_group("db-readers", std::slice::from_ref(&sp))
+        .await
+        .unwrap();
+    let connector = crate::connector_builder(&emulator)
+        .role_name("db-readers")
+        .build()
+        .unwrap();
+    let spec = PoolSpec::new(&emulator, connector)
+        .size(4)
+        .timeout(Duration::from_millis(500))
+        .options(|options| options.reap_interval(Duration::from_millis(200)));
+    let pool: P = P::build(spec).await.unwrap();
+    pool.query("select 1").await.unwrap();
+
+    emulator.remove_group_member(&readers, &sp).unwrap();
+    let revoked = Instant::now();
+    // Four tasks keep asking for connections for 10 s.
+    let _ = hammer(4, Duration::from_secs(10), {
+        let pool = pool.clone();
+        move || {
+            let pool = pool.clone();
+            async move { pool.query("select 1").await.map(drop).map_err(|e| e.text) }
+        }
+    })
+    .await;
+
+    let refused: Vec<Instant> = emulator
+        .logins()
+        .into_iter()
+        .filter(|l| l.role == "db-readers" && l.at > revoked && l.outcome.is_err())
+        .map(|l| l.at)
+        .collect();
+    let first = *refused.first().expect("the revoked principal was refused");
+    let per_second: Vec<usize> = (0..8)
+        .map(|s| {
+            let from = first + Duration::from_secs(s) + Duration::from_millis(500);
+            refused
+                .iter()
+                .filter(|at| **at >= from && **at < from + Duration::from_secs(1))
+                .count()
+        })
+        .collect();
+    println!(
+        "refused logins after the revocation: {} in all, per second after the first: {per_second:?}",
+        refused.len()
+    );
+    assert!(
+        per_second.iter().all(|n| *n <= 1),
+        "at most one refused login a second: {per_second:?}"
+    );
+    let (early, late): (usize, usize) =
+        (per_second[..4].iter().sum(), per_second[4..].iter().sum());
+    assert!(late <= early.max(1), "falling: {per_second:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sixty_second_outage_under_churn_logs_tens_of_lines_per_pool_and_recovery_once() {
+    const LIFETIME: Duration = Duration::from_secs(4);
+    const OUTAGE: Duration = Duration::from_secs(60);
+    let emulator = Arc::new(Suite::start(LIFETIME).await);
+    let options = CacheOptions::default();
+    let deadpool: crate::pools::Deadpool = crate::pools::Deadpool::build(
+        PoolSpec::new(&emulator, connector_with(&emulator, options.clone()))
+            .size(4)
+            .pool_name("deadpool")
+            .timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    let bb8: crate::pools::Bb8 = crate::pools::Bb8::build(
+        PoolSpec::new(&emulator, connector_with(&emulator, options.clone()))
+            .size(4)
+            .pool_name("bb8")
+            .timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    let sqlx: crate::pools::Sqlx = crate::pools::Sqlx::build(
+        PoolSpec::new(&emulator, connector_with(&emulator, options))
+            .size(4)
+            .pool_name("sqlx")
+            .timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    deadpool.checkout_as(ROLE).await.unwrap();
+    bb8.checkout_as(ROLE).await.unwrap();
+    sqlx.checkout_as(ROLE).await.unwrap();
+
+    let log_start = captured_len();
+    emulator.set_fault_for(Endpoint::Token, Fault::ServerError, OUTAGE);
+    // Sessions end every 2 s, so every pool keeps trying to log in through the outage.
+    let killer = {
+        let emulator = emulator.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            while started.elapsed() < OUTAGE + Duration::from_secs(2) {
+                kill_sessions(&emulator).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    };
+    let run = OUTAGE + Duration::from_secs(3);
+    let (d, b, s) = tokio::join!(
+        crate::churn(&deadpool, 4, run, ROLE),
+        crate::churn(&bb8, 4, run, ROLE),
+        crate::churn(&sqlx, 4, run, ROLE),
+    );
+    killer.await.unwrap();
+    // After the outage, every pool works again.
+    for recovered in [
+        deadpool.checkout_as(ROLE).await,
+        bb8.checkout_as(ROLE).await,
+        sqlx.checkout_as(ROLE).await,
+    ] {
+        recovered.unwrap();
+    }
+
+    let text = captured_text();
+    let window = &text[log_start..];
+    let ours: Vec<&str> = window
+        .lines()
+        .filter(|l| (l.contains(" WARN ") || l.contains(" INFO ")) && l.contains("postgres_entra"))
+        .collect();
+    let about = |what: &str| ours.iter().filter(|l| l.contains(what)).count();
+    let failed = d.failed + b.failed + s.failed;
+    println!(
+        "{} checkouts failed during a {OUTAGE:?} outage; {} log lines at INFO and WARN (of {} bytes logged at all levels):",
+        failed,
+        ours.len(),
+        window.len()
+    );
+    for line in &ours {
+        println!("  {}", line.chars().take(220).collect::<String>());
+    }
+    assert!(failed > 100, "the pools kept failing to log in: {failed}");
+    for pool in ["deadpool", "bb8", "sqlx"] {
+        let lines = about(&format!("pool {pool}"));
+        assert!((1..=8).contains(&lines), "{lines} lines about pool {pool}");
+        let recovered = ours
+            .iter()
+            .filter(|l| l.contains(&format!("pool {pool}")) && l.contains("working again after"))
+            .count();
+        assert_eq!(recovered, 1, "recovery of pool {pool} logged once");
+    }
+    assert!(ours.len() <= 40, "{} lines", ours.len());
+}
