@@ -1,9 +1,11 @@
 //! The `postgres-entra` command-line tool: `doctor` checks every step of an Entra ID login to
 //! Azure Database for PostgreSQL and says how to fix the first that fails; `token` prints what a
-//! token from the configured credential says (never the token). The library is the tool's
+//! token from the configured credential says (never the token); `exec` runs a tool such as psql
+//! or a migration with a fresh token in its environment. The library is the tool's
 //! implementation, shared with the repository's examples and tests.
 
 pub mod doctor;
+pub mod exec;
 pub mod settings;
 pub mod tls;
 

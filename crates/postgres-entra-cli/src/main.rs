@@ -1,7 +1,9 @@
-//! `postgres-entra doctor` and `postgres-entra token`. See `postgres-entra --help`.
+//! `postgres-entra doctor`, `postgres-entra token` and `postgres-entra exec`. See
+//! `postgres-entra --help`.
 
 use clap::{Args, Parser, Subcommand};
 use postgres_entra_cli::settings::{CredentialKind, Server, credential_from_env};
+use std::ffi::OsString;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,10 +29,38 @@ enum Command {
     Doctor(Options),
     /// Prints the claims of a token from the configured credential (never the token itself).
     Token(Options),
+    /// Runs a command (psql, pg_dump, a migration tool) with a fresh token for it alone:
+    /// PGPASSWORD, PGUSER (from --user, else the token), PGSSLMODE=verify-full, PGSSLROOTCERT (the
+    /// Azure roots in a private file, removed afterwards), PGHOST, PGPORT, PGDATABASE, and
+    /// DATABASE_URL. Exits with the command's status (128 + N if signal N ended it); 125 when no
+    /// token could be had (the doctor's first steps say why), 126/127 when the command could not
+    /// be run.
+    Exec(ExecOptions),
+}
+
+#[derive(Debug, Args)]
+struct ExecOptions {
+    #[command(flatten)]
+    server: ServerOptions,
+    /// Leave DATABASE_URL as it is rather than set it (tools that read only DATABASE_URL need it).
+    #[arg(long)]
+    no_database_url: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
 }
 
 #[derive(Debug, Args)]
 struct Options {
+    #[command(flatten)]
+    server: ServerOptions,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ServerOptions {
     /// The server's name, as its certificate names it.
     #[arg(long, env = "PGHOST")]
     host: Option<String>,
@@ -58,12 +88,9 @@ struct Options {
     /// Seconds each network step and the token request may take.
     #[arg(long, default_value_t = 15)]
     timeout: u64,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
-impl Options {
+impl ServerOptions {
     fn server(&self) -> Server {
         let non_empty = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
         Server {
@@ -95,8 +122,8 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Doctor(options) => {
             let report = postgres_entra_cli::doctor::run(
-                &options.server(),
-                credential_from_env(options.credential),
+                &options.server.server(),
+                credential_from_env(options.server.credential),
             )
             .await;
             if options.json {
@@ -111,8 +138,10 @@ async fn main() -> ExitCode {
             }
         }
         Command::Token(options) => {
-            let result = match credential_from_env(options.credential) {
-                Ok(credential) => postgres_entra_cli::token(&options.server(), credential).await,
+            let result = match credential_from_env(options.server.credential) {
+                Ok(credential) => {
+                    postgres_entra_cli::token(&options.server.server(), credential).await
+                }
                 Err(e) => Err(e),
             };
             match result {
@@ -133,6 +162,48 @@ async fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Exec(options) => exec(options).await,
+    }
+}
+
+async fn exec(options: ExecOptions) -> ExitCode {
+    use postgres_entra_cli::exec::{NotRun, prepare, refused_settings, run};
+    let fail = |message: &str| {
+        eprintln!("postgres-entra exec: {message}");
+        ExitCode::from(125)
+    };
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if let Err(why) = refused_settings(
+        var("PGSSLMODE").as_deref(),
+        var("PGCHANNELBINDING").as_deref(),
+    ) {
+        return fail(&why);
+    }
+    let server = options.server.server();
+    let credential = match credential_from_env(options.server.credential) {
+        Ok(credential) => credential,
+        Err(why) => return fail(&why),
+    };
+    let prepared = match prepare(&server, credential, !options.no_database_url).await {
+        Ok(prepared) => prepared,
+        Err(NotRun::Settings(why)) => return fail(&why),
+        Err(NotRun::Token(why)) => {
+            eprintln!("postgres-entra exec: no token, so the command was not run: {why}");
+            let report = postgres_entra_cli::doctor::token_steps(
+                &server,
+                credential_from_env(options.server.credential),
+            )
+            .await;
+            eprint!("{}", report.to_text());
+            return ExitCode::from(125);
+        }
+    };
+    match run(&options.command, &prepared).await {
+        Ok(code) => ExitCode::from(code),
+        Err((code, why)) => {
+            eprintln!("postgres-entra exec: {why}");
+            ExitCode::from(code)
         }
     }
 }
