@@ -15,6 +15,7 @@ test: deps fmt clippy build unit-tests examples
 
 deps:
 	@scripts/ensure-postgres.sh
+	@scripts/ensure-prometheus.sh
 
 fmt:
 	$(CARGO) fmt --all --check

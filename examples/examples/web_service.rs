@@ -9,58 +9,10 @@
 //! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
 //! examples/src/lib.rs, then run the same command.
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
-use postgres_entra_deadpool::{Pool, PoolOptions, create_pool};
-use postgres_entra_examples::{
-    BoxError, Target, install_prometheus_metrics, metrics_summary, prometheus_text,
-};
-use serde_json::{Value, json};
+use postgres_entra_deadpool::{PoolOptions, create_pool};
+use postgres_entra_examples::web::{http_get, router};
+use postgres_entra_examples::{BoxError, Target, install_prometheus_metrics, metrics_summary};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-#[derive(Clone)]
-struct App {
-    pool: Pool,
-    registry: prometheus::Registry,
-}
-
-async fn whoami(State(app): State<App>) -> Result<Json<Value>, (StatusCode, String)> {
-    let client = app.pool.get().await.map_err(|e| {
-        let message = match app.pool.manager().explain(&e) {
-            Some(entra) => format!("database login failed: {entra}"),
-            None => format!("database unavailable: {e}"),
-        };
-        (StatusCode::SERVICE_UNAVAILABLE, message)
-    })?;
-    let row = client
-        .query_one("select current_user", &[])
-        .await
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let stats = app.pool.manager().token_cache().stats();
-    Ok(Json(json!({
-        "role": row.get::<_, String>(0),
-        "token_requests": stats.requests,
-        "token_expires_in_secs": stats.expires_in.map(|d| d.as_secs()),
-    })))
-}
-
-async fn metrics(State(app): State<App>) -> Result<String, (StatusCode, String)> {
-    prometheus_text(&app.registry).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
-}
-
-/// One plain HTTP/1.0 request to ourselves, for `--check`.
-async fn get_self(port: u16, path: &str) -> Result<String, BoxError> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    Ok(response)
-}
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
@@ -72,12 +24,7 @@ async fn main() -> Result<(), BoxError> {
         &target.connector,
         PoolOptions::new().pool_name("web"),
     )?;
-    let app = App { pool, registry };
-    let router = Router::new()
-        .route("/whoami", get(whoami))
-        .route("/metrics", get(metrics))
-        .route("/health", get(|| async { "ok" }))
-        .with_state(app);
+    let router = router(pool, registry);
     let port: u16 = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())
@@ -91,16 +38,14 @@ async fn main() -> Result<(), BoxError> {
 
     if check {
         tokio::spawn(async move { axum::serve(listener, router).await });
-        let response = get_self(port, "/whoami").await?;
-        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let (status, body) = http_get(port, "/whoami").await?;
         println!("GET /whoami -> {body}");
-        if !response.starts_with("HTTP/1.0 200") && !response.starts_with("HTTP/1.1 200") {
-            return Err(format!("unexpected answer: {response}").into());
+        if status != 200 {
+            return Err(format!("unexpected answer: {status} {body}").into());
         }
-        let response = get_self(port, "/metrics").await?;
-        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let (_, body) = http_get(port, "/metrics").await?;
         println!("GET /metrics -> (pools and tokens, shortened)");
-        for line in metrics_summary(body) {
+        for line in metrics_summary(&body) {
             println!("  {line}");
         }
         if !body.contains("db_client_connection_create_time_seconds_count{") {

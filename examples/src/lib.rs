@@ -21,6 +21,8 @@
 //!
 //! Without `PGHOST`, they start the local emulator and log in as its service principal.
 
+pub mod web;
+
 use postgres_entra::{AzureTokenSource, EntraConnector, TlsRoots, TokenSource};
 use postgres_entra_cli::settings::{Server, credential_from_env};
 use postgres_entra_testkit::Emulator;
@@ -85,7 +87,8 @@ impl Target {
         })
     }
 
-    fn emulator(token_lifetime: Duration) -> Result<Self, BoxError> {
+    /// A fresh local emulator whose tokens live `token_lifetime`, and its service principal.
+    pub fn emulator(token_lifetime: Duration) -> Result<Self, BoxError> {
         let emulator = Emulator::builder().token_lifetime(token_lifetime).start()?;
         let sp = emulator.service_principal();
         let source = Arc::new(AzureTokenSource::new(
