@@ -1,16 +1,17 @@
 # The two commands: `make demo` and `make test`. See README.md.
 SHELL := /bin/bash
 CARGO ?= cargo
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: test demo deps fmt clippy build unit-tests examples fuzz bench test-azure
+.PHONY: test demo deps fmt clippy build unit-tests examples package fuzz bench test-azure
 
 ## Runs the main job against the local emulator (real Azure when PG*/AZURE_* are set, see README).
 demo: deps
 	$(CARGO) run --locked --quiet -p postgres-entra-examples --example demo
 
 ## Formatting, clippy with -D warnings, and every test (isolated to loopback where possible).
-test: deps fmt clippy build unit-tests examples
+test: deps fmt clippy build unit-tests examples package
 	@scripts/check-leftovers.sh
 
 deps:
@@ -19,6 +20,9 @@ deps:
 
 fmt:
 	$(CARGO) fmt --all --check
+
+# The features docs.rs documents ([package.metadata.docs.rs] of each library).
+DOCS_RS_FEATURES := postgres-entra/azure,postgres-entra/platform-verifier,postgres-entra/opentelemetry_0_33,postgres-entra-tokio-postgres/platform-verifier,postgres-entra-tokio-postgres/opentelemetry_0_33,postgres-entra-deadpool/platform-verifier,postgres-entra-deadpool/opentelemetry_0_33,postgres-entra-bb8/platform-verifier,postgres-entra-bb8/opentelemetry_0_33,postgres-entra-sqlx/opentelemetry_0_33,postgres-entra-diesel/platform-verifier,postgres-entra-diesel/opentelemetry_0_33
 
 LIBRARIES := -p postgres-entra -p postgres-entra-tokio-postgres -p postgres-entra-deadpool -p postgres-entra-bb8 -p postgres-entra-sqlx -p postgres-entra-diesel
 
@@ -29,13 +33,16 @@ clippy:
 	$(CARGO) clippy $(LIBRARIES) --lib --locked -- -D warnings
 	# rustls's other crypto provider: ring instead of aws-lc-rs.
 	$(CARGO) clippy $(LIBRARIES) --lib --locked --no-default-features --features ring,azure -- -D warnings
-	# The published crates' docs, links included, with and without the optional features.
-	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked $(LIBRARIES)
-	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --no-deps --locked $(LIBRARIES) --features postgres-entra/opentelemetry_0_33,postgres-entra-deadpool/opentelemetry_0_33,postgres-entra-bb8/opentelemetry_0_33,postgres-entra-sqlx/opentelemetry_0_33,postgres-entra-diesel/opentelemetry_0_33
+	# The published crates' docs as docs.rs builds them (`--cfg docsrs`: each feature-gated item
+	# says which feature it needs; nightly rustdoc there, RUSTC_BOOTSTRAP here), links included,
+	# with the default features and with those docs.rs adds.
+	RUSTC_BOOTSTRAP=1 RUSTDOCFLAGS="--cfg docsrs -Dwarnings" $(CARGO) doc --no-deps --locked $(LIBRARIES)
+	RUSTC_BOOTSTRAP=1 RUSTDOCFLAGS="--cfg docsrs -Dwarnings" $(CARGO) doc --no-deps --locked $(LIBRARIES) --features $(DOCS_RS_FEATURES)
+	grep -q 'Available on <strong>crate feature <code>opentelemetry_0_33</code>' target/doc/postgres_entra_bb8/struct.EntraConnectionManager.html
 
+## Every target, the benches included (in the dev profile: `make bench` builds them optimized).
 build:
 	$(CARGO) build --workspace --all-targets --locked
-	$(CARGO) bench --workspace --locked --no-run
 
 unit-tests:
 ifeq ($(NEXTEST),yes)
@@ -53,6 +60,15 @@ examples:
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example sqlx_quickstart
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example diesel_quickstart
 	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example web_service -- --check
+
+## The published crates as crates.io would receive them (interdependent ones through cargo's local
+## registry), and the packaged core's own tests run from its unpacked .crate, outside this tree.
+package:
+	$(CARGO) package --locked --offline --allow-dirty --no-verify $(LIBRARIES)
+	rm -rf target/package/unpacked && mkdir -p target/package/unpacked
+	tar -xzf target/package/postgres-entra-$(VERSION).crate -C target/package/unpacked
+	cd target/package/unpacked/postgres-entra-$(VERSION) && CARGO_TARGET_DIR=$(CURDIR)/target \
+		$(CARGO) test --locked --offline --lib --quiet
 
 ## The live-Azure suite: the emulator's checks against a real server and credential named by PGHOST
 ## and AZURE_*/IDENTITY_* (see README); says what to set and passes when they are missing. Never

@@ -11,7 +11,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 /// tokio-postgres-rustls's stream type (it keeps the type itself private).
 type TlsStream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
 
-/// The connection half of a login made by [`connect`]: it drives the socket and must be spawned
+/// The connection half of a login made by [`connect`](crate::connect()): it drives the socket and must be spawned
 /// (or polled), as with `tokio_postgres::connect`. Resolves when the connection closes.
 pub struct Connection {
     pub(crate) inner: tokio_postgres::Connection<Socket, TlsStream>,
