@@ -65,9 +65,11 @@ fn every_published_crate_declares_a_rust_version_its_dependencies_allow() {
             .iter()
             .find(|(_, p)| p["name"] == name && p["source"].is_null())
             .unwrap_or_else(|| panic!("{name} is not in the workspace"));
-        let declared = version(package["rust_version"].as_str().unwrap_or_else(|| {
-            panic!("{name} declares no rust-version")
-        }));
+        let declared = version(
+            package["rust_version"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name} declares no rust-version")),
+        );
         // Every normal and build dependency, transitively.
         let root_id = *id;
         let (mut seen, mut stack) = (BTreeSet::new(), vec![root_id]);
