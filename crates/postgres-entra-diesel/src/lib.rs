@@ -64,6 +64,11 @@ impl fmt::Debug for EntraDiesel {
     }
 }
 
+diesel::define_sql_function! {
+    /// PostgreSQL's `pg_backend_pid()`: the server process of this connection.
+    fn pg_backend_pid() -> diesel::sql_types::Integer;
+}
+
 /// Why a connection is retired when it is recycled.
 const RETIRED: &str = "the connection's login token has expired (or it reached its age limit)";
 
@@ -97,11 +102,11 @@ impl EntraDiesel {
         config.recycling_method = RecyclingMethod::CustomFunction(Box::new(move |connection| {
             let inner = recycle.clone();
             Box::pin(async move {
-                let pid: i32 = diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>(
-                    "pg_backend_pid()",
-                ))
-                .get_result(connection)
-                .await?;
+                // A function with a static query id: its prepared statement is cached, so the
+                // check costs one round trip, as diesel-async's own `select 1` does.
+                let pid: i32 = diesel::select(pg_backend_pid())
+                    .get_result(connection)
+                    .await?;
                 if inner.retire(pid) {
                     Err(diesel::result::Error::QueryBuilderError(RETIRED.into()))
                 } else {
@@ -173,11 +178,22 @@ impl Inner {
                 }
             }
         });
-        let pid: i32 = client
-            .query_one("select pg_backend_pid()", &[])
+        // The simple protocol: one round trip, no statement prepared.
+        let pid = client
+            .simple_query("select pg_backend_pid()")
             .await
-            .map_err(|e| ConnectionError::BadConnection(e.to_string()))?
-            .get(0);
+            .ok()
+            .and_then(|messages| {
+                messages.into_iter().find_map(|message| match message {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0)?.parse().ok(),
+                    _ => None,
+                })
+            })
+            .ok_or_else(|| {
+                ConnectionError::BadConnection(
+                    "the new connection did not tell its server process id".to_owned(),
+                )
+            })?;
         self.lock_open().insert(pid, (serial, session));
         let _ = pid_tx.send(pid);
         AsyncPgConnection::try_from(client).await
