@@ -5,10 +5,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions as _, Connection as _, PgPool};
 use std::collections::VecDeque;
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::ops::Deref;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use postgres_entra::__private::{
     Entry, PoolCore, config_error, connect_error, flatten, postgres_error, roots_pem, tls_declined,
@@ -61,8 +60,9 @@ struct Shared {
     /// The tokens the options held, newest last: when each was put in, received and expires.
     history: Mutex<VecDeque<Installed>>,
     responder: Responder,
-    /// Draws each connection's share of jitter from its creation time.
-    jitter: std::collections::hash_map::RandomState,
+    /// When the pool was made: connections' creation instants are read from it (their share of
+    /// jitter).
+    born: Instant,
     refresher: Mutex<Option<tokio::task::AbortHandle>>,
     #[cfg(feature = "opentelemetry_0_33")]
     _reader: Arc<postgres_entra::__private::PoolReader>,
@@ -235,22 +235,31 @@ impl Shared {
         let Some(token) = self.token_of(created_at) else {
             return false;
         };
-        // sqlx keeps nothing beside a connection: its creation time (to 10 ms, so that every
-        // look at it agrees) draws its share of jitter.
-        let mut hasher = self.jitter.build_hasher();
-        hasher.write_u128(
-            created_at
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_millis()
-                / 10,
-        );
-        let jitter = (hasher.finish() % 10_000) as f64 / 10_000.0;
+        let jitter = jitter_of(self.born, Instant::now().checked_sub(age));
         let retire_at =
             self.core
                 .retire_at(token.received_at, token.expires_on, created_at, jitter);
         self.core.retire_if_due(retire_at)
     }
+}
+
+/// Period of the creation instants that [`jitter_of`] reads.
+const JITTER_PERIOD_NANOS: u128 = 100_000;
+
+/// A connection's share of jitter, in 0..1: where its creation instant falls within a 100 µs
+/// period. sqlx keeps nothing beside a connection but its age, so the share is read from that, the
+/// same at every look (an age is read within a microsecond of the instant it is measured from,
+/// a hundredth of the period) and, between connections made together, as good as independent
+/// (each finishes its own TLS handshake and login, at instants scattered over far more than
+/// 100 µs). Coarser
+/// buckets of the creation time gave connections made in the same bucket the same share, so they
+/// were retired together.
+fn jitter_of(born: Instant, created: Option<Instant>) -> f64 {
+    let Some(created) = created else {
+        return 0.0;
+    };
+    let nanos = created.saturating_duration_since(born).as_nanos();
+    (nanos % JITTER_PERIOD_NANOS) as f64 / JITTER_PERIOD_NANOS as f64
 }
 
 /// What sqlx-postgres 0.9 says (`Error::Tls`) when the server answers the SSLRequest with `N`
@@ -388,7 +397,7 @@ fn build(
             base,
             history: Mutex::new(VecDeque::new()),
             responder,
-            jitter: std::collections::hash_map::RandomState::new(),
+            born: Instant::now(),
             refresher: Mutex::new(None),
             #[cfg(feature = "opentelemetry_0_33")]
             _reader: reader,
@@ -518,6 +527,30 @@ async fn keep_current(shared: Weak<Shared>, closed: sqlx::pool::CloseEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connections made within a few milliseconds of each other draw shares spread over 0..1, and
+    /// a share read a microsecond off moves by a hundredth.
+    #[test]
+    fn connections_made_together_draw_their_own_share_of_jitter_and_keep_it() {
+        let born = Instant::now();
+        // Eight connections finishing 137 to 900 µs apart, as a burst of connects on two cores.
+        let gaps = [0, 137, 412, 655, 1_203, 1_540, 2_011, 2_911];
+        let shares: Vec<f64> = gaps
+            .iter()
+            .map(|us| jitter_of(born, Some(born + Duration::from_micros(*us + 10_000))))
+            .collect();
+        let (low, high) = shares
+            .iter()
+            .fold((1.0f64, 0.0f64), |(l, h), s| (l.min(*s), h.max(*s)));
+        assert!(high - low > 0.5, "spread over the period: {shares:?}");
+        for us in gaps {
+            let made = born + Duration::from_micros(us + 10_000 + 50);
+            let late = jitter_of(born, Some(made + Duration::from_micros(1)));
+            let share = jitter_of(born, Some(made));
+            assert!((late - share).abs() <= 0.011, "{share} then {late}");
+        }
+        assert_eq!(jitter_of(born, None), 0.0);
+    }
 
     /// The text `explain` recognises a declined TLS by, from the real sqlx against a loopback
     /// listener that answers the SSLRequest with `N`.

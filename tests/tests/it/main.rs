@@ -250,6 +250,9 @@ pub struct Load {
     pub first_error: Option<String>,
 }
 
+/// How long [`hammer`] lets one checkout run before it counts it as hung.
+const HANG: Duration = Duration::from_secs(30);
+
 /// Runs `checkout` from `tasks` concurrent tasks until `duration` has passed.
 pub async fn hammer<F, Fut>(tasks: usize, duration: Duration, checkout: F) -> Load
 where
@@ -271,7 +274,16 @@ where
             );
             tokio::spawn(async move {
                 while started.elapsed() < duration {
-                    match checkout().await {
+                    // Every pool here bounds a checkout by its timeouts (10 s at most): a
+                    // checkout or query still pending after three times that is a hang, reported
+                    // as a failure rather than left to the test runner's kill.
+                    let outcome =
+                        tokio::time::timeout(HANG, checkout())
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(format!("a checkout or its query hung for {HANG:?}"))
+                            });
+                    match outcome {
                         Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
                             first_error.lock().unwrap().get_or_insert(e);
