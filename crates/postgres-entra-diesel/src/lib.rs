@@ -64,9 +64,12 @@ impl fmt::Debug for EntraDiesel {
     }
 }
 
-diesel::define_sql_function! {
-    /// PostgreSQL's `pg_backend_pid()`: the server process of this connection.
-    fn pg_backend_pid() -> diesel::sql_types::Integer;
+/// SQL functions the recycle check calls (in a private module: the macro makes its items public).
+mod sql {
+    diesel::define_sql_function! {
+        /// PostgreSQL's `pg_backend_pid()`: the server process of this connection.
+        fn pg_backend_pid() -> diesel::sql_types::Integer;
+    }
 }
 
 /// Why a connection is retired when it is recycled.
@@ -104,7 +107,7 @@ impl EntraDiesel {
             Box::pin(async move {
                 // A function with a static query id: its prepared statement is cached, so the
                 // check costs one round trip, as diesel-async's own `select 1` does.
-                let pid: i32 = diesel::select(pg_backend_pid())
+                let pid: i32 = diesel::select(sql::pg_backend_pid())
                     .get_result(connection)
                     .await?;
                 if inner.retire(pid) {
