@@ -50,67 +50,84 @@ impl FailureLog {
     }
 
     /// A failure of kind `key` (a short, stable name: `token/server_error`, `login_rejected`).
+    /// The line, if any, is written after the state's lock is released: a slow log writer holds
+    /// up only the caller writing, and nothing a subscriber does can wait on this lock.
     pub(crate) fn failure(&self, key: &str, error: &dyn fmt::Display) {
         let now = Instant::now();
-        let mut state = self.lock();
-        if state.failing_since.is_none() {
-            state.failing_since = Some(now);
-            state.failures = 0;
-            state.announced = false;
-        }
-        state.failures += 1;
-        let recently_logged = state
-            .logged
-            .iter()
-            .any(|(k, at)| k == key && now.duration_since(*at) < SUMMARY_EVERY);
-        if !recently_logged {
-            let earlier = std::mem::take(&mut state.unreported);
-            state.logged.retain(|(k, _)| k != key);
-            state.logged.push((key.to_owned(), now));
-            state.announced = true;
-            state.last_line = Some(now);
-            if earlier > 0 {
-                tracing::warn!(
-                    kind = key,
-                    "{}: {error} ({earlier} earlier failures not logged one by one)",
-                    self.subject
-                );
+        let line = {
+            let mut state = self.lock();
+            if state.failing_since.is_none() {
+                state.failing_since = Some(now);
+                state.failures = 0;
+                state.announced = false;
+            }
+            state.failures += 1;
+            let recently_logged = state
+                .logged
+                .iter()
+                .any(|(k, at)| k == key && now.duration_since(*at) < SUMMARY_EVERY);
+            if recently_logged {
+                state.unreported += 1;
+                let quiet_for = state
+                    .last_line
+                    .map_or(SUMMARY_EVERY, |at| now.duration_since(at));
+                if quiet_for >= SUMMARY_EVERY {
+                    state.announced = true;
+                    state.last_line = Some(now);
+                    Some(Line::Summary {
+                        count: std::mem::take(&mut state.unreported),
+                        quiet_for,
+                    })
+                } else {
+                    None
+                }
             } else {
+                state.logged.retain(|(k, _)| k != key);
+                state.logged.push((key.to_owned(), now));
+                state.announced = true;
+                state.last_line = Some(now);
+                Some(Line::First {
+                    earlier: std::mem::take(&mut state.unreported),
+                })
+            }
+        };
+        match line {
+            Some(Line::First { earlier: 0 }) => {
                 tracing::warn!(kind = key, "{}: {error}", self.subject);
             }
-            return;
-        }
-        state.unreported += 1;
-        let quiet_for = state
-            .last_line
-            .map_or(SUMMARY_EVERY, |at| now.duration_since(at));
-        if quiet_for >= SUMMARY_EVERY {
-            let count = std::mem::take(&mut state.unreported);
-            state.announced = true;
-            state.last_line = Some(now);
-            tracing::warn!(
+            Some(Line::First { earlier }) => tracing::warn!(
+                kind = key,
+                "{}: {error} ({earlier} earlier failures not logged one by one)",
+                self.subject
+            ),
+            Some(Line::Summary { count, quiet_for }) => tracing::warn!(
                 kind = key,
                 failures = count,
                 "{}: {count} more failures in the last {}; the latest: {error}",
                 self.subject,
                 human(quiet_for)
-            );
+            ),
+            None => {}
         }
     }
 
     /// A success: ends the current run of failures, with a line if the run was logged.
     pub(crate) fn success(&self) {
-        let mut state = self.lock();
-        let Some(since) = state.failing_since.take() else {
-            return;
+        let (lasted, failures, unreported) = {
+            let mut state = self.lock();
+            let Some(since) = state.failing_since.take() else {
+                return;
+            };
+            if !state.announced {
+                return;
+            }
+            state.last_line = Some(Instant::now());
+            (
+                since.elapsed(),
+                state.failures,
+                std::mem::take(&mut state.unreported),
+            )
         };
-        if !state.announced {
-            return;
-        }
-        let lasted = since.elapsed();
-        let failures = state.failures;
-        let unreported = std::mem::take(&mut state.unreported);
-        state.last_line = Some(Instant::now());
         tracing::info!(
             failures,
             outage_secs = lasted.as_secs_f64(),
@@ -119,4 +136,12 @@ impl FailureLog {
             human(lasted)
         );
     }
+}
+
+/// A line [`FailureLog::failure`] writes.
+enum Line {
+    /// The first failure of its kind in a summary period, with how many went unlogged before it.
+    First { earlier: u64 },
+    /// Failures of a kind already logged, counted over `quiet_for`.
+    Summary { count: u64, quiet_for: Duration },
 }
