@@ -2,6 +2,8 @@
 //! with the step that fails and its hint; no token or secret in any output. Then the binary, as a
 //! user runs it, with a managed identity from the environment.
 
+mod common;
+
 use postgres_entra::azure_core::credentials::TokenCredential;
 use postgres_entra::{AzureTokenSource, Cloud};
 use postgres_entra_cli::doctor::{Report, Status, run};
@@ -344,21 +346,9 @@ async fn no_credential_and_no_host_are_failures_that_say_what_to_set() {
     assert_fails_at(&report, 1, &["PGHOST"]);
 }
 
-/// The binary, as a user runs it: a managed identity from `IDENTITY_ENDPOINT`, the server from
-/// `PG*`, nothing else from this process's environment.
+/// The binary with `args`, as a user runs it ([`common::user_command`]).
 fn doctor_command(emulator: &Emulator, args: &[&str]) -> std::process::Output {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_postgres-entra"));
-    command
-        .args(args)
-        .env_clear()
-        .env("PGHOST", emulator.host())
-        .env("PGPORT", emulator.port().to_string())
-        .env("PGDATABASE", DATABASE)
-        .env("PGSSLROOTCERT", emulator.ca_cert_path());
-    for (name, value) in emulator.app_service_env() {
-        command.env(name, value);
-    }
-    command.output().unwrap()
+    common::user_command(emulator).args(args).output().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,27 +2,19 @@
 //! command logs in with the token it was given, exit statuses and signals pass through, plaintext
 //! settings and a failing provider stop it before it runs, and no output holds a token.
 
+mod common;
+
 use postgres_entra_testkit::{DATABASE, Emulator, Endpoint, Fault};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// `postgres-entra exec` as a user runs it: a managed identity from `IDENTITY_ENDPOINT`, the
-/// server from `PG*` (trusting the emulator's CA), `PATH`, and `env`; nothing else from this
-/// process's environment.
+/// `postgres-entra exec` as a user runs it ([`common::user_command`]), with `PATH` and `env`.
 fn exec(emulator: &Emulator, env: &[(&str, &str)], args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_postgres-entra"));
+    let mut command = common::user_command(emulator);
     command
         .arg("exec")
         .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("PGHOST", emulator.host())
-        .env("PGPORT", emulator.port().to_string())
-        .env("PGDATABASE", DATABASE)
-        .env("PGSSLROOTCERT", emulator.ca_cert_path());
-    for (name, value) in emulator.app_service_env() {
-        command.env(name, value);
-    }
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
     for (name, value) in env {
         command.env(name, value);
     }
