@@ -240,31 +240,21 @@ async fn a_sixty_second_outage_under_churn_logs_tens_of_lines_per_pool_and_recov
     const LIFETIME: Duration = Duration::from_secs(4);
     const OUTAGE: Duration = Duration::from_secs(60);
     let emulator = Arc::new(Suite::start(LIFETIME).await);
-    let options = CacheOptions::default();
-    let deadpool: crate::pools::Deadpool = crate::pools::Deadpool::build(
-        PoolSpec::new(&emulator, connector_with(&emulator, options.clone()))
-            .size(4)
-            .pool_name("deadpool")
-            .timeout(Duration::from_secs(1)),
-    )
-    .await
-    .unwrap();
-    let bb8: crate::pools::Bb8 = crate::pools::Bb8::build(
-        PoolSpec::new(&emulator, connector_with(&emulator, options.clone()))
-            .size(4)
-            .pool_name("bb8")
-            .timeout(Duration::from_secs(1)),
-    )
-    .await
-    .unwrap();
-    let sqlx: crate::pools::Sqlx = crate::pools::Sqlx::build(
-        PoolSpec::new(&emulator, connector_with(&emulator, options))
-            .size(4)
-            .pool_name("sqlx")
-            .timeout(Duration::from_secs(1)),
-    )
-    .await
-    .unwrap();
+    // Each pool with a connector (and so a token cache) of its own, named in its log lines.
+    let spec = |name: &str| {
+        PoolSpec::new(
+            &emulator,
+            connector_with(&emulator, CacheOptions::default()),
+        )
+        .size(4)
+        .pool_name(name)
+        .timeout(Duration::from_secs(1))
+    };
+    let deadpool = crate::pools::Deadpool::build(spec("deadpool"))
+        .await
+        .unwrap();
+    let bb8 = crate::pools::Bb8::build(spec("bb8")).await.unwrap();
+    let sqlx = crate::pools::Sqlx::build(spec("sqlx")).await.unwrap();
     deadpool.checkout_as(ROLE).await.unwrap();
     bb8.checkout_as(ROLE).await.unwrap();
     sqlx.checkout_as(ROLE).await.unwrap();
