@@ -206,12 +206,16 @@ pub fn exit_code(status: std::process::ExitStatus) -> u8 {
 }
 
 /// Runs `command` with `prepared`'s environment, forwarding SIGTERM and SIGHUP to it and
-/// outliving SIGINT and SIGQUIT (a terminal sends those to the child itself), and returns its
-/// exit status. Err: it could not be started (126: not executable, 127: not found).
+/// outliving SIGINT and SIGQUIT (see [`Signals`]), and returns its exit status. Err: it could not
+/// be started (126: not executable, 127: not found).
 pub async fn run(command: &[OsString], prepared: &Prepared) -> Result<u8, (u8, String)> {
     let (program, args) = command
         .split_first()
         .ok_or((125, "no command to run".to_owned()))?;
+    // Before the child exists: a signal sent once it runs must find the handlers in place, not
+    // end this process with the default action.
+    let signals =
+        Signals::register().map_err(|e| (125, format!("registering signal handlers: {e}")))?;
     let mut child = tokio::process::Command::new(program);
     child
         .args(args)
@@ -224,49 +228,77 @@ pub async fn run(command: &[OsString], prepared: &Prepared) -> Result<u8, (u8, S
         };
         (code, format!("{}: {e}", PathBuf::from(program).display()))
     })?;
-    let status = wait_forwarding_signals(&mut child).await;
+    let status = signals.wait_forwarding(&mut child).await;
     status
         .map(exit_code)
         .map_err(|e| (125, format!("waiting for the command: {e}")))
 }
 
+/// The signals `exec` forwards to its command (SIGTERM, SIGHUP) or outlives (SIGINT, SIGQUIT: a
+/// terminal sends those to the command itself), registered so that none of them ends this process
+/// before the command (and the roots file).
 #[cfg(unix)]
-async fn wait_forwarding_signals(
-    child: &mut tokio::process::Child,
-) -> std::io::Result<std::process::ExitStatus> {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    // Registered so that they do not end this process before the child (and the roots file).
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut quit = signal(SignalKind::quit())?;
-    let pid = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .map(Pid::from_raw);
-    let forward = |signal: Signal| {
-        if let Some(pid) = pid {
-            let _ = kill(pid, signal);
-        }
-    };
-    loop {
-        tokio::select! {
-            status = child.wait() => return status,
-            _ = terminate.recv() => forward(Signal::SIGTERM),
-            _ = hangup.recv() => forward(Signal::SIGHUP),
-            _ = interrupt.recv() => {}
-            _ = quit.recv() => {}
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn register() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+        })
+    }
+
+    async fn wait_forwarding(
+        mut self,
+        child: &mut tokio::process::Child,
+    ) -> std::io::Result<std::process::ExitStatus> {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let pid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw);
+        let forward = |signal: Signal| {
+            if let Some(pid) = pid {
+                let _ = kill(pid, signal);
+            }
+        };
+        loop {
+            tokio::select! {
+                status = child.wait() => return status,
+                _ = self.terminate.recv() => forward(Signal::SIGTERM),
+                _ = self.hangup.recv() => forward(Signal::SIGHUP),
+                _ = self.interrupt.recv() => {}
+                _ = self.quit.recv() => {}
+            }
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_forwarding_signals(
-    child: &mut tokio::process::Child,
-) -> std::io::Result<std::process::ExitStatus> {
-    child.wait().await
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn register() -> std::io::Result<Self> {
+        Ok(Self)
+    }
+
+    async fn wait_forwarding(
+        self,
+        child: &mut tokio::process::Child,
+    ) -> std::io::Result<std::process::ExitStatus> {
+        child.wait().await
+    }
 }
 
 #[cfg(test)]
