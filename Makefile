@@ -3,16 +3,27 @@ SHELL := /bin/bash
 CARGO ?= cargo
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+CLIPPY_DRIVER := $(shell rustup which clippy-driver 2>/dev/null || command -v clippy-driver)
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
-.PHONY: test demo deps fmt clippy build unit-tests examples package fuzz bench test-azure
+.PHONY: test demo clippy-installed deps fmt clippy lint build unit-tests examples package fuzz bench test-azure
 
 ## Runs the main job against the local emulator (real Azure when PG*/AZURE_* are set, see README).
 demo: deps
 	$(CARGO) run --locked --quiet -p postgres-entra-examples --example demo
 
 ## Formatting, clippy with -D warnings, and every test (isolated to loopback where possible).
-test: deps fmt clippy build unit-tests examples package
+## Clippy lints our crates while they compile: cargo runs them through clippy-driver (a rustc that
+## also lints, https://doc.rust-lang.org/clippy/usage.html) and -D warnings makes every warning an
+## error; dependencies compile with plain rustc and cap their lints. One compile of the workspace
+## instead of a `cargo clippy` pass and a build.
+test: export RUSTC_WORKSPACE_WRAPPER := $(CLIPPY_DRIVER)
+test: export RUSTFLAGS := -D warnings
+test: clippy-installed deps fmt build lint unit-tests examples package
 	@scripts/check-leftovers.sh
+
+clippy-installed:
+	@[ -n "$(CLIPPY_DRIVER)" ] || { echo "clippy is not installed: rustup component add clippy" >&2; exit 1; }
 
 deps:
 	@scripts/ensure-postgres.sh
@@ -26,23 +37,30 @@ DOCS_RS_FEATURES := postgres-entra/azure,postgres-entra/platform-verifier,postgr
 
 LIBRARIES := -p postgres-entra -p postgres-entra-tokio-postgres -p postgres-entra-deadpool -p postgres-entra-bb8 -p postgres-entra-sqlx -p postgres-entra-diesel
 
+## Clippy on every target as a pass of its own (`make test` lints while it builds instead), then
+## what `lint` adds.
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p postgres-entra --all-targets --all-features --locked -- -D warnings
-	# The libraries as users build them by default: the tests' features (opentelemetry, test-util) off.
+	$(MAKE) lint
+
+# What the linted build does not cover: the libraries as users build them by default (the tests'
+# features, opentelemetry and test-util, off) and on rustls's other crypto provider (ring instead
+# of aws-lc-rs); and the published crates' docs as docs.rs builds them (`--cfg docsrs`: each
+# feature-gated item says which feature it needs; nightly rustdoc there, RUSTC_BOOTSTRAP here),
+# links included, with the default features and with those docs.rs adds.
+lint:
 	$(CARGO) clippy $(LIBRARIES) --lib --locked -- -D warnings
-	# rustls's other crypto provider: ring instead of aws-lc-rs.
 	$(CARGO) clippy $(LIBRARIES) --lib --locked --no-default-features --features ring,azure -- -D warnings
-	# The published crates' docs as docs.rs builds them (`--cfg docsrs`: each feature-gated item
-	# says which feature it needs; nightly rustdoc there, RUSTC_BOOTSTRAP here), links included,
-	# with the default features and with those docs.rs adds.
 	RUSTC_BOOTSTRAP=1 RUSTDOCFLAGS="--cfg docsrs -Dwarnings" $(CARGO) doc --no-deps --locked $(LIBRARIES)
 	RUSTC_BOOTSTRAP=1 RUSTDOCFLAGS="--cfg docsrs -Dwarnings" $(CARGO) doc --no-deps --locked $(LIBRARIES) --features $(DOCS_RS_FEATURES)
-	grep -q 'Available on <strong>crate feature <code>opentelemetry_0_33</code>' target/doc/postgres_entra_bb8/struct.EntraConnectionManager.html
+	grep -q 'Available on <strong>crate feature <code>opentelemetry_0_33</code>' $(TARGET_DIR)/doc/postgres_entra_bb8/struct.EntraConnectionManager.html
 
-## Every target, the benches included (in the dev profile: `make bench` builds them optimized).
+## Every target, the benches included (in the dev profile: `make bench` builds them optimized), and
+## the core crate's with all its features.
 build:
 	$(CARGO) build --workspace --all-targets --locked
+	$(CARGO) test -p postgres-entra --all-features --all-targets --locked --no-run
 
 unit-tests:
 ifeq ($(NEXTEST),yes)
@@ -53,13 +71,14 @@ endif
 	scripts/isolated.sh $(CARGO) test --workspace --locked --offline --doc
 	scripts/isolated.sh $(CARGO) test -p postgres-entra --all-features --locked --offline --lib
 
-## The examples run against the emulator (each exits by itself).
-examples:
-	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example deadpool_quickstart
-	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example bb8_quickstart
-	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example sqlx_quickstart
-	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example diesel_quickstart
-	scripts/isolated.sh $(CARGO) run --locked --offline --quiet -p postgres-entra-examples --example web_service -- --check
+## The examples run against the emulator (each exits by itself), as `build` made them.
+EXAMPLES := $(TARGET_DIR)/debug/examples
+examples: build
+	scripts/isolated.sh $(EXAMPLES)/deadpool_quickstart
+	scripts/isolated.sh $(EXAMPLES)/bb8_quickstart
+	scripts/isolated.sh $(EXAMPLES)/sqlx_quickstart
+	scripts/isolated.sh $(EXAMPLES)/diesel_quickstart
+	scripts/isolated.sh $(EXAMPLES)/web_service --check
 
 ## The published crates as crates.io would receive them (interdependent ones through cargo's local
 ## registry), and the packaged core's own tests run from its unpacked .crate, outside this tree.
