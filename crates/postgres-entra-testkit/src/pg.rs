@@ -1,7 +1,7 @@
-//! A private PostgreSQL cluster: a copy of an initdb template in a temporary directory, a free
-//! loopback port, its own socket directory, TLS only for TCP, started as an unprivileged user when
-//! we are root, and stopped and removed on drop, on panic, and (through a watchdog) even when the
-//! owning process is killed.
+//! A private PostgreSQL cluster: a copy of an initdb template in a temporary directory (in memory
+//! where `/dev/shm` has room), a free loopback port, its own socket directory, TLS only for TCP,
+//! started as an unprivileged user when we are root, and stopped and removed on drop, on panic,
+//! and (through a watchdog) even when the owning process is killed.
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, User, geteuid};
@@ -135,6 +135,20 @@ fn template(initdb: &Path, run_as: Option<RunAs>) -> Result<PathBuf, Error> {
     }
 }
 
+/// Where clusters are made: `/dev/shm` when it is there with room for several (copying the
+/// template into memory takes 0.06 s, onto a disk 0.3-0.5 s of system time), else the temporary
+/// directory.
+fn cluster_parent() -> PathBuf {
+    const SHM: &str = "/dev/shm";
+    const ROOM: u64 = 1 << 30;
+    match nix::sys::statvfs::statvfs(SHM) {
+        Ok(fs) if fs.blocks_available().saturating_mul(fs.fragment_size()) >= ROOM => {
+            PathBuf::from(SHM)
+        }
+        _ => std::env::temp_dir(),
+    }
+}
+
 fn free_port() -> Result<u16, Error> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
@@ -180,7 +194,9 @@ impl Cluster {
         let run_as = run_as()?;
         let initdb = find_program("initdb")?;
         let postgres = find_program("postgres")?;
-        let dir = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix(DIR_PREFIX)
+            .tempdir_in(cluster_parent())?;
         let root = dir.path();
         give_to(root, run_as, 0o755)?;
         let socket_dir = root.join("socket");
