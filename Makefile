@@ -44,17 +44,18 @@ clippy:
 	$(CARGO) clippy -p postgres-entra --all-targets --all-features --locked -- -D warnings
 	$(MAKE) lint
 
+# The published crates' docs as docs.rs builds them (`--cfg docsrs`: each feature-gated item says
+# which feature it needs; nightly rustdoc there, rustdoc with RUSTC_BOOTSTRAP here), links included.
+DOCS_RS_DOC := RUSTDOC=$(CURDIR)/scripts/rustdoc-nightly-features.sh RUSTDOCFLAGS="--cfg docsrs -Dwarnings" $(CARGO) doc --no-deps --locked $(LIBRARIES)
+
 # What the linted build does not cover: the libraries as users build them by default (the tests'
 # features, opentelemetry and test-util, off) and on rustls's other crypto provider (ring instead
-# of aws-lc-rs); and the published crates' docs as docs.rs builds them (`--cfg docsrs`: each
-# feature-gated item says which feature it needs; nightly rustdoc there, rustdoc with
-# RUSTC_BOOTSTRAP here),
-# links included, with the default features and with those docs.rs adds.
+# of aws-lc-rs); and the docs, with the default features and with those docs.rs adds.
 lint:
 	$(CARGO) clippy $(LIBRARIES) --lib --locked -- -D warnings
 	$(CARGO) clippy $(LIBRARIES) --lib --locked --no-default-features --features ring,azure -- -D warnings
-	RUSTDOC=$(CURDIR)/scripts/rustdoc-nightly-features.sh RUSTDOCFLAGS="--cfg docsrs -Dwarnings" $(CARGO) doc --no-deps --locked $(LIBRARIES)
-	RUSTDOC=$(CURDIR)/scripts/rustdoc-nightly-features.sh RUSTDOCFLAGS="--cfg docsrs -Dwarnings" $(CARGO) doc --no-deps --locked $(LIBRARIES) --features $(DOCS_RS_FEATURES)
+	$(DOCS_RS_DOC)
+	$(DOCS_RS_DOC) --features $(DOCS_RS_FEATURES)
 	grep -q 'Available on <strong>crate feature <code>opentelemetry_0_33</code>' $(TARGET_DIR)/doc/postgres_entra_bb8/struct.EntraConnectionManager.html
 
 ## Every target, the benches included (in the dev profile: `make bench` builds them optimized), and
