@@ -251,9 +251,8 @@ const JITTER_PERIOD_NANOS: u128 = 100_000;
 /// same at every look (an age is read within a microsecond of the instant it is measured from,
 /// a hundredth of the period) and, between connections made together, as good as independent
 /// (each finishes its own TLS handshake and login, at instants scattered over far more than
-/// 100 µs). Coarser
-/// buckets of the creation time gave connections made in the same bucket the same share, so they
-/// were retired together.
+/// 100 µs). Coarser buckets of the creation time gave connections made in the same bucket the
+/// same share, so they were retired together.
 fn jitter_of(born: Instant, created: Option<Instant>) -> f64 {
     let Some(created) = created else {
         return 0.0;
