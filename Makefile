@@ -64,11 +64,15 @@ build:
 	$(CARGO) build --workspace --all-targets --locked
 	$(CARGO) test -p postgres-entra --all-features --all-targets --locked --no-run
 
-unit-tests:
+# The tests' emulators share one PostgreSQL cluster, each in a database of its own (those that
+# stop, kill or reconfigure the server start their own): postgres-entra-shared-cluster, which
+# `build` made, runs the test command with it and removes it afterwards.
+SHARED_CLUSTER := $(TARGET_DIR)/debug/postgres-entra-shared-cluster
+unit-tests: build
 ifeq ($(NEXTEST),yes)
-	scripts/isolated.sh $(CARGO) nextest run --workspace --locked --offline --no-fail-fast
+	scripts/isolated.sh $(SHARED_CLUSTER) $(CARGO) nextest run --workspace --locked --offline --no-fail-fast
 else
-	scripts/isolated.sh $(CARGO) test --workspace --locked --offline --no-fail-fast --all-targets
+	scripts/isolated.sh $(SHARED_CLUSTER) $(CARGO) test --workspace --locked --offline --no-fail-fast --all-targets
 endif
 	scripts/isolated.sh $(CARGO) test --workspace --locked --offline --doc
 	scripts/isolated.sh $(CARGO) test -p postgres-entra --all-features --locked --offline --lib

@@ -8,7 +8,7 @@ use postgres_entra::azure_core::credentials::TokenCredential;
 use postgres_entra::{AzureTokenSource, Cloud};
 use postgres_entra_cli::doctor::{Report, Status, run};
 use postgres_entra_cli::settings::{ChosenCredential, CredentialKind, Server};
-use postgres_entra_testkit::{AzureServer, DATABASE, Emulator, Endpoint, Fault, PlaintextListener};
+use postgres_entra_testkit::{AzureServer, Emulator, Endpoint, Fault, PlaintextListener};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ fn server(emulator: &Emulator) -> Server {
     Server {
         host: Some(emulator.host().to_owned()),
         port: emulator.port(),
-        dbname: DATABASE.to_owned(),
+        dbname: emulator.database().to_owned(),
         user: Some(emulator.service_principal().role_name),
         sslrootcert: Some(emulator.ca_cert_path()),
         timeout: Duration::from_secs(5),
@@ -439,7 +439,13 @@ async fn the_binary_reads_the_environment_and_exits_with_the_verdict() {
 
 #[tokio::test]
 async fn a_missing_database_and_a_lost_group_membership_get_their_own_fixes() {
-    let emulator = Emulator::start_async().await.unwrap();
+    // A cluster of its own: a shared one lets each emulator's logins into its own database only,
+    // where Azure (and a private cluster) lets them reach every database and says which is missing.
+    let emulator = Emulator::builder()
+        .private_cluster()
+        .start_async()
+        .await
+        .unwrap();
     let wrong_db = Server {
         dbname: "ordres".to_owned(),
         ..server(&emulator)

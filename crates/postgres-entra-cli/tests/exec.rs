@@ -4,7 +4,7 @@
 
 mod common;
 
-use postgres_entra_testkit::{DATABASE, Emulator, Endpoint, Fault};
+use postgres_entra_testkit::{Emulator, Endpoint, Fault};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -71,7 +71,10 @@ async fn psql_and_pg_dump_log_in_with_the_token_and_print_none_of_it() {
         ],
     ));
     assert_eq!(url.status.code(), Some(0), "{}", text(&url.stderr));
-    assert_eq!(text(&url.stdout).trim(), format!("{role}|{DATABASE}"));
+    assert_eq!(
+        text(&url.stdout).trim(),
+        format!("{role}|{}", emulator.database())
+    );
 
     // pg_dump, as a migration pipeline runs it.
     let dump = output(exec(&emulator, &[], &["--", "pg_dump", "--schema-only"]));
@@ -98,7 +101,7 @@ async fn psql_and_pg_dump_log_in_with_the_token_and_print_none_of_it() {
         [
             "verify-full",
             role.as_str(),
-            DATABASE,
+            emulator.database(),
             "postgres://elsewhere/db"
         ]
     );

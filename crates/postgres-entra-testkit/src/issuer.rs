@@ -38,13 +38,26 @@ impl fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
-    pub(crate) fn generate() -> Result<Self, Error> {
+    /// A new RSA 2048 key, as PKCS#8 DER (about 0.2 s of CPU).
+    pub(crate) fn generate_pkcs8() -> Result<Vec<u8>, Error> {
         let key = KeyPair::generate(KeySize::Rsa2048)
             .map_err(|_| Error::Crypto("RSA key generation failed".into()))?;
-        let pkcs8 = key
+        Ok(key
             .as_der()
-            .map_err(|_| Error::Crypto("RSA key serialisation failed".into()))?;
-        let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec()));
+            .map_err(|_| Error::Crypto("RSA key serialisation failed".into()))?
+            .as_ref()
+            .to_vec())
+    }
+
+    pub(crate) fn generate() -> Result<Self, Error> {
+        Self::from_pkcs8(&Self::generate_pkcs8()?)
+    }
+
+    /// The key in `pkcs8` (DER).
+    pub(crate) fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, Error> {
+        let key = KeyPair::from_pkcs8(pkcs8)
+            .map_err(|_| Error::Crypto("not an RSA key in PKCS#8".into()))?;
+        let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.to_vec()));
         let encoding = EncodingKey::from_rsa_pem(pem.as_bytes())
             .map_err(|e| Error::Crypto(format!("RSA key not accepted by jsonwebtoken: {e}")))?;
         let public = key.public_key();
@@ -226,12 +239,22 @@ fn opaque(bytes: usize) -> String {
 }
 
 impl Issuer {
+    /// An issuer with new keys: one it signs with, one it never publishes.
     pub(crate) fn new(tenant_id: &str) -> Result<Self, Error> {
-        Ok(Self {
+        Ok(Self::with_keys(
+            tenant_id,
+            SigningKey::generate()?,
+            SigningKey::generate()?,
+        ))
+    }
+
+    /// An issuer signing with `key`, which never publishes `rogue`.
+    pub(crate) fn with_keys(tenant_id: &str, key: SigningKey, rogue: SigningKey) -> Self {
+        Self {
             tenant_id: tenant_id.to_owned(),
-            key: SigningKey::generate()?,
-            rogue: SigningKey::generate()?,
-        })
+            key,
+            rogue,
+        }
     }
 
     /// `iss` of v1 access tokens, which Azure Database for PostgreSQL receives.

@@ -20,26 +20,27 @@ use crate::shared::Shared;
 /// audience to expect.
 const DN_PREFIX: &str = "cn=";
 
-/// The `pg_hba.conf` lines that hand each password, over TLS only, to the responder on `port`.
-pub(crate) fn hba_lines(port: u16) -> String {
+/// The `pg_hba.conf` lines that hand each password for `database` (`all` for every database), over
+/// TLS only, to the responder on `port`.
+pub(crate) fn hba_lines(database: &str, port: u16) -> Vec<String> {
     let method = |server: AzureServer| {
         format!(
             "ldap ldapserver=127.0.0.1 ldapport={port} ldapprefix=\"{DN_PREFIX}\" ldapsuffix=\",ou={}\"",
             server.ldap_unit()
         )
     };
-    let mut lines: String = AzureServer::ALL
+    let mut lines: Vec<String> = AzureServer::ALL
         .iter()
         .map(|server| {
             format!(
-                "hostssl all all {}/32 {}\n",
+                "hostssl {database} all {}/32 {}",
                 server.address(),
                 method(*server)
             )
         })
         .collect();
-    lines.push_str(&format!(
-        "hostssl all all ::1/128 {}\n",
+    lines.push(format!(
+        "hostssl {database} all ::1/128 {}",
         method(AzureServer::Public)
     ));
     lines

@@ -2,12 +2,12 @@
 
 // The public interface is:
 pub use crate::child::{CHILD_MARKER, in_child, run_test_in_child};
-pub use crate::emulator::{DATABASE, Emulator, EmulatorBuilder, TENANT_ID};
+pub use crate::emulator::{Emulator, EmulatorBuilder, TENANT_ID};
 pub use crate::faults::{Endpoint, Fault};
 pub use crate::identity::{Identity, IdentityKind};
 pub use crate::issuer::{FEDERATED_AUDIENCE, FEDERATED_ISSUER, Rejection, Signer, TokenOptions};
 pub use crate::metrics::{Metrics, MetricsReader, Point, Value};
-pub use crate::pg::DIR_PREFIX;
+pub use crate::pg::{DIR_PREFIX, SharedCluster};
 pub use crate::plaintext::PlaintextListener;
 pub use crate::relay::Relay;
 pub use crate::servers::AzureServer;

@@ -25,14 +25,7 @@ const ROLE: &str = "orders-api";
 /// Ends every session of the service principal's role server-side, so that the pool must log in
 /// again.
 async fn kill_sessions(emulator: &Suite) {
-    let admin = emulator.admin_client().await.unwrap();
-    admin
-        .execute(
-            "select pg_terminate_backend(pid) from pg_stat_activity where usename = 'orders-api'",
-            &[],
-        )
-        .await
-        .unwrap();
+    emulator.terminate_sessions_of(ROLE).await.unwrap();
 }
 
 /// How long after now the first checkout succeeds, trying every 20 ms for at most `limit`.

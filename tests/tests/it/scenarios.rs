@@ -5,8 +5,8 @@
 
 use postgres_entra::{AccessToken, Cloud, EntraConnector, TlsRoots};
 use postgres_entra_testkit::{
-    AzureServer, Endpoint, Fault, FnTokenSource, PlaintextListener, Rejection, Relay, Signer,
-    TokenOptions,
+    AzureServer, Emulator, Endpoint, Fault, FnTokenSource, PlaintextListener, Rejection, Relay,
+    Signer, TokenOptions,
 };
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -263,7 +263,8 @@ async fn a_thirty_second_stall_of_the_token_endpoint_leaves_checkouts_unaffected
 }
 
 async fn the_pool_recovers_when_the_server_restarts_mid_run<P: PoolUnderTest>() {
-    let emulator = Arc::new(Suite::start(HOUR).await);
+    let emulator =
+        Arc::new(Suite::with(Emulator::builder().token_lifetime(HOUR).private_cluster()).await);
     let pool: P = pool(PoolSpec::new(&emulator, connector(&emulator))).await;
 
     let restarting = emulator.clone();
@@ -298,15 +299,7 @@ async fn connections_killed_server_side_while_idle_are_replaced<P: PoolUnderTest
     drop(held);
     let logins_before = emulator.logins().len();
 
-    let admin = emulator.admin_client().await.unwrap();
-    let killed: i64 = admin
-        .query_one(
-            "select count(pg_terminate_backend(pid)) from pg_stat_activity where usename = 'orders-api'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let killed = emulator.terminate_sessions_of(ROLE).await.unwrap();
     assert_eq!(killed, 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -528,19 +521,8 @@ async fn load_of_256_tasks_on_16_connections_for_30_seconds<P: PoolUnderTest>() 
         counts.idle, counts.open,
         "every connection came back to the pool"
     );
-    let admin = emulator.admin_client().await.unwrap();
-    let sessions: i64 = admin
-        .query_one(
-            "select count(*) from pg_stat_activity where usename = 'orders-api'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        sessions, counts.open as i64,
-        "no connection leaked server-side"
-    );
+    let sessions = emulator.sessions_of(ROLE).await.unwrap().len();
+    assert_eq!(sessions, counts.open, "no connection leaked server-side");
 }
 
 async fn a_plaintext_server_receives_no_token_byte_whatever_the_sslmode<P: PoolUnderTest>() {

@@ -1,6 +1,6 @@
 //! What the CLI's tests share.
 
-use postgres_entra_testkit::{DATABASE, Emulator};
+use postgres_entra_testkit::Emulator;
 use std::process::Command;
 
 /// The `postgres-entra` binary as a user runs it: a managed identity from `IDENTITY_ENDPOINT`,
@@ -12,7 +12,7 @@ pub(crate) fn user_command(emulator: &Emulator) -> Command {
         .env_clear()
         .env("PGHOST", emulator.host())
         .env("PGPORT", emulator.port().to_string())
-        .env("PGDATABASE", DATABASE)
+        .env("PGDATABASE", emulator.database())
         .env("PGSSLROOTCERT", emulator.ca_cert_path());
     for (name, value) in emulator.app_service_env() {
         command.env(name, value);

@@ -51,7 +51,11 @@ async fn main() {
             std::process::exit(if message.is_empty() { 0 } else { 2 });
         }
     };
-    let emulator = match Emulator::builder().token_lifetime(lifetime).start() {
+    let emulator = match Emulator::builder()
+        .token_lifetime(lifetime)
+        .private_cluster()
+        .start()
+    {
         Ok(emulator) => emulator,
         Err(e) => {
             eprintln!("postgres-entra-emulator: could not start: {e}");

@@ -15,15 +15,18 @@ use std::time::Duration;
 
 use crate::identity::{self, Identity};
 use crate::issuer::Issuer;
-use crate::pg::{Cluster, SUPERUSER};
+use crate::pg::{Attached, Cluster, SUPERUSER};
 use crate::servers::AzureServer;
 use crate::shared::Shared;
 use crate::tls::{self, Pki};
 use crate::transport::LoopbackTransport;
 use crate::{Error, entra, ldap, servers};
 
-/// Database the emulator's roles log in to.
-pub const DATABASE: &str = "postgres";
+/// Database the emulator's roles log in to on a private cluster.
+const PRIVATE_DATABASE: &str = "postgres";
+/// Ends every other session in the current database.
+const END_SESSIONS: &str = "select pg_terminate_backend(pid) from pg_stat_activity \
+     where datname = current_database() and pid <> pg_backend_pid()";
 /// Tenant id of the emulated directory.
 pub const TENANT_ID: &str = "3f7c9a52-8d1e-4b6a-9c0f-5e2d7a1b4c68";
 
@@ -33,6 +36,7 @@ pub const TENANT_ID: &str = "3f7c9a52-8d1e-4b6a-9c0f-5e2d7a1b4c68";
 pub struct EmulatorBuilder {
     token_lifetime: Duration,
     extra_identities: Vec<Identity>,
+    private_cluster: bool,
 }
 
 impl Default for EmulatorBuilder {
@@ -40,6 +44,7 @@ impl Default for EmulatorBuilder {
         Self {
             token_lifetime: Duration::from_secs(3600),
             extra_identities: Vec::new(),
+            private_cluster: false,
         }
     }
 }
@@ -57,18 +62,42 @@ impl EmulatorBuilder {
         self
     }
 
-    /// Generates keys and certificates, starts the mock endpoints, the LDAP responder and a private
-    /// PostgreSQL cluster, and creates a role for each identity. Blocks its thread for a second or
-    /// two; inside a Tokio runtime prefer [`EmulatorBuilder::start_async`].
+    /// Starts a PostgreSQL cluster of its own even when the environment names a shared one
+    /// ([`crate::SharedCluster`]): for tests that stop, restart or kill the server, or read its log.
+    pub fn private_cluster(mut self) -> Self {
+        self.private_cluster = true;
+        self
+    }
+
+    /// Starts the mock endpoints and the LDAP responder, then a private PostgreSQL cluster with
+    /// freshly generated keys and certificates; or, when [`crate::SharedCluster::ENV`] names a
+    /// shared cluster (and [`EmulatorBuilder::private_cluster`] was not asked for), takes a free
+    /// slot of it (a database of its own) and the run's keys and certificates. Then creates a role
+    /// for each identity. Blocks its thread for up to a second or two (a twentieth of a second on a
+    /// shared cluster); inside a Tokio runtime prefer [`EmulatorBuilder::start_async`].
     pub fn start(self) -> Result<Emulator, Error> {
-        let pki = Pki::generate()?;
+        // A slot of the shared cluster, if the environment names one and it has a slot free.
+        let slot = if self.private_cluster {
+            None
+        } else {
+            Attached::from_env()?.and_then(|cluster| {
+                let claimed = cluster.claim();
+                if claimed.is_none() {
+                    tracing::info!("emulator: every slot of the shared cluster is taken; starting a private cluster");
+                }
+                claimed.map(|(database, listener)| (cluster, database, listener))
+            })
+        };
+        let issuer = match &slot {
+            Some((cluster, ..)) => {
+                let (key, rogue) = cluster.signing_keys()?;
+                Issuer::with_keys(TENANT_ID, key, rogue)
+            }
+            None => Issuer::new(TENANT_ID)?,
+        };
         let mut identities = identity::defaults();
         identities.extend(self.extra_identities);
-        let shared = Arc::new(Shared::new(
-            Issuer::new(TENANT_ID)?,
-            identities.clone(),
-            self.token_lifetime,
-        ));
+        let shared = Arc::new(Shared::new(issuer, identities.clone(), self.token_lifetime));
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -76,7 +105,11 @@ impl EmulatorBuilder {
             .enable_all()
             .build()?;
         let http = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let ldap = std::net::TcpListener::bind("127.0.0.1:0")?;
+        // On a shared cluster, the token check listens on the port of the slot it took.
+        let (ldap, slot) = match slot {
+            Some((cluster, database, listener)) => (listener, Some((cluster, database))),
+            None => (std::net::TcpListener::bind("127.0.0.1:0")?, None),
+        };
         let http_addr = http.local_addr()?;
         let ldap_addr = ldap.local_addr()?;
         http.set_nonblocking(true)?;
@@ -98,10 +131,28 @@ impl EmulatorBuilder {
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(Ipv6Addr::LOCALHOST),
         ];
-        let cluster = Cluster::start(&pki, &addresses, &ldap::hba_lines(ldap_addr.port()))?;
-        let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), cluster.port());
+        let (server, database, ca_pem) = match slot {
+            None => {
+                let pki = Pki::generate()?;
+                let mut hba = ldap::hba_lines("all", ldap_addr.port()).join("\n");
+                hba.push('\n');
+                let cluster = Cluster::start(&pki, &addresses, &hba)?;
+                let server = Server::Private(Mutex::new(cluster));
+                (server, PRIVATE_DATABASE.to_owned(), pki.ca_pem)
+            }
+            Some((cluster, database)) => {
+                let ca_pem = std::fs::read_to_string(cluster.ca_path())?;
+                let dir = tempfile::Builder::new()
+                    .prefix(crate::pg::DIR_PREFIX)
+                    .tempdir()?;
+                let server = Server::Shared { cluster, dir };
+                (server, database, ca_pem)
+            }
+        };
+        let port = server.port();
+        let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
         let mut server_ports = HashMap::new();
-        server_ports.insert(AzureServer::Public, cluster.port());
+        server_ports.insert(AzureServer::Public, port);
         for server in AzureServer::ALL
             .into_iter()
             .filter(|s| *s != AzureServer::Public)
@@ -118,14 +169,15 @@ impl EmulatorBuilder {
         let emulator = Emulator {
             transport: LoopbackTransport::new(http_addr),
             shared,
-            cluster: Mutex::new(cluster),
+            server,
+            database,
             runtime: Some(runtime),
             http_addr,
-            ca_pem: pki.ca_pem,
+            ca_pem,
             server_ports,
         };
-        let sql: String = identities.iter().map(principals::role_sql).collect();
-        emulator.execute_blocking(sql)?;
+        let roles: String = identities.iter().map(principals::role_sql).collect();
+        emulator.prepare_database(roles)?;
         Ok(emulator)
     }
 
@@ -138,12 +190,36 @@ impl EmulatorBuilder {
     }
 }
 
+/// Where an emulator's database lives.
+#[derive(Debug)]
+enum Server {
+    /// A cluster of its own.
+    Private(Mutex<Cluster>),
+    /// A slot of a test run's shared cluster: its database and the port its logins' LDAP binds go
+    /// to; its files (federated tokens) in `dir`.
+    Shared {
+        cluster: Attached,
+        dir: tempfile::TempDir,
+    },
+}
+
+impl Server {
+    fn port(&self) -> u16 {
+        match self {
+            Self::Private(cluster) => cluster.lock().expect("cluster lock").port(),
+            Self::Shared { cluster, .. } => cluster.port(),
+        }
+    }
+}
+
 /// A running local emulator of Azure Database for PostgreSQL with Entra ID login.
 ///
-/// Dropping it stops the server and removes its files.
+/// Dropping it stops its server and removes its files (on a shared cluster: ends the sessions in its
+/// database and frees its slot).
 pub struct Emulator {
     shared: Arc<Shared>,
-    cluster: Mutex<Cluster>,
+    server: Server,
+    database: String,
     runtime: Option<tokio::runtime::Runtime>,
     http_addr: SocketAddr,
     ca_pem: String,
@@ -179,40 +255,86 @@ impl Emulator {
         EmulatorBuilder::default()
     }
 
-    fn cluster(&self) -> std::sync::MutexGuard<'_, Cluster> {
-        self.cluster.lock().expect("cluster lock")
+    /// The private cluster, or an error naming what needs one.
+    fn private(&self, what: &str) -> Result<std::sync::MutexGuard<'_, Cluster>, Error> {
+        match &self.server {
+            Server::Private(cluster) => Ok(cluster.lock().expect("cluster lock")),
+            Server::Shared { .. } => Err(Error::Setup(format!(
+                "{what} needs a cluster of the emulator's own: build it with `private_cluster()` \
+                 (this one has a database on the test run's shared cluster)"
+            ))),
+        }
     }
 
+    /// The superuser's settings for the emulator's database, over the cluster's private socket.
     fn superuser_config(&self) -> tokio_postgres::Config {
-        let cluster = self.cluster();
+        let socket_dir = match &self.server {
+            Server::Private(cluster) => cluster.lock().expect("cluster lock").socket_dir(),
+            Server::Shared { cluster, .. } => cluster.socket_dir(),
+        };
         let mut config = tokio_postgres::Config::new();
         config
-            .host_path(cluster.socket_dir())
-            .port(cluster.port())
+            .host_path(socket_dir)
+            .port(self.port())
             .user(SUPERUSER)
-            .dbname(DATABASE);
+            .dbname(&self.database);
         config
     }
 
-    /// Runs `sql` as the superuser on the emulator's own runtime, blocking this thread: for
-    /// start-up, which blocks anyway.
-    fn execute_blocking(&self, sql: String) -> Result<(), Error> {
-        let config = self.superuser_config();
+    /// Runs `task` on the emulator's own runtime, blocking this thread: for start-up and drop,
+    /// which block anyway.
+    fn block_on<T: Send + 'static>(
+        &self,
+        task: impl Future<Output = Result<T, Error>> + Send + 'static,
+    ) -> Result<T, Error> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.runtime
             .as_ref()
             .expect("emulator runtime")
             .spawn(async move {
-                let result = async {
-                    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-                    tokio::spawn(connection);
-                    client.batch_execute(&sql).await
-                }
-                .await;
-                let _ = tx.send(result);
+                let _ = tx.send(task.await);
             });
         rx.recv()
-            .map_err(|_| Error::Setup("the emulator's runtime stopped".into()))??;
+            .map_err(|_| Error::Setup("the emulator's runtime stopped".into()))?
+    }
+
+    /// Creates the roles (`roles`, SQL; roles belong to the whole cluster, and on a shared one
+    /// some exist already). On a shared cluster, first ends the sessions the slot's last emulator
+    /// left and, should it have left objects in the database, drops them.
+    fn prepare_database(&self, roles: String) -> Result<(), Error> {
+        let own = self.superuser_config();
+        let shared = matches!(self.server, Server::Shared { .. });
+        self.block_on(async move {
+            if shared {
+                let (client, connection) = own.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(connection);
+                client.batch_execute(END_SESSIONS).await?;
+                let objects: i64 = client
+                    .query_one(
+                        "select count(*) from pg_class where relnamespace = 'public'::regnamespace",
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                if objects > 0 {
+                    client
+                        .batch_execute(
+                            "DROP SCHEMA public CASCADE; CREATE SCHEMA public AUTHORIZATION pg_database_owner",
+                        )
+                        .await?;
+                }
+            }
+            Ok(batch(&own, &roles).await?)
+        })
+    }
+
+    /// On a shared cluster: ends the sessions in the emulator's database, as a private cluster's
+    /// stop does, before its slot is freed.
+    fn end_sessions(&self) -> Result<(), Error> {
+        if let Server::Shared { .. } = self.server {
+            let own = self.superuser_config();
+            self.block_on(async move { Ok(batch(&own, END_SESSIONS).await?) })?;
+        }
         Ok(())
     }
 
@@ -233,18 +355,34 @@ impl Emulator {
         Ok(client)
     }
 
-    /// The backend process ids of the client sessions logged in as `role` now
-    /// (`pg_stat_activity`).
+    /// The backend process ids of the client sessions logged in as `role` to the emulator's
+    /// database now (`pg_stat_activity`).
     pub async fn sessions_of(&self, role: &str) -> Result<Vec<i32>, Error> {
         let rows = self
             .admin_client()
             .await?
             .query(
-                "select pid from pg_stat_activity where usename = $1 and backend_type = 'client backend' order by pid",
+                "select pid from pg_stat_activity where usename = $1 and datname = current_database() \
+                 and backend_type = 'client backend' order by pid",
                 &[&role],
             )
             .await?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    /// Ends every session logged in as `role` to the emulator's database, server-side (as an
+    /// administrator's `pg_terminate_backend` would); returns how many there were.
+    pub async fn terminate_sessions_of(&self, role: &str) -> Result<usize, Error> {
+        let rows = self
+            .admin_client()
+            .await?
+            .query(
+                "select pg_terminate_backend(pid) from pg_stat_activity where usename = $1 \
+                 and datname = current_database() and backend_type = 'client backend'",
+                &[&role],
+            )
+            .await?;
+        Ok(rows.len())
     }
 
     /// Host name clients use (matches the server certificate).
@@ -254,12 +392,13 @@ impl Emulator {
 
     /// TCP port of the PostgreSQL server.
     pub fn port(&self) -> u16 {
-        self.cluster().port()
+        self.server.port()
     }
 
-    /// Database name to connect to.
-    pub fn database(&self) -> &'static str {
-        DATABASE
+    /// Database name to connect to: `postgres` on a private cluster, one of the emulator's own on
+    /// a shared one.
+    pub fn database(&self) -> &str {
+        &self.database
     }
 
     /// The CA certificate (PEM) that signed the server certificate.
@@ -269,7 +408,10 @@ impl Emulator {
 
     /// Path of the CA certificate file, for `PGSSLROOTCERT` or a client's CA-file option.
     pub fn ca_cert_path(&self) -> PathBuf {
-        self.cluster().ca_path()
+        match &self.server {
+            Server::Private(cluster) => cluster.lock().expect("cluster lock").ca_path(),
+            Server::Shared { cluster, .. } => cluster.ca_path(),
+        }
     }
 
     /// A rustls client configuration that trusts the emulator's CA (full verification).
@@ -320,31 +462,43 @@ impl Emulator {
             config.port(self.port());
         }
         config
-            .dbname(DATABASE)
+            .dbname(&self.database)
             .ssl_mode(tokio_postgres::config::SslMode::Require)
             .connect_timeout(Duration::from_secs(10));
         config
     }
 
-    /// The directory holding the cluster, its socket, log and CA file.
+    /// The emulator's own directory: on a private cluster the one holding the cluster, its
+    /// socket, log and CA file; on a shared one, a directory for the emulator's files alone.
     pub fn directory(&self) -> PathBuf {
-        self.cluster().directory().to_owned()
+        match &self.server {
+            Server::Private(cluster) => {
+                cluster.lock().expect("cluster lock").directory().to_owned()
+            }
+            Server::Shared { dir, .. } => dir.path().to_owned(),
+        }
     }
 
-    /// Process id of the postmaster.
+    /// Process id of the postmaster of a private cluster (`None` on a shared one).
     pub fn server_pid(&self) -> Option<u32> {
-        self.cluster().server_pid()
+        self.private("the server's process id")
+            .ok()
+            .and_then(|cluster| cluster.server_pid())
     }
 
-    /// What the server wrote to its log so far.
+    /// What the server wrote to its log so far (a shared cluster's log holds every emulator's).
     pub fn server_log(&self) -> String {
-        self.cluster().log()
+        match &self.server {
+            Server::Private(cluster) => cluster.lock().expect("cluster lock").log(),
+            Server::Shared { cluster, .. } => cluster.log(),
+        }
     }
 
     /// Stops the PostgreSQL server (fast shutdown, clients disconnected) and starts it again on the
     /// same port; the mock endpoints keep running. Blocks its thread while the server restarts.
+    /// Only on a private cluster ([`EmulatorBuilder::private_cluster`]).
     pub fn restart_server(&self) -> Result<(), Error> {
-        self.cluster().restart_server()
+        self.private("restarting the server")?.restart_server()
     }
 
     /// Tenant id of the emulated directory.
@@ -381,11 +535,27 @@ impl Emulator {
 
 impl Drop for Emulator {
     fn drop(&mut self) {
-        if let Ok(cluster) = self.cluster.get_mut() {
-            cluster.stop_server();
+        match &mut self.server {
+            Server::Private(cluster) => {
+                if let Ok(cluster) = cluster.get_mut() {
+                    cluster.stop_server();
+                }
+            }
+            Server::Shared { .. } => {
+                if let Err(e) = self.end_sessions() {
+                    tracing::warn!("emulator: could not end the sessions in its database: {e}");
+                }
+            }
         }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
     }
+}
+
+/// Runs `sql` as the superuser through `config`.
+async fn batch(config: &tokio_postgres::Config, sql: &str) -> Result<(), tokio_postgres::Error> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client.batch_execute(sql).await
 }

@@ -22,8 +22,18 @@ fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// `CREATE ROLE role LOGIN` unless the role exists: roles belong to the whole cluster, which on a
+/// shared cluster other emulators made them in.
+fn create_login_role(role: &str) -> String {
+    format!(
+        "DO $create$ BEGIN CREATE ROLE {role} LOGIN; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $create$;\n"
+    )
+}
+
 /// The SQL that creates `identity`'s role, as an Entra administrator's
-/// `pgaadauth_create_principal` would: a login role that records which principal it maps to.
+/// `pgaadauth_create_principal` would: a login role that records which principal it maps to, and
+/// may create tables in the database it is run in.
 pub(super) fn role_sql(identity: &Identity) -> String {
     let role = quote_ident(&identity.role_name);
     let comment = format!(
@@ -31,7 +41,8 @@ pub(super) fn role_sql(identity: &Identity) -> String {
         identity.kind, identity.object_id, identity.client_id
     );
     format!(
-        "CREATE ROLE {role} LOGIN; COMMENT ON ROLE {role} IS {}; GRANT CREATE ON SCHEMA public TO {role};\n",
+        "{}COMMENT ON ROLE {role} IS {}; GRANT CREATE ON SCHEMA public TO {role};\n",
+        create_login_role(&role),
         quote_literal(&comment)
     )
 }
@@ -79,8 +90,7 @@ impl Emulator {
     /// Creates a role that logs in with a fixed `password` over the same TLS and LDAP path as
     /// tokens: the baseline for benchmarks ("what if there were no token to fetch").
     pub async fn add_password_role(&self, role: &str, password: &str) -> Result<(), Error> {
-        self.execute(&format!("CREATE ROLE {} LOGIN", quote_ident(role)))
-            .await?;
+        self.execute(&create_login_role(&quote_ident(role))).await?;
         self.shared.add_static_password(role, password);
         Ok(())
     }

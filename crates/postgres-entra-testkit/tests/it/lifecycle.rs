@@ -1,10 +1,16 @@
-//! The emulator leaves nothing behind: not on drop, not on panic, not when its process is killed.
+//! The emulator leaves nothing behind: not on drop, not on panic, not when its process is killed;
+//! on a shared cluster, each emulator has a database of its own and drops it.
 
-use postgres_entra_testkit::{DIR_PREFIX, Emulator, TokenOptions};
+use postgres_entra_testkit::{DIR_PREFIX, Emulator, SharedCluster, TokenOptions};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::login;
+
+/// An emulator with a cluster of its own, whatever the environment shares.
+fn private() -> Emulator {
+    Emulator::builder().private_cluster().start().unwrap()
+}
 
 fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry; it is gone for our purposes once it no longer runs.
@@ -56,7 +62,7 @@ fn wait_until_gone(pid: u32, dir: &Path, within: Duration) {
 
 #[test]
 fn drop_stops_the_server_and_removes_its_files() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = private();
     let pid = emulator.server_pid().unwrap();
     let dir = emulator.directory();
     assert!(
@@ -77,7 +83,7 @@ fn drop_stops_the_server_and_removes_its_files() {
 fn a_panicking_test_still_stops_the_server() {
     let (tx, rx) = std::sync::mpsc::channel();
     let outcome = std::thread::spawn(move || {
-        let emulator = Emulator::start().unwrap();
+        let emulator = private();
         tx.send((emulator.server_pid().unwrap(), emulator.directory()))
             .unwrap();
         panic!("a test failing while the emulator runs");
@@ -132,7 +138,7 @@ fn hold_an_emulator_child() {
     let Some(report) = std::env::var_os("TESTKIT_HOLD_REPORT") else {
         return;
     };
-    let emulator = Emulator::start().unwrap();
+    let emulator = private();
     let line = format!(
         "{} {}",
         emulator.server_pid().unwrap(),
@@ -145,7 +151,7 @@ fn hold_an_emulator_child() {
 
 #[tokio::test]
 async fn the_server_restarts_on_the_same_port_and_accepts_logins_again() {
-    let emulator = Emulator::start().unwrap();
+    let emulator = private();
     let user = emulator.user();
     let token = emulator
         .issue_token(&user, TokenOptions::default())
@@ -166,4 +172,136 @@ async fn the_server_restarts_on_the_same_port_and_accepts_logins_again() {
         login(&emulator, &user.role_name, &token).await.unwrap(),
         user.role_name
     );
+}
+
+/// Runs `test` (an ignored test of this binary) under `postgres-entra-shared-cluster`, and returns
+/// the shared cluster's directory, which the test reports.
+fn run_under_shared_cluster(test: &str) -> PathBuf {
+    let report = tempfile::NamedTempFile::new().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_postgres-entra-shared-cluster"))
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--ignored", "--nocapture"])
+        .env("TESTKIT_HOLD_REPORT", report.path())
+        .env_remove("NEXTEST_TEST_FILTER")
+        .status()
+        .unwrap();
+    assert!(status.success(), "{test} failed under the shared cluster");
+    PathBuf::from(std::fs::read_to_string(report.path()).unwrap().trim())
+}
+
+#[test]
+fn emulators_on_a_shared_cluster_have_databases_of_their_own_and_leave_nothing_behind() {
+    let dir = run_under_shared_cluster("lifecycle::two_emulators_on_the_shared_cluster");
+    assert!(
+        dir.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(DIR_PREFIX)
+    );
+    // The wrapper stopped the server and removed its files when the command ended.
+    assert!(!dir.exists(), "{} still exists", dir.display());
+    assert!(
+        processes_using(&dir).is_empty(),
+        "processes remain: {:?}",
+        processes_using(&dir)
+    );
+}
+
+#[tokio::test]
+#[ignore = "run under a shared cluster by emulators_on_a_shared_cluster_have_databases_of_their_own_and_leave_nothing_behind"]
+async fn two_emulators_on_the_shared_cluster() {
+    let Some(report) = std::env::var_os("TESTKIT_HOLD_REPORT") else {
+        return;
+    };
+    let cluster = std::env::var_os(SharedCluster::ENV).expect("run under the shared cluster");
+    std::fs::write(report, cluster.as_encoded_bytes()).unwrap();
+
+    let a = Emulator::start_async().await.unwrap();
+    let b = Emulator::start_async().await.unwrap();
+    let own = Emulator::builder()
+        .private_cluster()
+        .start_async()
+        .await
+        .unwrap();
+    // One server; a database each; the private one elsewhere.
+    assert_eq!(a.port(), b.port());
+    assert_ne!(own.port(), a.port());
+    assert_ne!(a.database(), b.database());
+    assert_eq!(own.database(), "postgres");
+    assert!(a.server_pid().is_none());
+    let error = a.restart_server().unwrap_err();
+    assert!(error.to_string().contains("private_cluster()"), "{error}");
+
+    // Each logs its own principals in with its own tokens, into its own database only.
+    let user = a.user();
+    let token_a = a.issue_token(&user, TokenOptions::default()).unwrap();
+    let token_b = b.issue_token(&b.user(), TokenOptions::default()).unwrap();
+    assert_eq!(
+        login(&a, &user.role_name, &token_a).await.unwrap(),
+        user.role_name
+    );
+    assert_eq!(
+        login(&b, &user.role_name, &token_b).await.unwrap(),
+        user.role_name
+    );
+    crate::assert_refused(login(&b, &user.role_name, &token_a).await);
+    let mut elsewhere = a.pg_config(&user.role_name);
+    elsewhere.dbname("postgres").password(token_a.as_str());
+    let Err(refused) = elsewhere.connect(a.tls().unwrap()).await else {
+        panic!("a login into another database was let in");
+    };
+    let message = refused.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("no pg_hba.conf entry")),
+        "{refused:?}"
+    );
+
+    // Sessions are counted and ended per database.
+    let mut config = a.pg_config(&user.role_name);
+    config.password(token_a.as_str());
+    let (_held, connection) = config.connect(a.tls().unwrap()).await.unwrap();
+    let held = tokio::spawn(connection);
+    assert_eq!(a.sessions_of(&user.role_name).await.unwrap().len(), 1);
+    assert!(b.sessions_of(&user.role_name).await.unwrap().is_empty());
+    assert_eq!(b.terminate_sessions_of(&user.role_name).await.unwrap(), 0);
+    assert_eq!(a.terminate_sessions_of(&user.role_name).await.unwrap(), 1);
+    tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the ended session's connection finishes")
+        .unwrap()
+        .unwrap_err();
+
+    // A dropped emulator's sessions end with it, as a private cluster's would; the next emulator
+    // in its slot finds nothing it left.
+    let (_held, connection) = config.connect(a.tls().unwrap()).await.unwrap();
+    let held = tokio::spawn(connection);
+    a.admin_client()
+        .await
+        .unwrap()
+        .batch_execute("create table left_behind (id int)")
+        .await
+        .unwrap();
+    let slot = a.database().to_owned();
+    drop(a);
+    tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the dropped emulator's session ends")
+        .unwrap()
+        .unwrap_err();
+    let c = Emulator::start_async().await.unwrap();
+    assert_eq!(c.database(), slot, "the freed slot is taken first");
+    let tables: i64 = c
+        .admin_client()
+        .await
+        .unwrap()
+        .query_one(
+            "select count(*) from pg_class where relname = 'left_behind'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0);
 }

@@ -191,6 +191,16 @@ impl Cluster {
     /// Creates and starts a cluster listening on `addresses`, whose TCP logins follow
     /// `tls_logins` (`hostssl` lines of `pg_hba.conf`); anything else over TCP is refused.
     pub(crate) fn start(pki: &Pki, addresses: &[IpAddr], tls_logins: &str) -> Result<Self, Error> {
+        Self::start_with(pki, addresses, tls_logins, 300)
+    }
+
+    /// [`Cluster::start`] taking up to `max_connections` connections.
+    pub(super) fn start_with(
+        pki: &Pki,
+        addresses: &[IpAddr],
+        tls_logins: &str,
+        max_connections: u32,
+    ) -> Result<Self, Error> {
         let run_as = run_as()?;
         let initdb = find_program("initdb")?;
         let postgres = find_program("postgres")?;
@@ -245,7 +255,7 @@ impl Cluster {
              ssl_cert_file = 'server.crt'\n\
              ssl_key_file = 'server.key'\n\
              ssl_min_protocol_version = 'TLSv1.2'\n\
-             max_connections = 300\n\
+             max_connections = {}\n\
              shared_buffers = 32MB\n\
              fsync = off\n\
              synchronous_commit = off\n\
@@ -257,7 +267,8 @@ impl Cluster {
                 .map(IpAddr::to_string)
                 .collect::<Vec<_>>()
                 .join(","),
-            socket_dir.display()
+            socket_dir.display(),
+            max_connections,
         );
         fs::OpenOptions::new()
             .append(true)
