@@ -274,7 +274,7 @@ where
             );
             tokio::spawn(async move {
                 while started.elapsed() < duration {
-                    // Every pool here bounds a checkout by its timeouts (10 s at most): a
+                    // Every pool here bounds a checkout by its timeouts (20 s at most): a
                     // checkout or query still pending after three times that is a hang, reported
                     // as a failure rather than left to the test runner's kill.
                     let outcome =
