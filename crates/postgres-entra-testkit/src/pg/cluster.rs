@@ -247,6 +247,9 @@ impl Cluster {
              {tls_logins}"
         );
         write_file(&data.join("pg_hba.conf"), &hba, run_as, 0o600)?;
+        // LOG level: a refused login's cause ("LDAP login failed ...: Invalid credentials" with
+        // the token check's reason, or "Can't contact LDAP server") is written only at LOG. No
+        // connection or statement is logged, and no password is at any level.
         let conf = format!(
             "\n# postgres-entra emulator\n\
              listen_addresses = '{}'\n\
@@ -260,7 +263,7 @@ impl Cluster {
              fsync = off\n\
              synchronous_commit = off\n\
              full_page_writes = off\n\
-             log_min_messages = warning\n\
+             log_min_messages = log\n\
              logging_collector = off\n",
             addresses
                 .iter()
