@@ -1,5 +1,6 @@
 //! The emulator leaves nothing behind: not on drop, not on panic, not when its process is killed;
-//! on a shared cluster, each emulator has a database of its own and drops it.
+//! on a shared cluster, each emulator has a database of its own, the next one in its slot finds
+//! nothing it left, and once every slot is taken an emulator starts a cluster of its own.
 
 use postgres_entra_testkit::{DIR_PREFIX, Emulator, SharedCluster, TokenOptions};
 use std::path::{Path, PathBuf};
@@ -304,4 +305,29 @@ async fn two_emulators_on_the_shared_cluster() {
         .unwrap()
         .get(0);
     assert_eq!(tables, 0);
+
+    // Once every slot is taken, an emulator starts a cluster of its own.
+    let mut on_the_cluster = vec![b, c];
+    let fallback = loop {
+        let next = Emulator::start_async().await.unwrap();
+        if next.port() != on_the_cluster[0].port() {
+            break next;
+        }
+        on_the_cluster.push(next);
+        assert!(
+            on_the_cluster.len() <= 64,
+            "no emulator left the shared cluster"
+        );
+    };
+    assert!(on_the_cluster.len() >= 16, "{} slots", on_the_cluster.len());
+    assert_eq!(fallback.database(), "postgres");
+    assert!(fallback.server_pid().is_some());
+    let user = fallback.user();
+    let token = fallback
+        .issue_token(&user, TokenOptions::default())
+        .unwrap();
+    assert_eq!(
+        login(&fallback, &user.role_name, &token).await.unwrap(),
+        user.role_name
+    );
 }
