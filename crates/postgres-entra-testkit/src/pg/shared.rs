@@ -15,8 +15,9 @@
 //! taken.
 
 use std::fs;
+use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use super::cluster::{Cluster, SUPERUSER};
@@ -73,9 +74,12 @@ impl SharedCluster {
             .map(|port| port.to_string())
             .collect();
         for name in KEY_FILES {
-            let path = cluster.directory().join(name);
-            fs::write(&path, SigningKey::generate_pkcs8()?)?;
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(cluster.directory().join(name))?
+                .write_all(&SigningKey::generate_pkcs8()?)?;
         }
         // Written last: its presence says the cluster is ready.
         fs::write(cluster.directory().join(PORTS_FILE), listing.join("\n"))?;
