@@ -1,5 +1,5 @@
 //! The `postgres-entra-emulator` binary: prints `export` lines an app can use, serves them until
-//! SIGTERM, then cleans up.
+//! SIGTERM, then cleans up. `postgres-entra-shared-cluster`: exits as its command does.
 
 use azure_core::http::{Method, Request, Url};
 use std::collections::HashMap;
@@ -115,4 +115,43 @@ async fn the_binary_prints_working_exports_and_cleans_up_on_sigterm() {
         .unwrap()
         .to_owned();
     assert!(!dir.exists(), "{} was not removed", dir.display());
+}
+
+#[test]
+fn the_shared_cluster_wrapper_exits_as_its_command_does_and_says_how_to_use_it() {
+    let wrapper = env!("CARGO_BIN_EXE_postgres-entra-shared-cluster");
+    let failing = Command::new(wrapper)
+        .args([
+            "sh",
+            "-c",
+            r#"test -d "$POSTGRES_ENTRA_SHARED_CLUSTER" && echo "$POSTGRES_ENTRA_SHARED_CLUSTER" && exit 7"#,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        failing.status.code(),
+        Some(7),
+        "the command saw the cluster and its status came back"
+    );
+    let dir = String::from_utf8_lossy(&failing.stdout).trim().to_owned();
+    assert!(
+        !dir.is_empty() && !Path::new(&dir).exists(),
+        "the cluster {dir} was removed after a failing command"
+    );
+
+    let usage = Command::new(wrapper).output().unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&usage.stderr)
+            .starts_with("usage: postgres-entra-shared-cluster COMMAND")
+    );
+
+    let missing = Command::new(wrapper)
+        .arg("/nonexistent/command")
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(127));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("could not run /nonexistent/command")
+    );
 }
