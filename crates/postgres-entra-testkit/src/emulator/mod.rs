@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::identity::{self, Identity};
 use crate::issuer::Issuer;
-use crate::pg::{Attached, Cluster, SUPERUSER};
+use crate::pg::{Attached, Cluster, Location};
 use crate::servers::AzureServer;
 use crate::shared::Shared;
 use crate::tls::{self, Pki};
@@ -141,7 +141,7 @@ impl EmulatorBuilder {
                 (server, PRIVATE_DATABASE.to_owned(), pki.ca_pem)
             }
             Some((cluster, database)) => {
-                let ca_pem = std::fs::read_to_string(cluster.ca_path())?;
+                let ca_pem = std::fs::read_to_string(cluster.location().ca_path())?;
                 let dir = tempfile::Builder::new()
                     .prefix(crate::pg::DIR_PREFIX)
                     .tempdir()?;
@@ -149,7 +149,7 @@ impl EmulatorBuilder {
                 (server, database, ca_pem)
             }
         };
-        let port = server.port();
+        let port = server.location().port();
         let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
         let mut server_ports = HashMap::new();
         server_ports.insert(AzureServer::Public, port);
@@ -204,10 +204,10 @@ enum Server {
 }
 
 impl Server {
-    fn port(&self) -> u16 {
+    fn location(&self) -> Location {
         match self {
-            Self::Private(cluster) => cluster.lock().expect("cluster lock").port(),
-            Self::Shared { cluster, .. } => cluster.port(),
+            Self::Private(cluster) => cluster.lock().expect("cluster lock").location(),
+            Self::Shared { cluster, .. } => cluster.location().clone(),
         }
     }
 }
@@ -255,30 +255,9 @@ impl Emulator {
         EmulatorBuilder::default()
     }
 
-    /// The private cluster, or an error naming what needs one.
-    fn private(&self, what: &str) -> Result<std::sync::MutexGuard<'_, Cluster>, Error> {
-        match &self.server {
-            Server::Private(cluster) => Ok(cluster.lock().expect("cluster lock")),
-            Server::Shared { .. } => Err(Error::Setup(format!(
-                "{what} needs a cluster of the emulator's own: build it with `private_cluster()` \
-                 (this one has a database on the test run's shared cluster)"
-            ))),
-        }
-    }
-
     /// The superuser's settings for the emulator's database, over the cluster's private socket.
     fn superuser_config(&self) -> tokio_postgres::Config {
-        let socket_dir = match &self.server {
-            Server::Private(cluster) => cluster.lock().expect("cluster lock").socket_dir(),
-            Server::Shared { cluster, .. } => cluster.socket_dir(),
-        };
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host_path(socket_dir)
-            .port(self.port())
-            .user(SUPERUSER)
-            .dbname(&self.database);
-        config
+        self.server.location().superuser_config(&self.database)
     }
 
     /// Runs `task` on the emulator's own runtime, blocking this thread: for start-up and drop,
@@ -305,9 +284,9 @@ impl Emulator {
         let own = self.superuser_config();
         let shared = matches!(self.server, Server::Shared { .. });
         self.block_on(async move {
+            let (client, connection) = own.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
             if shared {
-                let (client, connection) = own.connect(tokio_postgres::NoTls).await?;
-                tokio::spawn(connection);
                 client.batch_execute(END_SESSIONS).await?;
                 let objects: i64 = client
                     .query_one(
@@ -324,18 +303,19 @@ impl Emulator {
                         .await?;
                 }
             }
-            Ok(batch(&own, &roles).await?)
+            Ok(client.batch_execute(&roles).await?)
         })
     }
 
-    /// On a shared cluster: ends the sessions in the emulator's database, as a private cluster's
-    /// stop does, before its slot is freed.
+    /// Ends the sessions in the emulator's database: on a shared cluster, what a private cluster's
+    /// stop does, before the slot is freed.
     fn end_sessions(&self) -> Result<(), Error> {
-        if let Server::Shared { .. } = self.server {
-            let own = self.superuser_config();
-            self.block_on(async move { Ok(batch(&own, END_SESSIONS).await?) })?;
-        }
-        Ok(())
+        let own = self.superuser_config();
+        self.block_on(async move {
+            let (client, connection) = own.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            Ok(client.batch_execute(END_SESSIONS).await?)
+        })
     }
 
     /// Runs `sql` as the superuser, driven by the caller's runtime.
@@ -392,7 +372,7 @@ impl Emulator {
 
     /// TCP port of the PostgreSQL server.
     pub fn port(&self) -> u16 {
-        self.server.port()
+        self.server.location().port()
     }
 
     /// Database name to connect to: `postgres` on a private cluster, one of the emulator's own on
@@ -408,10 +388,7 @@ impl Emulator {
 
     /// Path of the CA certificate file, for `PGSSLROOTCERT` or a client's CA-file option.
     pub fn ca_cert_path(&self) -> PathBuf {
-        match &self.server {
-            Server::Private(cluster) => cluster.lock().expect("cluster lock").ca_path(),
-            Server::Shared { cluster, .. } => cluster.ca_path(),
-        }
+        self.server.location().ca_path()
     }
 
     /// A rustls client configuration that trusts the emulator's CA (full verification).
@@ -481,24 +458,29 @@ impl Emulator {
 
     /// Process id of the postmaster of a private cluster (`None` on a shared one).
     pub fn server_pid(&self) -> Option<u32> {
-        self.private("the server's process id")
-            .ok()
-            .and_then(|cluster| cluster.server_pid())
+        match &self.server {
+            Server::Private(cluster) => cluster.lock().expect("cluster lock").server_pid(),
+            Server::Shared { .. } => None,
+        }
     }
 
     /// What the server wrote to its log so far (a shared cluster's log holds every emulator's).
     pub fn server_log(&self) -> String {
-        match &self.server {
-            Server::Private(cluster) => cluster.lock().expect("cluster lock").log(),
-            Server::Shared { cluster, .. } => cluster.log(),
-        }
+        self.server.location().log()
     }
 
     /// Stops the PostgreSQL server (fast shutdown, clients disconnected) and starts it again on the
     /// same port; the mock endpoints keep running. Blocks its thread while the server restarts.
     /// Only on a private cluster ([`EmulatorBuilder::private_cluster`]).
     pub fn restart_server(&self) -> Result<(), Error> {
-        self.private("restarting the server")?.restart_server()
+        match &self.server {
+            Server::Private(cluster) => cluster.lock().expect("cluster lock").restart_server(),
+            Server::Shared { .. } => Err(Error::Setup(
+                "restarting the server needs a cluster of the emulator's own: build it with \
+                 `private_cluster()` (this one has a database on the test run's shared cluster)"
+                    .into(),
+            )),
+        }
     }
 
     /// Tenant id of the emulated directory.
@@ -551,11 +533,4 @@ impl Drop for Emulator {
             runtime.shutdown_background();
         }
     }
-}
-
-/// Runs `sql` as the superuser through `config`.
-async fn batch(config: &tokio_postgres::Config, sql: &str) -> Result<(), tokio_postgres::Error> {
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    client.batch_execute(sql).await
 }

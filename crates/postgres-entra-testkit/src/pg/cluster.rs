@@ -21,6 +21,10 @@ use crate::tls::Pki;
 pub(crate) const SUPERUSER: &str = "postgres";
 /// Prefix of every emulator directory, so leftovers can be recognised.
 pub const DIR_PREFIX: &str = "pg-entra-emu-";
+/// A cluster's files under its directory: the socket directory, the CA certificate, the log.
+const SOCKET_DIR: &str = "socket";
+const CA_FILE: &str = "ca.crt";
+const LOG_FILE: &str = "postgres.log";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -176,6 +180,49 @@ fn write_file(path: &Path, contents: &str, run_as: Option<RunAs>, mode: u32) -> 
     give_to(path, run_as, mode)
 }
 
+/// Where a running cluster's files are and how its superuser reaches it: read alike by the
+/// cluster's owner and by the emulators that share it.
+#[derive(Debug, Clone)]
+pub(crate) struct Location {
+    root: PathBuf,
+    port: u16,
+}
+
+impl Location {
+    /// The cluster in directory `root`, listening on `port`.
+    pub(crate) fn new(root: PathBuf, port: u16) -> Self {
+        Self { root, port }
+    }
+
+    pub(crate) fn directory(&self) -> &Path {
+        &self.root
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub(crate) fn ca_path(&self) -> PathBuf {
+        self.root.join(CA_FILE)
+    }
+
+    /// What the server wrote to its log so far.
+    pub(crate) fn log(&self) -> String {
+        fs::read_to_string(self.root.join(LOG_FILE)).unwrap_or_default()
+    }
+
+    /// The superuser's settings for `database`, over the cluster's private socket.
+    pub(crate) fn superuser_config(&self, database: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(self.root.join(SOCKET_DIR))
+            .port(self.port)
+            .user(SUPERUSER)
+            .dbname(database);
+        config
+    }
+}
+
 /// A running private cluster.
 #[derive(Debug)]
 pub(crate) struct Cluster {
@@ -209,7 +256,7 @@ impl Cluster {
             .tempdir_in(cluster_parent())?;
         let root = dir.path();
         give_to(root, run_as, 0o755)?;
-        let socket_dir = root.join("socket");
+        let socket_dir = root.join(SOCKET_DIR);
         fs::create_dir(&socket_dir)?;
         give_to(&socket_dir, run_as, 0o700)?;
 
@@ -230,7 +277,7 @@ impl Cluster {
             )));
         }
 
-        write_file(&root.join("ca.crt"), &pki.ca_pem, run_as, 0o644)?;
+        write_file(&root.join(CA_FILE), &pki.ca_pem, run_as, 0o644)?;
         write_file(
             &data.join("server.crt"),
             &pki.server_cert_pem,
@@ -294,24 +341,13 @@ impl Cluster {
         self.dir.as_ref().expect("cluster directory").path()
     }
 
-    pub(crate) fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub(crate) fn socket_dir(&self) -> PathBuf {
-        self.root().join("socket")
+    /// Where the running cluster is.
+    pub(crate) fn location(&self) -> Location {
+        Location::new(self.root().to_owned(), self.port)
     }
 
     pub(crate) fn directory(&self) -> &Path {
         self.root()
-    }
-
-    pub(crate) fn ca_path(&self) -> PathBuf {
-        self.root().join("ca.crt")
-    }
-
-    pub(crate) fn log(&self) -> String {
-        fs::read_to_string(self.root().join("postgres.log")).unwrap_or_default()
     }
 
     /// Process id of the postmaster, while it runs.
@@ -340,7 +376,7 @@ impl Cluster {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.root().join("postgres.log"))?;
+            .open(self.root().join(LOG_FILE))?;
         let mut child = command(&self.postgres, self.run_as)
             .arg("-D")
             .arg(&data)
@@ -356,7 +392,7 @@ impl Cluster {
             if let Some(status) = child.try_wait()? {
                 return Err(Error::Setup(format!(
                     "postgres exited during start-up ({status}); its log:\n{}",
-                    self.log()
+                    self.location().log()
                 )));
             }
             // The postmaster writes "ready" as the last line of its pid file once it accepts connections.
@@ -371,7 +407,7 @@ impl Cluster {
                 let _ = child.wait();
                 return Err(Error::Setup(format!(
                     "postgres did not become ready within {START_TIMEOUT:?}; its log:\n{}",
-                    self.log()
+                    self.location().log()
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -5,6 +5,6 @@ mod cluster;
 mod shared;
 
 pub use cluster::DIR_PREFIX;
-pub(crate) use cluster::{Cluster, SUPERUSER};
+pub(crate) use cluster::{Cluster, Location};
 pub(crate) use shared::Attached;
 pub use shared::SharedCluster;

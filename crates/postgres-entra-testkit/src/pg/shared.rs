@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
-use super::cluster::{Cluster, SUPERUSER};
+use super::cluster::{Cluster, Location};
 use crate::issuer::SigningKey;
 use crate::tls::Pki;
 use crate::{Error, ldap};
@@ -69,7 +69,7 @@ impl SharedCluster {
         ];
         let cluster = Cluster::start_with(&pki, &addresses, &hba, MAX_CONNECTIONS)?;
         create_databases(&cluster, ports.len())?;
-        let listing: Vec<String> = std::iter::once(cluster.port())
+        let listing: Vec<String> = std::iter::once(cluster.location().port())
             .chain(ports)
             .map(|port| port.to_string())
             .collect();
@@ -94,12 +94,7 @@ impl SharedCluster {
 
 /// Creates the slots' databases.
 fn create_databases(cluster: &Cluster, slots: usize) -> Result<(), Error> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host_path(cluster.socket_dir())
-        .port(cluster.port())
-        .user(SUPERUSER)
-        .dbname("postgres");
+    let config = cluster.location().superuser_config("postgres");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -141,8 +136,7 @@ fn slot_ports() -> Result<Vec<u16>, Error> {
 /// The shared cluster named by the environment, as an emulator sees it.
 #[derive(Debug, Clone)]
 pub(crate) struct Attached {
-    root: PathBuf,
-    port: u16,
+    location: Location,
     slot_ports: Vec<u16>,
 }
 
@@ -163,9 +157,8 @@ impl Attached {
             )));
         };
         Ok(Some(Self {
-            port: *port,
+            location: Location::new(root, *port),
             slot_ports: slot_ports.to_vec(),
-            root,
         }))
     }
 
@@ -178,29 +171,17 @@ impl Attached {
         })
     }
 
-    pub(crate) fn port(&self) -> u16 {
-        self.port
+    pub(crate) fn location(&self) -> &Location {
+        &self.location
     }
 
     /// The run's token-signing key and the key it never publishes, which every emulator on the
     /// cluster shares.
     pub(crate) fn signing_keys(&self) -> Result<(SigningKey, SigningKey), Error> {
-        let [key, rogue] = KEY_FILES.map(|name| fs::read(self.root.join(name)));
+        let [key, rogue] = KEY_FILES.map(|name| fs::read(self.location.directory().join(name)));
         Ok((
             SigningKey::from_pkcs8(&key?)?,
             SigningKey::from_pkcs8(&rogue?)?,
         ))
-    }
-
-    pub(crate) fn socket_dir(&self) -> PathBuf {
-        self.root.join("socket")
-    }
-
-    pub(crate) fn ca_path(&self) -> PathBuf {
-        self.root.join("ca.crt")
-    }
-
-    pub(crate) fn log(&self) -> String {
-        fs::read_to_string(self.root.join("postgres.log")).unwrap_or_default()
     }
 }
