@@ -51,7 +51,7 @@ async fn new_logins_resume_within_a_second_of_the_provider_answering_after_one_a
         .size(2)
         .timeout(Duration::from_secs(1));
     let pool: P = P::build(spec).await.unwrap();
-    pool.checkout_as(ROLE).await.unwrap();
+    pool.warm(1).await;
 
     for lives in [1, 3] {
         let outage = LIFETIME * lives;
@@ -191,7 +191,7 @@ async fn refused_logins_back_off_after_a_revocation<P: PoolUnderTest>() {
         .timeout(Duration::from_millis(500))
         .options(|options| options.reap_interval(Duration::from_millis(200)));
     let pool: P = P::build(spec).await.unwrap();
-    pool.query("select 1").await.unwrap();
+    pool.warm(1).await;
 
     emulator.remove_group_member(&readers, &sp).unwrap();
     let revoked = Instant::now();
@@ -254,9 +254,9 @@ async fn a_sixty_second_outage_under_churn_logs_tens_of_lines_per_pool_and_recov
         .unwrap();
     let bb8 = crate::pools::Bb8::build(spec("bb8")).await.unwrap();
     let sqlx = crate::pools::Sqlx::build(spec("sqlx")).await.unwrap();
-    deadpool.checkout_as(ROLE).await.unwrap();
-    bb8.checkout_as(ROLE).await.unwrap();
-    sqlx.checkout_as(ROLE).await.unwrap();
+    deadpool.warm(1).await;
+    bb8.warm(1).await;
+    sqlx.warm(1).await;
 
     let log_start = captured_len();
     emulator.set_fault_for(Endpoint::Token, Fault::ServerError, OUTAGE);

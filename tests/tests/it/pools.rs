@@ -217,6 +217,19 @@ pub(crate) trait PoolUnderTest: Clone + Send + Sync + 'static {
         async move { Ok(Box::new(self.checkout().await?) as Box<dyn Any + Send>) }
     }
 
+    /// Set-up, not under test: fetches the token, then opens `connections` connections and returns
+    /// them to the pool, so that what follows does not start with the first fetch and connects (a
+    /// busy machine can take longer over them than a test's short pool timeout).
+    fn warm(&self, connections: usize) -> impl Future<Output = ()> + Send {
+        async move {
+            self.token_cache().get().await.expect("the first token");
+            let mut held = Vec::with_capacity(connections);
+            while held.len() < connections {
+                held.push(self.hold().await.expect("a connection while warming up"));
+            }
+        }
+    }
+
     /// Checks a connection out, runs `sql` and returns the first column of the first row.
     fn query(&self, sql: &'static str) -> impl Future<Output = Result<String, Failure>> + Send {
         async move {

@@ -87,10 +87,12 @@ async fn churn_across_token_lifetimes_never_fails<P: PoolUnderTest>() {
         expected_requests(RUN, LIFETIME).contains(&requests),
         "{requests} token requests"
     );
-    assert!(
-        emulator.logins().iter().all(|l| l.outcome.is_ok()),
-        "never an expired token"
-    );
+    let refused: Vec<_> = emulator
+        .logins()
+        .into_iter()
+        .filter_map(|l| l.outcome.err())
+        .collect();
+    assert_eq!(refused, [], "never an expired token");
     assert!(pool.counts().open <= 8);
 }
 
@@ -235,12 +237,16 @@ async fn a_thirty_second_stall_of_the_token_endpoint_leaves_checkouts_unaffected
     let emulator = Suite::start(Duration::from_secs(12)).await;
     let spec = PoolSpec::new(&emulator, connector(&emulator)).max_age(Duration::from_millis(300));
     let pool: P = pool(spec).await;
+    let fetched = Instant::now();
     pool.checkout_as(ROLE).await.unwrap();
     emulator.set_latency(Endpoint::Token, Duration::from_secs(30));
+    // Until 10 s after the token was fetched, however long the first connect took: past the
+    // refresh, short of the end of the token's use.
+    let run = (fetched + Duration::from_secs(10)).saturating_duration_since(Instant::now());
 
     let slowest = Arc::new(Mutex::new(Duration::ZERO));
     let (pool2, slowest2) = (pool.clone(), slowest.clone());
-    let load = hammer(16, Duration::from_secs(10), move || {
+    let load = hammer(16, run, move || {
         let (pool, slowest) = (pool2.clone(), slowest2.clone());
         async move {
             let started = Instant::now();
@@ -253,6 +259,12 @@ async fn a_thirty_second_stall_of_the_token_endpoint_leaves_checkouts_unaffected
     .await;
 
     assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
+    // The refresh began during the run; on a busy machine its request may reach the endpoint a
+    // moment after the run ended.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while emulator.requests(Endpoint::Token) < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         emulator.requests(Endpoint::Token) >= 2,
         "the refresh is stuck in the stall"
@@ -400,11 +412,7 @@ async fn checkouts_fail_fast_when_connections_are_cut_and_the_pool_heals<P: Pool
     let pool: P = pool(spec).await;
     // Every connection is open before the clock starts, so the cut closes them all (on a busy
     // machine the first connects can take longer than the second before the cut).
-    let mut held = Vec::new();
-    while held.len() < SIZE {
-        held.push(pool.hold().await.unwrap());
-    }
-    drop(held);
+    pool.warm(SIZE).await;
     assert_eq!(relay.accepted(), SIZE as u64);
 
     let started = Instant::now();
