@@ -141,18 +141,29 @@ async fn connections_past_their_age_are_replaced<P: PoolUnderTest>() {
     );
 }
 
-/// 16 tasks churn for 6.5 s while the token endpoint serves `fault` for 7 s, starting now. With
-/// 8 s tokens fetched just before, the outage covers the refresh point (6 s) and ends before
-/// expiry (8 s), and the load stops inside the usable life (7.2 s): no checkout may fail, and new
+/// 16 tasks churn while the token endpoint serves `fault`, both timed from the expiry of the 8 s
+/// token the first login used (not from when that login ended, which a busy machine delays): the
+/// outage covers the refresh point (2 s before expiry) and ends 1 s before expiry, and the load
+/// stops 1.1 s before expiry, inside the usable life (0.8 s before): no checkout may fail, and new
 /// connections must have been made during the outage.
 async fn outage_shorter_than_the_token_life<P: PoolUnderTest>(fault: Fault) {
     let emulator = Suite::start(Duration::from_secs(8)).await;
     let spec = PoolSpec::new(&emulator, connector(&emulator)).max_age(Duration::from_millis(500));
     let pool: P = pool(spec).await;
     pool.checkout_as(ROLE).await.unwrap();
-    emulator.set_fault_for(Endpoint::Token, fault, Duration::from_millis(7000));
+    let expires_on = pool.token_cache().get().await.unwrap().expires_on();
+    let before_expiry = |margin: Duration| {
+        (expires_on - margin)
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+    };
+    emulator.set_fault_for(
+        Endpoint::Token,
+        fault,
+        before_expiry(Duration::from_secs(1)),
+    );
 
-    let load = churn(&pool, 16, Duration::from_millis(6500)).await;
+    let load = churn(&pool, 16, before_expiry(Duration::from_millis(1100))).await;
 
     assert_eq!(load.failed, 0, "first failure: {:?}", load.first_error);
     assert!(
