@@ -259,6 +259,9 @@ pub fn create_pool_with(
     let pool = customize(builder)
         .build()
         .map_err(|e| config_error(format!("building the deadpool pool: {e}")))?;
+    // The create timeout as the pool has it, after `customize`.
+    let core = pool.manager().login.core();
+    core.set_create_limit(pool.timeouts().create);
     #[cfg(feature = "opentelemetry_0_33")]
     observe(&pool);
     if pool.manager().login.core().retires_sessions() {
@@ -308,16 +311,20 @@ fn start_reaper(pool: &Pool) {
             let Some(pool) = pool.upgrade() else {
                 return;
             };
-            let removed = pool.retain(|object, _| {
-                let due = object.session.is_due();
-                if due {
-                    object.session.retired();
-                }
-                !due
-            });
-            if !removed.removed.is_empty() {
+            let core = pool.manager().login.core();
+            // Asked before deadpool's lock is taken (it may log and start a token request): under
+            // the lock, only the sessions' own times are read.
+            if !core.may_retire() {
+                continue;
+            }
+            let now = core.now();
+            let retired = pool.retain(|object, _| !object.session.is_past_due(now));
+            for object in &retired.removed {
+                object.session.retired();
+            }
+            if !retired.removed.is_empty() {
                 tracing::debug!(
-                    retired = removed.removed.len(),
+                    retired = retired.removed.len(),
                     "retired idle connections whose login token expired"
                 );
             }

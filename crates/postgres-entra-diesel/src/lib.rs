@@ -2,13 +2,15 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 use diesel::ConnectionError;
+use diesel::IntoSql as _;
+use diesel::connection::{Instrumentation, InstrumentationEvent};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection as _, AsyncPgConnection, RunQueryDsl};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use postgres_entra_tokio_postgres::__private::PgLogin;
@@ -37,12 +39,14 @@ pub type Bb8Pool = bb8::Pool<Manager>;
 /// cloud from the host, one retry with a different token after a refused login), and is retired
 /// once its login token has expired.
 ///
-/// diesel-async keeps nothing beside a connection, so a connection is known by its server
-/// process id: when it is recycled (deadpool) or tested on checkout (bb8, with its default
-/// `test_on_check_out`), `select pg_backend_pid()` (in place of diesel-async's `select 1`) finds
-/// the token it logged in with, and a connection past its token's bound is dropped. Idle
-/// connections are retired when next checked out, or by the pool's own idle timeout. Cheap to
-/// clone; clones share.
+/// diesel-async keeps nothing beside a connection but its instrumentation, so each connection
+/// carries a small one of this crate's that knows its session (and passes every event on to
+/// diesel's default instrumentation, `diesel::connection::set_default_instrumentation`): when it
+/// is recycled (deadpool) or tested on checkout (bb8, with its default `test_on_check_out`), a
+/// connection past its token's bound is dropped, else checked with diesel-async's `select 1`. A
+/// connection whose instrumentation was replaced (`set_instrumentation` on a checked-out
+/// connection) can no longer be told, and is retired when recycled. Idle connections are retired
+/// when next checked out, or by the pool's own idle timeout. Cheap to clone; clones share.
 #[derive(Clone)]
 pub struct EntraDiesel {
     inner: Arc<Inner>,
@@ -50,9 +54,26 @@ pub struct EntraDiesel {
 
 struct Inner {
     login: PgLogin,
-    /// The session of each open connection, by its server process id, with a serial number.
-    open: Mutex<HashMap<i32, (u64, Session)>>,
-    serial: AtomicU64,
+    /// The session of each open connection, by the key its [`SessionTag`] carries.
+    open: Mutex<HashMap<u64, Session>>,
+    next_key: AtomicU64,
+    /// Whether a connection without its tag was met (said once).
+    untagged_said: AtomicBool,
+}
+
+/// The instrumentation of each connection: the key of its session, and diesel's default
+/// instrumentation, to which every event is passed on.
+struct SessionTag {
+    key: u64,
+    default: Option<Box<dyn Instrumentation>>,
+}
+
+impl Instrumentation for SessionTag {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        if let Some(default) = &mut self.default {
+            default.on_connection_event(event);
+        }
+    }
 }
 
 impl fmt::Debug for EntraDiesel {
@@ -61,14 +82,6 @@ impl fmt::Debug for EntraDiesel {
             .field("login", &self.inner.login)
             .field("open", &self.inner.lock_open().len())
             .finish()
-    }
-}
-
-/// SQL functions the recycle check calls (in a private module: the macro makes its items public).
-mod sql {
-    diesel::define_sql_function! {
-        /// PostgreSQL's `pg_backend_pid()`: the server process of this connection.
-        fn pg_backend_pid() -> diesel::sql_types::Integer;
     }
 }
 
@@ -89,7 +102,8 @@ impl EntraDiesel {
             inner: Arc::new(Inner {
                 login: PgLogin::new(connector, &config, options, None)?,
                 open: Mutex::default(),
-                serial: AtomicU64::new(0),
+                next_key: AtomicU64::new(0),
+                untagged_said: AtomicBool::new(false),
             }),
         })
     }
@@ -104,17 +118,19 @@ impl EntraDiesel {
         let recycle = self.inner.clone();
         config.recycling_method = RecyclingMethod::CustomFunction(Box::new(move |connection| {
             let inner = recycle.clone();
+            let key = connection
+                .instrumentation()
+                .downcast_ref::<SessionTag>()
+                .map(|tag| tag.key);
             Box::pin(async move {
-                // A function with a static query id: its prepared statement is cached, so the
-                // check costs one round trip, as diesel-async's own `select 1` does.
-                let pid: i32 = diesel::select(sql::pg_backend_pid())
-                    .get_result(connection)
-                    .await?;
-                if inner.retire(pid) {
-                    Err(diesel::result::Error::QueryBuilderError(RETIRED.into()))
-                } else {
-                    Ok(())
+                if inner.retire(key) {
+                    return Err(diesel::result::Error::QueryBuilderError(RETIRED.into()));
                 }
+                // diesel-async's own check (`RecyclingMethod::Verified`).
+                diesel::select(1_i32.into_sql::<diesel::sql_types::Integer>())
+                    .get_result::<i32>(connection)
+                    .await
+                    .map(drop)
             })
         }));
         // diesel-async's manager connects with `custom_setup`; the URL is not used.
@@ -156,60 +172,61 @@ impl EntraDiesel {
 }
 
 impl Inner {
-    fn lock_open(&self) -> MutexGuard<'_, HashMap<i32, (u64, Session)>> {
+    fn lock_open(&self) -> MutexGuard<'_, HashMap<u64, Session>> {
         // One insert or remove at a time: consistent across a panic elsewhere.
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new connection: logged in, its session kept under its server process id until the
-    /// task driving it ends.
+    /// A new connection: logged in, its session kept under the key its instrumentation carries
+    /// until the task driving it ends.
     async fn open(self: Arc<Self>) -> Result<AsyncPgConnection, ConnectionError> {
         let bad = |error: Error| ConnectionError::BadConnection(error.to_string());
         let (client, connection, session) = self.login.open().await.map_err(bad)?;
-        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        self.lock_open().insert(key, session);
         let forget: Weak<Inner> = Arc::downgrade(&self);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "PostgreSQL connection ended with an error");
             }
-            if let (Ok(pid), Some(inner)) = (pid_rx.await, forget.upgrade()) {
-                let mut open = inner.lock_open();
-                // A later connection may have the same process id: forget only this one.
-                if open.get(&pid).is_some_and(|(s, _)| *s == serial) {
-                    open.remove(&pid);
-                }
+            if let Some(inner) = forget.upgrade() {
+                inner.lock_open().remove(&key);
             }
         });
-        // The simple protocol: one round trip, no statement prepared.
-        let pid = client
-            .simple_query("select pg_backend_pid()")
-            .await
-            .ok()
-            .and_then(|messages| {
-                messages.into_iter().find_map(|message| match message {
-                    tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0)?.parse().ok(),
-                    _ => None,
-                })
-            })
-            .ok_or_else(|| {
-                ConnectionError::BadConnection(
-                    "the new connection did not tell its server process id".to_owned(),
-                )
-            })?;
-        self.lock_open().insert(pid, (serial, session));
-        let _ = pid_tx.send(pid);
-        AsyncPgConnection::try_from(client).await
+        let mut connection = AsyncPgConnection::try_from(client).await?;
+        connection.set_instrumentation(SessionTag {
+            key,
+            default: diesel::connection::get_default_instrumentation(),
+        });
+        Ok(connection)
     }
 
-    /// Whether the connection with server process id `pid` is due for retirement (then counted
-    /// and forgotten).
-    fn retire(&self, pid: i32) -> bool {
-        let mut open = self.lock_open();
-        let due = open.get(&pid).is_some_and(|(_, session)| session.is_due());
-        if due && let Some((_, session)) = open.remove(&pid) {
+    /// Whether the connection whose session has `key` is due for retirement (then counted and
+    /// forgotten); a connection without its key cannot be told, and is retired.
+    fn retire(&self, key: Option<u64>) -> bool {
+        let Some(key) = key else {
+            if !self.untagged_said.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "a pooled diesel connection's instrumentation was replaced, so postgres-entra cannot tell the token it logged in with: it is retired when recycled. Set instrumentation with diesel::connection::set_default_instrumentation instead"
+                );
+            }
+            return true;
+        };
+        let core = self.login.core();
+        let now = core.now();
+        // Only the session's own times under the lock; asking whether it may go (which may log)
+        // and counting it, outside.
+        let past_due = self
+            .lock_open()
+            .get(&key)
+            .is_some_and(|session| session.is_past_due(now));
+        if !past_due || !core.may_retire() {
+            return false;
+        }
+        let session = self.lock_open().remove(&key);
+        if let Some(session) = session {
             session.retired();
         }
-        due
+        true
     }
 }

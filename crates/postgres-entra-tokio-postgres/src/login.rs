@@ -1,20 +1,20 @@
-//! Logging in: TLS forced, user and password from the token cache, one retry with a different
-//! token when the server refuses the login and a different token can help.
+//! Logging in with tokio-postgres: TLS forced and verified, each attempt of the login that
+//! `PoolCore::login` runs (token, role, one retry with a different token), and tokio-postgres's
+//! errors sorted into ours.
 
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 use tokio_postgres::config::{ChannelBinding, Host, SslMode};
 use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use postgres_entra::__private::{
-    Entry, PoolCore, Session, config_error, connect_error, flatten, human, postgres_error,
-    tls_config, tls_declined, tls_error,
+    Attempt, Entry, PoolCore, PoolHost, Session, config_error, connect_error, flatten,
+    postgres_error, tls_config, tls_declined, tls_error,
 };
-use postgres_entra::{EntraConnector, Error, LoginRetry, PoolOptions};
+use postgres_entra::{EntraConnector, Error, PoolOptions};
 
 use crate::connection::Connection;
 
@@ -72,11 +72,6 @@ fn secure_config(config: &Config) -> Result<Config, Error> {
         }
         _ => {}
     }
-    if config.get_hosts().is_empty() {
-        return Err(config_error(
-            "no host to connect to; set the server's host name",
-        ));
-    }
     if config
         .get_hosts()
         .iter()
@@ -118,15 +113,25 @@ fn rustls_cause<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a rustls::E
     None
 }
 
-/// `host:port` for every host of `config`, for messages.
-fn targets(config: &Config) -> String {
+/// Every host of `config`, with the address it is reached at (`hostaddr`, when given) and its
+/// port, as tokio-postgres pairs them.
+fn hosts(config: &Config) -> Vec<PoolHost<'_>> {
     let ports = config.get_ports();
+    let addresses = config.get_hostaddrs();
     tcp_hosts(config)
         .enumerate()
         .map(|(i, host)| {
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            format!("{host}:{port}")
+            (host, addresses.get(i).copied(), port)
         })
+        .collect()
+}
+
+/// `host:port` for every host of `config`, for messages.
+fn targets(config: &Config) -> String {
+    hosts(config)
+        .iter()
+        .map(|(host, _, port)| format!("{host}:{port}"))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -173,8 +178,8 @@ fn classify(error: &tokio_postgres::Error, config: &Config) -> Error {
 
 impl PgLogin {
     /// The logins of a pool with `config` (its user, when set and not empty, being one the
-    /// settings name explicitly): checked now (TLS, a TCP host, no channel binding, the cloud).
-    /// `create_limit`: how long the pool lets one connect take.
+    /// settings name explicitly): checked now (TLS, TCP hosts a token may go to, no channel
+    /// binding, the cloud). `create_limit`: how long the pool lets one connect take.
     pub fn new(
         connector: &EntraConnector,
         config: &Config,
@@ -182,10 +187,9 @@ impl PgLogin {
         create_limit: Option<Duration>,
     ) -> Result<Self, Error> {
         let config = secure_config(config)?;
-        let hosts: Vec<&str> = tcp_hosts(&config).collect();
         let core = PoolCore::new(
             connector,
-            &hosts,
+            &hosts(&config),
             config.get_user(),
             options,
             default_name(&config),
@@ -200,39 +204,13 @@ impl PgLogin {
         &self.core
     }
 
-    /// Opens a connection: the login, its session, its failure logged once and kept for
-    /// `explain`.
+    /// Opens a connection: the login ([`PoolCore::login`]) and its session.
     pub async fn open(&self) -> Result<(Client, Connection, Session), Error> {
-        let started = std::time::Instant::now();
-        let deadline = self.core.deadline();
-        let login = self.login(deadline);
-        let result = match self.core.create_limit() {
-            // Within the pool's own limit, so that the pool reports our error, not its timeout.
-            Some(limit) => {
-                let limit = limit.saturating_sub(Duration::from_millis(100).min(limit / 10));
-                match tokio::time::timeout(limit, login).await {
-                    Ok(result) => result,
-                    Err(_) => Err(connect_error(
-                        targets(&self.config),
-                        format!(
-                            "no connection within {} (the pool's create or connection timeout)",
-                            human(limit)
-                        ),
-                    )),
-                }
-            }
-            None => login.await,
-        };
-        match result {
-            Ok((client, connection, entry)) => {
-                let session = self.core.opened(&entry, started.elapsed());
-                Ok((client, connection, session))
-            }
-            Err(error) => {
-                self.core.failed(&error);
-                Err(error)
-            }
-        }
+        let ((client, connection), session) = self
+            .core
+            .login(|role, entry| self.attempt(role, entry))
+            .await?;
+        Ok((client, connection, session))
     }
 
     /// Opens one connection and closes it: a startup check that reports a permanent mistake at
@@ -250,66 +228,18 @@ impl PgLogin {
         outcome
     }
 
-    async fn attempt(
-        &self,
-        role: &str,
-        entry: &Entry,
-    ) -> Result<(Client, Connection), tokio_postgres::Error> {
+    /// One login as `role` with `entry`'s token.
+    async fn attempt(&self, role: String, entry: Arc<Entry>) -> Attempt<(Client, Connection)> {
         let mut config = self.config.clone();
-        config.user(role).password(entry.secret());
-        let (client, inner) = config.connect(self.tls.clone()).await?;
-        Ok((client, Connection { inner }))
-    }
-
-    async fn login(
-        &self,
-        deadline: Option<Instant>,
-    ) -> Result<(Client, Connection, Arc<Entry>), Error> {
-        let core = &self.core;
-        let entry = core.token(deadline).await?;
-        let role = core.role(&entry)?;
-        let (code, message) = match self.attempt(&role.0, &entry).await {
-            Ok((client, connection)) => return Ok((client, connection, entry)),
+        config.user(&role).password(entry.secret());
+        match config.connect(self.tls.clone()).await {
+            Ok((client, inner)) => Attempt::LoggedIn((client, Connection { inner })),
             Err(error) => match refused_login(&error) {
-                Some((code, message)) => (code.to_owned(), message.to_owned()),
-                None => return Err(classify(&error, &self.config)),
-            },
-        };
-        if core.probing() {
-            core.note_refused(false);
-            return Err(core.rejected(&entry, role, &code, &message, LoginRetry::NotRetried));
-        }
-        tracing::debug!(
-            role = %role.0,
-            code,
-            "login refused; retrying once if a different token can be had"
-        );
-        let replacement = core.replacement_for(&entry, deadline).await;
-        core.note_refused(matches!(replacement, Ok(Some(_))));
-        let fresh = match replacement {
-            Ok(Some(fresh)) => fresh,
-            Ok(None) => {
-                let retry = if entry.after_rejection() {
-                    LoginRetry::AlreadyReplaced
-                } else {
-                    LoginRetry::SameTokenReturned
-                };
-                return Err(core.rejected(&entry, role, &code, &message, retry));
-            }
-            Err(error) => {
-                let retry = LoginRetry::NoNewToken(error);
-                return Err(core.rejected(&entry, role, &code, &message, retry));
-            }
-        };
-        let role = core.role(&fresh)?;
-        match self.attempt(&role.0, &fresh).await {
-            Ok((client, connection)) => Ok((client, connection, fresh)),
-            Err(error) => match refused_login(&error) {
-                Some((code, message)) => {
-                    core.note_refused(false);
-                    Err(core.rejected(&fresh, role, code, message, LoginRetry::FreshTokenRefused))
-                }
-                None => Err(classify(&error, &self.config)),
+                Some((code, message)) => Attempt::Refused {
+                    code: code.to_owned(),
+                    message: message.to_owned(),
+                },
+                None => Attempt::Failed(classify(&error, &self.config)),
             },
         }
     }
@@ -412,5 +342,19 @@ mod tests {
         let (text, error) = failure(&config(hangs_up, SslMode::Disable)).await;
         assert!(text.starts_with(NETWORK[2]), "{text}");
         assert!(matches!(error, Error::Connect { .. }), "{error}");
+    }
+
+    /// A failure tokio-postgres does not say more about (here a server answering the startup
+    /// with a message out of place) is not taken for one that passes by itself.
+    #[tokio::test]
+    async fn an_unclassified_failure_is_not_transient() {
+        let port = answering(&[b'Z', 0, 0, 0, 5, b'I']).await;
+        let (text, error) = failure(&config(port, SslMode::Disable)).await;
+        assert!(text.contains("unexpected message"), "{text}");
+        assert!(
+            matches!(error, Error::Postgres { code: None, .. }),
+            "{error}"
+        );
+        assert!(!error.is_transient(), "{error}");
     }
 }

@@ -3,30 +3,23 @@
 #![cfg_attr(not(feature = "test-util"), allow(unreachable_pub, dead_code))]
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-/// The cache's view of time: wall-clock "now" (token expiries are wall-clock) and a way to wait.
+/// The cache's wall clock: token expiries are wall-clock times. Every wait, deadline and retry
+/// runs on Tokio's monotonic clock (`tokio::time::Instant`), which a wall clock stepped back or
+/// ahead does not move; tests pause and advance that one.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// The current wall-clock time.
     fn now(&self) -> SystemTime;
-
-    /// Completes after `duration` has passed on this clock.
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
-/// The real clock: `SystemTime::now()` and `tokio::time::sleep`.
+/// The real clock: `SystemTime::now()`.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> SystemTime {
         SystemTime::now()
-    }
-
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        Box::pin(tokio::time::sleep(duration))
     }
 }
 
@@ -61,9 +54,5 @@ impl Clock for TokioClock {
             _ => None,
         };
         self.start + self.origin.elapsed()
-    }
-
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        Box::pin(tokio::time::sleep(duration))
     }
 }

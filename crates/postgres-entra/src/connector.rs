@@ -1,11 +1,13 @@
 //! What every pool needs to log in: tokens for the right scope, the role rule, the trusted roots.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::cache::{CacheOptions, TokenCache, TokenCacheBuilder};
 use crate::clock::Clock;
 use crate::error::{Error, RoleSource};
+use crate::host::{ALLOWED_HOSTS_VARIABLE, AllowedHosts, check_host};
 use crate::scope::{Cloud, other_cloud, validate_scope};
 use crate::tls::{TlsRoots, client_config};
 use crate::token::TokenSource;
@@ -24,6 +26,7 @@ pub(crate) struct ConnectorInner {
     /// The caches of a connector whose pools' hosts decide the scope, one per cloud.
     by_cloud: Mutex<Vec<(Cloud, TokenCache)>>,
     pub(crate) role_name: Option<String>,
+    allowed_hosts: AllowedHosts,
     pub(crate) tls_roots: TlsRoots,
     pub(crate) tls_config: Arc<rustls::ClientConfig>,
     #[cfg(feature = "opentelemetry_0_33")]
@@ -40,6 +43,12 @@ pub(crate) struct ConnectorInner {
 /// (`*.postgres.database.usgovcloudapi.net` gets US Government tokens, a name that is not Azure's
 /// the public cloud's), with one cache per cloud; with one of them, every pool gets that scope and
 /// a pool whose host is plainly in another cloud is refused when it is created.
+///
+/// A token for Azure Database for PostgreSQL is accepted by every server of the tenant where the
+/// principal has a role, so a pool is refused when it is created unless each of its hosts is a
+/// server name of the token's cloud (`*.postgres.database.azure.com`, its `privatelink.` names,
+/// ...), loopback, or allowed with [`EntraConnectorBuilder::allow_host`]. With a custom scope
+/// (`.scope("api://...")`) the host is only checked to be one DNS name or IP address.
 #[derive(Clone)]
 pub struct EntraConnector {
     pub(crate) inner: Arc<ConnectorInner>,
@@ -73,6 +82,7 @@ pub struct EntraConnectorBuilder {
     scope: Option<String>,
     cloud: Option<Cloud>,
     host: Option<String>,
+    allowed_hosts: Vec<String>,
     tls_roots: TlsRoots,
     options: Option<CacheOptions>,
     clock: Option<Arc<dyn Clock>>,
@@ -92,6 +102,7 @@ impl fmt::Debug for EntraConnectorBuilder {
             .field("scope", &self.scope)
             .field("cloud", &self.cloud)
             .field("host", &self.host)
+            .field("allowed_hosts", &self.allowed_hosts)
             .field("tls_roots", &self.tls_roots)
             .finish_non_exhaustive()
     }
@@ -122,6 +133,27 @@ impl EntraConnectorBuilder {
     /// A server's host name: its cloud, from its suffix, decides the scope for every pool.
     pub fn host(mut self, host: impl Into<String>) -> Self {
         self.host = Some(host.into());
+        self
+    }
+
+    /// Lets tokens go to `pattern`, a host that is not a server name of the token's cloud nor
+    /// loopback: a host name (`db.internal`, a Docker or CI service name, a self-hosted pooler, a
+    /// custom domain), an IP address (`fd00::5`), or every name under a domain
+    /// (`*.corp.example.com`). Call it once per pattern; a pattern that is none of these (or a
+    /// bare `*`) is refused by [`build`](Self::build).
+    pub fn allow_host(mut self, pattern: impl Into<String>) -> Self {
+        self.allowed_hosts.push(pattern.into());
+        self
+    }
+
+    /// [`allow_host`](Self::allow_host) for each pattern in the environment variable
+    /// `POSTGRES_ENTRA_ALLOWED_HOSTS` (separated by commas or whitespace), as the `postgres-entra`
+    /// tool reads it; nothing when it is unset. Whoever sets the environment decides where tokens
+    /// may go: call it only where that is the deployment's own configuration.
+    pub fn allow_hosts_from_env(mut self) -> Self {
+        if let Some(list) = std::env::var_os(ALLOWED_HOSTS_VARIABLE) {
+            self.allowed_hosts.push(list.to_string_lossy().into_owned());
+        }
         self
     }
 
@@ -192,6 +224,10 @@ impl EntraConnectorBuilder {
                 "the role name is empty; leave it unset to take it from the pool's user or the token",
             ));
         }
+        let mut allowed_hosts = AllowedHosts::default();
+        for list in &self.allowed_hosts {
+            allowed_hosts.add_list(list)?;
+        }
         let tls_config = Arc::new(client_config(&self.tls_roots)?);
         let explicit = self.explicit_scope()?;
         let scope = match self.tokens {
@@ -243,6 +279,7 @@ impl EntraConnectorBuilder {
                 scope,
                 by_cloud: Mutex::new(Vec::new()),
                 role_name: self.role_name,
+                allowed_hosts,
                 tls_roots: self.tls_roots,
                 tls_config,
             }),
@@ -270,6 +307,7 @@ impl EntraConnector {
             scope: None,
             cloud: None,
             host: None,
+            allowed_hosts: Vec::new(),
             tls_roots: TlsRoots::default(),
             options: None,
             clock: None,
@@ -286,12 +324,32 @@ impl EntraConnector {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The cache for a pool whose settings name `hosts`: the connector's one scope (an error if a
-    /// host is plainly in another cloud), or the cache of the hosts' cloud.
-    pub(crate) fn cache_for(&self, hosts: &[&str]) -> Result<TokenCache, Error> {
-        match &self.inner.scope {
+    /// The token cache of this connector's logins to `host` (reached at `address`, when given),
+    /// once a token may go there: an error, before any token is fetched, when `host` is not one DNS
+    /// name or IP address, is plainly in another cloud than the connector's tokens, or is neither a
+    /// server name of the token's cloud, loopback, nor allowed with
+    /// [`EntraConnectorBuilder::allow_host`]. For a driver of your own; the adapters do this when a
+    /// pool is created.
+    pub fn token_cache_for(
+        &self,
+        host: &str,
+        address: Option<IpAddr>,
+    ) -> Result<TokenCache, Error> {
+        self.cache_for(&[(host, address)])
+    }
+
+    /// The cache for a pool whose settings name `hosts` (each reached at its address, when
+    /// given): the connector's one scope (an error if a host is plainly in another cloud), or the
+    /// cache of the hosts' cloud; an error for any host a token may not go to.
+    pub(crate) fn cache_for(&self, hosts: &[(&str, Option<IpAddr>)]) -> Result<TokenCache, Error> {
+        if hosts.is_empty() {
+            return Err(Error::config(
+                "no host to connect to; set the server's host name",
+            ));
+        }
+        let cache = match &self.inner.scope {
             Scope::Fixed(cache) => {
-                for host in hosts {
+                for (host, _) in hosts {
                     if let Some((server, token)) = other_cloud(host, cache.scope()) {
                         return Err(Error::config(format!(
                             "`{host}` is a server of {server} but this connector requests tokens for {token} ({}); build the connector with `.cloud(Cloud::{server:?})`, or without `.cloud`, `.host` and `.scope` so that each pool's host decides, or use one connector per cloud",
@@ -299,26 +357,36 @@ impl EntraConnector {
                         )));
                     }
                 }
-                Ok(cache.clone())
+                self.check_hosts(hosts, cache.scope())?;
+                cache.clone()
             }
             Scope::FromHost(builder) => {
-                let clouds: Vec<Cloud> = hosts.iter().map(|h| Cloud::from_host(h)).collect();
-                let cloud = clouds.first().copied().unwrap_or_default();
+                let clouds: Vec<Cloud> = hosts.iter().map(|(h, _)| Cloud::from_host(h)).collect();
+                let cloud = clouds[0];
                 if let Some(other) = clouds.iter().find(|c| **c != cloud) {
+                    let names: Vec<&str> = hosts.iter().map(|(h, _)| *h).collect();
                     return Err(Error::config(format!(
                         "the pool's hosts ({}) are in different clouds ({cloud} and {other}); one pool's tokens serve one cloud",
-                        hosts.join(", ")
+                        names.join(", ")
                     )));
                 }
+                self.check_hosts(hosts, cloud.scope())?;
                 let mut caches = self.lock_caches();
                 if let Some((_, cache)) = caches.iter().find(|(c, _)| *c == cloud) {
                     return Ok(cache.clone());
                 }
                 let cache = builder.clone().scope(cloud.scope()).build()?;
                 caches.push((cloud, cache.clone()));
-                Ok(cache)
+                cache
             }
-        }
+        };
+        Ok(cache)
+    }
+
+    fn check_hosts(&self, hosts: &[(&str, Option<IpAddr>)], scope: &str) -> Result<(), Error> {
+        hosts.iter().try_for_each(|(host, address)| {
+            check_host(host, *address, scope, &self.inner.allowed_hosts)
+        })
     }
 
     /// The role a login with a token carrying `claims` uses: the connector's role name, else

@@ -112,10 +112,13 @@ impl Error {
         match self {
             Error::Token(e) => e.kind().is_transient(),
             Error::Connect { .. } => true,
-            // Refusals that persist: no such database, missing privileges, authorization.
-            Error::Postgres { code, .. } => !code
-                .as_deref()
-                .is_some_and(|c| c.starts_with("3D") || c.starts_with("42") || c.starts_with("28")),
+            // Refusals that persist: no such database, missing privileges, authorization; and a
+            // failure nothing classified (no SQLSTATE: a protocol or driver error), which nothing
+            // says will pass.
+            Error::Postgres { code: None, .. } => false,
+            Error::Postgres { code: Some(c), .. } => {
+                !(c.starts_with("3D") || c.starts_with("42") || c.starts_with("28"))
+            }
             Error::LoginRejected(_) | Error::Tls { .. } | Error::Config { .. } => false,
         }
     }
@@ -705,5 +708,6 @@ mod tests {
         assert!(Error::connect("h:5432", "refused").is_transient());
         assert!(!Error::postgres(Some("3D000"), "no such database").is_transient());
         assert!(Error::postgres(Some("53300"), "too many connections").is_transient());
+        assert!(!Error::postgres(None, "unexpected message from server").is_transient());
     }
 }

@@ -10,6 +10,7 @@ pub use crate::claims::{ClaimsError, TokenClaims};
 pub use crate::clock::{Clock, TokioClock};
 pub use crate::connector::{EntraConnector, EntraConnectorBuilder};
 pub use crate::error::{Error, LoginRejected, LoginRetry, RoleSource, TokenError, TokenErrorKind};
+pub use crate::host::ALLOWED_HOSTS_VARIABLE;
 pub use crate::pool::PoolOptions;
 pub use crate::scope::Cloud;
 pub use crate::tls::TlsRoots;
@@ -26,6 +27,7 @@ mod claims;
 mod clock;
 mod connector;
 mod error;
+mod host;
 mod log;
 #[cfg(feature = "opentelemetry_0_33")]
 mod metrics;

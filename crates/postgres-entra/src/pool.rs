@@ -11,14 +11,17 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
+pub use crate::cache::Now;
 use crate::cache::{Entry, TokenCache};
 use crate::connector::EntraConnector;
-use crate::error::{Error, LoginRejected, LoginRetry, RoleSource, TokenError, human};
+use crate::error::{Error, LoginRejected, LoginRetry, RoleSource, human};
 use crate::log::FailureLog;
 
 /// What this library adds to a pool: sessions bounded by their login token, an age limit, the
@@ -146,8 +149,50 @@ struct Refusals {
     last: Option<LoginRejected>,
     until: Option<Instant>,
     step: u32,
-    probing: bool,
+    /// The login let through to probe, by its number, while it runs.
+    probe: Option<u64>,
+    probes: u64,
 }
+
+/// A login's admission past the refusal backoff. A probe's admission holds the pool's one probe
+/// for as long as it lives: however the login ends (an outcome, an error, or its future dropped by
+/// a timeout or a cancelled checkout), dropping it lets the next login through, so no login can
+/// leave the pool waiting for a probe that will never report.
+struct Admission<'a> {
+    refusals: &'a Mutex<Refusals>,
+    probe: Option<u64>,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.probe {
+            let mut refusals = lock(self.refusals);
+            if refusals.probe == Some(id) {
+                refusals.probe = None;
+            }
+        }
+    }
+}
+
+/// What a driver's login attempt came to: see [`PoolCore::login`].
+#[derive(Debug)]
+pub enum Attempt<T> {
+    /// Logged in: the driver's connection.
+    LoggedIn(T),
+    /// The server refused the login (SQLSTATE 28000 or 28P01), with its message.
+    Refused {
+        /// The SQLSTATE.
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// Any other failure (TLS, network, server), classified.
+    Failed(Error),
+}
+
+/// One host of a pool's settings: its name, the address it is reached at when the settings give
+/// one (instead of resolving the name), and its port.
+pub type PoolHost<'a> = (&'a str, Option<IpAddr>, u16);
 
 /// One pool's share of the library: its cache, role, sessions, failures. For the pool adapters.
 #[derive(Clone)]
@@ -161,7 +206,9 @@ struct CoreInner {
     configured_user: Option<String>,
     options: PoolOptions,
     name: String,
-    create_limit: Option<Duration>,
+    /// `host:port` of each host, for messages.
+    targets: String,
+    create_limit: Mutex<Option<Duration>>,
     open: Mutex<HashMap<u64, SystemTime>>,
     next_id: AtomicU64,
     retired: AtomicU64,
@@ -203,20 +250,27 @@ fn failure_key(error: &Error) -> String {
 
 impl PoolCore {
     /// A pool whose settings name `hosts` and, explicitly, `configured_user` (not a default such
-    /// as the operating system's user), logging in through `connector`. `default_name` names it
-    /// when the options do not; `create_limit` is how long the pool lets one connect take (its
-    /// create or connection timeout): waits for a token end before it, so that the pool reports
-    /// our error rather than its own timeout.
+    /// as the operating system's user), logging in through `connector`: an error, before any token
+    /// is fetched, when a token may not go to one of the hosts (see [`EntraConnector`]).
+    /// `default_name` names it when the options do not; `create_limit` is how long the pool lets
+    /// one connect take (its create or connection timeout): logins end before it, so that the pool
+    /// reports our error rather than its own timeout.
     pub fn new(
         connector: &EntraConnector,
-        hosts: &[&str],
+        hosts: &[PoolHost<'_>],
         configured_user: Option<&str>,
         options: PoolOptions,
         default_name: String,
         create_limit: Option<Duration>,
     ) -> Result<Self, Error> {
         options.check()?;
-        let cache = connector.cache_for(hosts)?;
+        let names: Vec<(&str, Option<IpAddr>)> = hosts.iter().map(|(h, a, _)| (*h, *a)).collect();
+        let cache = connector.cache_for(&names)?;
+        let targets = hosts
+            .iter()
+            .map(|(host, _, port)| format!("{host}:{port}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let name = options.pool_name.clone().unwrap_or(default_name);
         let inner = Arc::new(CoreInner {
             #[cfg(feature = "opentelemetry_0_33")]
@@ -227,7 +281,8 @@ impl PoolCore {
             configured_user: configured_user.filter(|u| !u.is_empty()).map(str::to_owned),
             options,
             name,
-            create_limit,
+            targets,
+            create_limit: Mutex::new(create_limit),
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             retired: AtomicU64::new(0),
@@ -261,6 +316,11 @@ impl PoolCore {
         &self.inner.name
     }
 
+    /// `host:port` of each of the pool's hosts.
+    pub fn targets(&self) -> &str {
+        &self.inner.targets
+    }
+
     /// Whether sessions are bounded by their token or an age.
     pub fn retires_sessions(&self) -> bool {
         self.inner.options.token_bound || self.inner.options.max_age.is_some()
@@ -273,53 +333,165 @@ impl PoolCore {
 
     /// How long the pool lets one connect take, when it limits it.
     pub fn create_limit(&self) -> Option<Duration> {
-        self.inner.create_limit
+        *lock(&self.inner.create_limit)
+    }
+
+    /// Sets how long the pool lets one connect take, once the pool's final settings are known.
+    pub fn set_create_limit(&self, limit: Option<Duration>) {
+        *lock(&self.inner.create_limit) = limit;
     }
 
     /// When a connect starting now must have its token: before the pool's own limit, with room
     /// left for the login itself.
-    pub fn deadline(&self) -> Option<Instant> {
-        let limit = self.inner.create_limit?;
+    fn deadline(&self) -> Option<Instant> {
+        let limit = self.create_limit()?;
         let room = (limit / 4).min(Duration::from_secs(2));
         Some(Instant::now() + limit.saturating_sub(room))
     }
 
-    /// A token to log in with, waiting no later than `deadline`; an error at once while refused
-    /// logins back off.
-    pub async fn token(&self, deadline: Option<Instant>) -> Result<Arc<Entry>, Error> {
-        self.refusal_gate()?;
-        self.inner.cache.entry(deadline).await.map_err(Error::Token)
+    /// A login, written once for every driver: a token from the cache (waiting no later than the
+    /// pool's limit allows), the role, `attempt` with them; when the server refuses, one retry with
+    /// a different token if one can help; a session for the connection. Refused logins back off
+    /// (an error at once meanwhile, then one probe at a time); every failure is logged once and
+    /// kept for [`PoolCore::explain`]. The whole login ends within the pool's create limit.
+    ///
+    /// `attempt` gets the role and the token entry (its secret is the password) and logs in; it
+    /// may be called twice. Dropping the returned future at any point leaves nothing held: the
+    /// next login is admitted as if this one had never started.
+    pub async fn login<T, F, Fut>(&self, mut attempt: F) -> Result<(T, Session), Error>
+    where
+        F: FnMut(String, Arc<Entry>) -> Fut,
+        Fut: Future<Output = Attempt<T>>,
+    {
+        let started = std::time::Instant::now();
+        let admission = match self.admit() {
+            Ok(admission) => admission,
+            Err(error) => {
+                self.failed(&error);
+                return Err(error);
+            }
+        };
+        match self
+            .within_limit(self.login_admitted(&admission, &mut attempt))
+            .await
+        {
+            Ok((connection, entry)) => Ok((connection, self.opened(&entry, started.elapsed()))),
+            Err(error) => {
+                self.refused(&error, &admission);
+                self.failed(&error);
+                Err(error)
+            }
+        }
     }
 
-    /// The last refusal, while refused logins back off; lets one login through (a probe) once
-    /// the wait is over.
-    fn refusal_gate(&self) -> Result<(), Error> {
-        let mut refusals = lock(&self.inner.refusals);
-        let Some(last) = &refusals.last else {
-            return Ok(());
+    /// `login`, ended within the pool's create limit (when it has one), so that the pool reports
+    /// our error rather than its own timeout.
+    async fn within_limit<T>(
+        &self,
+        login: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let Some(limit) = self.create_limit() else {
+            return login.await;
         };
-        let now = Instant::now();
+        let limit = limit.saturating_sub(Duration::from_millis(100).min(limit / 10));
+        tokio::time::timeout(limit, login)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::connect(
+                    self.inner.targets.clone(),
+                    format!(
+                        "no connection within {} (the pool's create or connection timeout)",
+                        human(limit)
+                    ),
+                ))
+            })
+    }
+
+    async fn login_admitted<T, F, Fut>(
+        &self,
+        admission: &Admission<'_>,
+        attempt: &mut F,
+    ) -> Result<(T, Arc<Entry>), Error>
+    where
+        F: FnMut(String, Arc<Entry>) -> Fut,
+        Fut: Future<Output = Attempt<T>>,
+    {
+        let deadline = self.deadline();
+        let cache = &self.inner.cache;
+        let entry = cache.entry(deadline).await.map_err(Error::Token)?;
+        let role = self.role(&entry)?;
+        let (code, message) = match attempt(role.0.clone(), entry.clone()).await {
+            Attempt::LoggedIn(connection) => return Ok((connection, entry)),
+            Attempt::Failed(error) => return Err(error),
+            Attempt::Refused { code, message } => (code, message),
+        };
+        if admission.probe.is_some() {
+            cache.note_login_rejected(false);
+            return Err(self.rejected(&entry, role, &code, &message, LoginRetry::NotRetried));
+        }
+        tracing::debug!(
+            role = %role.0,
+            code,
+            "login refused; retrying once if a different token can be had"
+        );
+        let replacement = cache.replacement_for(&entry, deadline).await;
+        cache.note_login_rejected(matches!(replacement, Ok(Some(_))));
+        let fresh = match replacement {
+            Ok(Some(fresh)) => fresh,
+            Ok(None) => {
+                let retry = if entry.after_rejection() {
+                    LoginRetry::AlreadyReplaced
+                } else {
+                    LoginRetry::SameTokenReturned
+                };
+                return Err(self.rejected(&entry, role, &code, &message, retry));
+            }
+            Err(error) => {
+                let retry = LoginRetry::NoNewToken(error);
+                return Err(self.rejected(&entry, role, &code, &message, retry));
+            }
+        };
+        let role = self.role(&fresh)?;
+        match attempt(role.0.clone(), fresh.clone()).await {
+            Attempt::LoggedIn(connection) => Ok((connection, fresh)),
+            Attempt::Refused { code, message } => {
+                cache.note_login_rejected(false);
+                Err(self.rejected(&fresh, role, &code, &message, LoginRetry::FreshTokenRefused))
+            }
+            Attempt::Failed(error) => Err(error),
+        }
+    }
+
+    /// Admits a login: an error at once while refused logins back off; once the wait is over, one
+    /// login at a time is let through as a probe.
+    fn admit(&self) -> Result<Admission<'_>, Error> {
+        let refusals_lock = &self.inner.refusals;
+        let mut refusals = lock(refusals_lock);
+        let Some(last) = &refusals.last else {
+            return Ok(Admission {
+                refusals: refusals_lock,
+                probe: None,
+            });
+        };
         let wait = refusals
             .until
-            .map(|until| until.saturating_duration_since(now));
+            .map(|until| until.saturating_duration_since(Instant::now()));
         match wait {
-            Some(wait) if !wait.is_zero() || refusals.probing => {
+            Some(wait) if !wait.is_zero() || refusals.probe.is_some() => {
                 let mut again = last.clone();
                 again.next_attempt_in = Some(wait.max(Duration::from_millis(100)));
                 Err(Error::from(again))
             }
             _ => {
-                refusals.probing = true;
-                Ok(())
+                refusals.probes = refusals.probes.wrapping_add(1);
+                let id = refusals.probes;
+                refusals.probe = Some(id);
+                Ok(Admission {
+                    refusals: refusals_lock,
+                    probe: Some(id),
+                })
             }
         }
-    }
-
-    /// Whether refused logins are backing off and the login in flight is the one let through
-    /// (a probe): it is not retried with another token, so that a revoked principal costs the
-    /// server at most one refused login per wait.
-    pub fn probing(&self) -> bool {
-        lock(&self.inner.refusals).probing
     }
 
     /// The role a login with `entry` uses.
@@ -329,23 +501,9 @@ impl PoolCore {
             .role(self.inner.configured_user.as_deref(), entry.claims())
     }
 
-    /// A different token to retry a refused login with, or `None` when one cannot help.
-    pub async fn replacement_for(
-        &self,
-        rejected: &Entry,
-        deadline: Option<Instant>,
-    ) -> Result<Option<Arc<Entry>>, TokenError> {
-        self.inner.cache.replacement_for(rejected, deadline).await
-    }
-
-    /// Counts a refused login, and whether it is retried (metrics).
-    pub fn note_refused(&self, retried: bool) {
-        self.inner.cache.note_login_rejected(retried);
-    }
-
     /// The error for a login with `entry` as `role` that the server refused with `code` and
     /// `server_message`.
-    pub fn rejected(
+    fn rejected(
         &self,
         entry: &Entry,
         (role, role_source): (String, RoleSource),
@@ -358,7 +516,10 @@ impl PoolCore {
             role,
             role_source,
             claims: entry.claims().ok().cloned(),
-            token_valid_for: entry.expires_on().duration_since(now).unwrap_or_default(),
+            token_valid_for: entry
+                .expires_on()
+                .duration_since(now.wall)
+                .unwrap_or_default(),
             code: code.to_owned(),
             server_message: server_message.to_owned(),
             retry,
@@ -368,9 +529,16 @@ impl PoolCore {
 
     /// A connection logged in with `entry`, taking `took`: ends a run of failures and refusals,
     /// and returns its session.
-    pub fn opened(&self, entry: &Entry, took: Duration) -> Session {
+    fn opened(&self, entry: &Entry, took: Duration) -> Session {
         let inner = &self.inner;
-        self.succeeded();
+        inner.log.success();
+        *lock(&inner.last_failure) = None;
+        {
+            let mut refusals = lock(&inner.refusals);
+            if refusals.last.is_some() {
+                *refusals = Refusals::default();
+            }
+        }
         #[cfg(feature = "opentelemetry_0_33")]
         inner
             .connector
@@ -379,32 +547,14 @@ impl PoolCore {
             .record_create_time(&inner.observed, took);
         #[cfg(not(feature = "opentelemetry_0_33"))]
         let _ = took;
-        let (retire_at, age_limit_at) = inner.retirement(
-            entry.received_at(),
-            entry.expires_on(),
-            inner.cache.now(),
-            fastrand::f64(),
-        );
+        let retire = inner.retirement(entry, inner.cache.now(), fastrand::f64(), fastrand::f64());
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&inner.open).insert(id, entry.received_at());
         Session {
             id,
             token_expires_on: entry.expires_on(),
-            retire_at,
-            age_limit_at,
+            retire,
             core: Arc::downgrade(inner),
-        }
-    }
-
-    /// Connects work again (for a driver that connects itself: a usable token is in its
-    /// settings): ends a run of failures and refused logins.
-    pub fn succeeded(&self) {
-        let inner = &self.inner;
-        inner.log.success();
-        *lock(&inner.last_failure) = None;
-        let mut refusals = lock(&inner.refusals);
-        if refusals.last.is_some() {
-            *refusals = Refusals::default();
         }
     }
 
@@ -414,28 +564,31 @@ impl PoolCore {
         self.inner.cache.failed_without_token() || lock(&self.inner.last_failure).is_some()
     }
 
-    /// A connect failed with `error`: logged (once per kind, then summarized), kept for
-    /// [`PoolCore::explain`], and a refused login makes the pool back off.
-    pub fn failed(&self, error: &Error) {
+    /// A refused login makes the pool back off (the login that failed with `error` was admitted
+    /// with `admission`).
+    fn refused(&self, error: &Error, admission: &Admission<'_>) {
+        let Error::LoginRejected(rejected) = error else {
+            return;
+        };
+        let mut refusals = lock(&self.inner.refusals);
+        refusals.step = refusals.step.saturating_add(1);
+        let delay = REFUSAL_BACKOFF_FIRST
+            .saturating_mul(1 << refusals.step.saturating_sub(1).min(10))
+            .min(REFUSAL_BACKOFF_MAX);
+        let delay = delay.mul_f64(0.5 + 0.5 * fastrand::f64());
+        refusals.until = Some(Instant::now() + delay);
+        refusals.last = Some((**rejected).clone());
+        if refusals.probe == admission.probe {
+            refusals.probe = None;
+        }
+    }
+
+    /// A connect failed with `error`: logged (once per kind, then summarized) and kept for
+    /// [`PoolCore::explain`].
+    fn failed(&self, error: &Error) {
         let inner = &self.inner;
         inner.log.failure(&failure_key(error), error);
         *lock(&inner.last_failure) = Some(error.clone());
-        let mut refusals = lock(&inner.refusals);
-        match error {
-            Error::LoginRejected(rejected) if rejected.next_attempt_in.is_none() => {
-                refusals.step = refusals.step.saturating_add(1);
-                let delay = REFUSAL_BACKOFF_FIRST
-                    .saturating_mul(1 << refusals.step.saturating_sub(1).min(10))
-                    .min(REFUSAL_BACKOFF_MAX);
-                let delay = delay.mul_f64(0.5 + 0.5 * fastrand::f64());
-                refusals.until = Some(Instant::now() + delay);
-                refusals.last = Some((**rejected).clone());
-                refusals.probing = false;
-            }
-            // The probe ended otherwise (no token, the network): let the next one through.
-            Error::LoginRejected(_) => {}
-            _ => refusals.probing = false,
-        }
     }
 
     /// Why the pool's last connect failed, while no connect has succeeded since; else why no
@@ -454,33 +607,17 @@ impl PoolCore {
         self.inner.observed.set_reader(reader);
     }
 
-    /// When a connection made at `created_at`, logged in with a token received at `received_at`
-    /// and expiring at `expires_on`, is due for retirement (`jitter`, in 0..1, picks its share of
-    /// the jitter): for drivers that keep no data with a connection (sqlx).
-    pub fn retire_at(
-        &self,
-        received_at: SystemTime,
-        expires_on: SystemTime,
-        created_at: SystemTime,
-        jitter: f64,
-    ) -> Option<SystemTime> {
-        match self
-            .inner
-            .retirement(received_at, expires_on, created_at, jitter)
-        {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+    /// Whether sessions past their retirement time may be retired now: not while the identity
+    /// provider is unavailable and no token can be had, for nothing could replace them (then the
+    /// provider is asked again, and the first time this is said it is logged). Call it before
+    /// taking a pool's own lock: it may log and start a request.
+    pub fn may_retire(&self) -> bool {
+        self.inner.may_retire()
     }
 
-    /// Whether a connection due at `retire_at` is to be retired now (not while the identity
-    /// provider is unavailable); counts it if so.
-    pub fn retire_if_due(&self, retire_at: Option<SystemTime>) -> bool {
-        let due = self.inner.is_due(retire_at);
-        if due {
-            self.inner.count_retired(None);
-        }
-        due
+    /// The time on the pool's clocks, for [`Session::is_past_due`].
+    pub fn now(&self) -> Now {
+        self.inner.cache.now()
     }
 
     /// Connections open now.
@@ -505,42 +642,55 @@ impl crate::metrics::ObservedPool for CoreInner {
     }
 }
 
+/// When a session is due for retirement: on the wall clock (token expiries are wall-clock times)
+/// and, from its login, on the monotonic clock; due once either says so.
+#[derive(Debug, Clone, Copy)]
+struct Retirement {
+    at: SystemTime,
+    deadline: Instant,
+}
+
 impl CoreInner {
-    /// When a connection is due under the token bound, and under the age limit.
+    /// When a connection that logged in with `entry` at `now` is due: the earlier of the token
+    /// bound (its expiry plus grace plus `token_jitter`'s share of the jitter) and the age limit
+    /// (minus `age_jitter`'s share), decided once, when it logs in.
     fn retirement(
         &self,
-        received_at: SystemTime,
-        expires_on: SystemTime,
-        created_at: SystemTime,
-        jitter: f64,
-    ) -> (Option<SystemTime>, Option<SystemTime>) {
+        entry: &Entry,
+        now: Now,
+        token_jitter: f64,
+        age_jitter: f64,
+    ) -> Option<Retirement> {
         let options = &self.options;
-        let retire_at = if options.token_bound {
+        let token_bound = if options.token_bound {
             // Jitter in proportion to the token's life, so short tokens are retired promptly too.
-            let life = expires_on.duration_since(received_at).unwrap_or_default();
+            let life = entry
+                .expires_on()
+                .duration_since(entry.received_at())
+                .unwrap_or_default();
             let spread = options.retire_jitter.min(life / 10);
-            expires_on
+            entry
+                .expires_on()
                 .checked_add(options.token_grace)
-                .and_then(|at| at.checked_add(spread.mul_f64(jitter.clamp(0.0, 1.0))))
+                .and_then(|at| at.checked_add(spread.mul_f64(token_jitter.clamp(0.0, 1.0))))
+                .map(|at| at.duration_since(now.wall).unwrap_or_default())
         } else {
             None
         };
-        let age_limit_at = options.max_age.and_then(|age| {
-            created_at
-                .checked_add(age.saturating_sub(options.max_age_jitter.mul_f64(fastrand::f64())))
+        let age_limit = options.max_age.map(|age| {
+            age.saturating_sub(options.max_age_jitter.mul_f64(age_jitter.clamp(0.0, 1.0)))
         });
-        (retire_at, age_limit_at)
+        let after = match (token_bound, age_limit) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(Retirement {
+            at: now.wall.checked_add(after)?,
+            deadline: now.mono.checked_add(after)?,
+        })
     }
 
-    /// Whether a connection due at `at` is retired now: not while the identity provider is
-    /// unavailable and no token can be had, for nothing could replace it.
-    fn is_due(&self, at: Option<SystemTime>) -> bool {
-        let Some(at) = at else {
-            return false;
-        };
-        if self.cache.now() < at {
-            return false;
-        }
+    fn may_retire(&self) -> bool {
         if self.cache.provider_unavailable() {
             self.cache.wanted();
             if !self.keeping_logged.swap(true, Ordering::Relaxed) {
@@ -555,7 +705,7 @@ impl CoreInner {
         true
     }
 
-    fn count_retired(&self, token_expires_on: Option<SystemTime>) {
+    fn count_retired(&self, token_expires_on: SystemTime) {
         self.retired.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "opentelemetry_0_33")]
         self.connector
@@ -564,9 +714,9 @@ impl CoreInner {
             .record_retired(&self.observed);
         tracing::debug!(
             pool = %self.name,
-            token_expired = token_expires_on.map(|at| human(
-                self.cache.now().duration_since(at).unwrap_or_default()
-            )),
+            token_expired = human(
+                self.cache.now().wall.duration_since(token_expires_on).unwrap_or_default()
+            ),
             "retiring a connection whose login token expired or that reached its age limit"
         );
     }
@@ -575,17 +725,22 @@ impl CoreInner {
     #[cfg_attr(not(feature = "opentelemetry_0_33"), allow(dead_code))]
     fn oldest_token_age(&self) -> Option<Duration> {
         let oldest = lock(&self.open).values().min().copied()?;
-        Some(self.cache.now().duration_since(oldest).unwrap_or_default())
+        Some(
+            self.cache
+                .now()
+                .wall
+                .duration_since(oldest)
+                .unwrap_or_default(),
+        )
     }
 }
 
-/// One open connection's login token and retirement time, kept with the connection. Dropping it
-/// (with its connection) forgets it.
+/// One open connection's login token and retirement time, decided once when it logged in and kept
+/// with the connection. Dropping it (with its connection) forgets it.
 pub struct Session {
     id: u64,
     token_expires_on: SystemTime,
-    retire_at: Option<SystemTime>,
-    age_limit_at: Option<SystemTime>,
+    retire: Option<Retirement>,
     core: Weak<CoreInner>,
 }
 
@@ -606,24 +761,31 @@ impl Session {
 
     /// When the connection is due for retirement, if its pool retires sessions.
     pub fn retire_at(&self) -> Option<SystemTime> {
-        match (self.retire_at, self.age_limit_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.retire.map(|r| r.at)
+    }
+
+    /// Whether the connection's retirement time has passed at `now` ([`PoolCore::now`]): reads
+    /// nothing but the session, so a pool may call it under its own lock (then retire the session
+    /// only if [`PoolCore::may_retire`], asked before, allowed it).
+    pub fn is_past_due(&self, now: Now) -> bool {
+        self.retire
+            .is_some_and(|r| now.wall >= r.at || now.mono >= r.deadline)
     }
 
     /// Whether the connection is due for retirement now. A due connection is kept while the
-    /// identity provider is unavailable and no token can be had: nothing could replace it.
+    /// identity provider is unavailable and no token can be had: nothing could replace it. May log
+    /// and start a token request: not for a pool's own lock (see [`Session::is_past_due`]).
     pub fn is_due(&self) -> bool {
-        self.core
-            .upgrade()
-            .is_some_and(|core| core.is_due(self.retire_at()))
+        let Some(core) = self.core.upgrade() else {
+            return false;
+        };
+        self.is_past_due(core.cache.now()) && core.may_retire()
     }
 
     /// Counts the connection as retired (drop the session with it).
     pub fn retired(&self) {
         if let Some(core) = self.core.upgrade() {
-            core.count_retired(Some(self.token_expires_on));
+            core.count_retired(self.token_expires_on);
         }
     }
 }
@@ -639,8 +801,9 @@ impl Drop for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::TokenFuture;
-    use crate::token::TokenSource;
+    use crate::error::TokenError;
+    use crate::token::{AccessToken, TokenFuture, TokenSource};
+    use std::sync::atomic::AtomicU32;
 
     #[derive(Debug)]
     struct Never;
@@ -663,7 +826,7 @@ mod tests {
         let connector = EntraConnector::builder(Never).build().unwrap();
         PoolCore::new(
             &connector,
-            &["localhost"],
+            &[("localhost", None, 5432)],
             None,
             options,
             "p".to_owned(),
@@ -674,45 +837,47 @@ mod tests {
 
     const MINUTE: Duration = Duration::from_secs(60);
 
+    /// When a session of `core` that logged in at `now` with a token received then, living
+    /// `life`, is due, with `jitter` as both shares of jitter.
+    fn due_after(core: &PoolCore, life: Duration, jitter: f64) -> Option<Duration> {
+        let now = core.now();
+        let entry = Entry::for_test("t", now.wall, now.wall + life);
+        let retire = core.inner.retirement(&entry, now, jitter, jitter)?;
+        let after = retire.deadline - now.mono;
+        assert_eq!(retire.at, now.wall + after, "both clocks say the same");
+        Some(after)
+    }
+
     #[test]
     fn jitter_is_a_tenth_of_the_token_life_at_most_and_never_overflows() {
+        let _runtime = tokio::runtime::Runtime::new().unwrap().enter();
         let core = core(PoolOptions::new());
-        let received = SystemTime::now();
         // A 60 s token: retired within 6 s of its expiry, whatever the configured 5 minutes.
-        let expires = received + MINUTE;
         for jitter in [0.0, 0.5, 1.0] {
-            let at = core.retire_at(received, expires, received, jitter).unwrap();
+            let after = due_after(&core, MINUTE, jitter).unwrap();
             assert!(
-                at >= expires && at <= expires + Duration::from_secs(6),
+                after >= MINUTE && after <= MINUTE + Duration::from_secs(6),
                 "{jitter}"
             );
         }
         // A day-long token: at most the configured 5 minutes.
-        let day = received + 24 * 60 * MINUTE;
-        assert_eq!(
-            core.retire_at(received, day, received, 1.0),
-            Some(day + 5 * MINUTE)
-        );
+        let day = 24 * 60 * MINUTE;
+        assert_eq!(due_after(&core, day, 1.0), Some(day + 5 * MINUTE));
         // A grace that overflows `SystemTime` is never due, not a panic.
         let huge = self::core(PoolOptions::new().token_grace(Duration::MAX));
-        assert_eq!(huge.retire_at(received, expires, received, 1.0), None);
+        assert_eq!(due_after(&huge, MINUTE, 1.0), None);
         let ageless = self::core(PoolOptions::new().max_age(Duration::MAX, Duration::ZERO));
-        assert!(
-            ageless
-                .retire_at(received, expires, received, 0.0)
-                .is_some_and(|at| at <= expires + Duration::from_secs(6))
-        );
+        assert!(due_after(&ageless, MINUTE, 0.0).is_some_and(|d| d <= MINUTE));
+        // The age limit, less its jitter, when it comes first.
+        let aged = self::core(PoolOptions::new().max_age(MINUTE, MINUTE / 2));
+        assert_eq!(due_after(&aged, 24 * 60 * MINUTE, 1.0), Some(MINUTE / 2));
     }
 
     #[test]
     fn without_a_bound_nothing_is_due_and_options_that_cannot_work_are_refused() {
+        let _runtime = tokio::runtime::Runtime::new().unwrap().enter();
         let unbounded = core(PoolOptions::new().token_bound(false));
-        let now = SystemTime::now();
-        assert_eq!(
-            unbounded.retire_at(now - MINUTE, now - MINUTE / 2, now, 1.0),
-            None
-        );
-        assert!(!unbounded.retire_if_due(None));
+        assert_eq!(due_after(&unbounded, MINUTE, 1.0), None);
         assert!(!unbounded.retires_sessions());
         let connector = EntraConnector::builder(Never).build().unwrap();
         for (options, says) in [
@@ -726,8 +891,15 @@ mod tests {
             ),
             (PoolOptions::new().max_age(MINUTE, 2 * MINUTE), "jitter"),
         ] {
-            let error =
-                PoolCore::new(&connector, &["h"], None, options, "p".to_owned(), None).unwrap_err();
+            let error = PoolCore::new(
+                &connector,
+                &[("localhost", None, 5432)],
+                None,
+                options,
+                "p".to_owned(),
+                None,
+            )
+            .unwrap_err();
             assert!(error.to_string().contains(says), "{error}");
         }
     }
@@ -749,5 +921,83 @@ mod tests {
         assert_eq!(rejected.to_string(), first, "Display reads no clock");
         assert!(first.contains("valid for another 42 s"), "{first}");
         assert!(first.contains("logs in again in 3 s"), "{first}");
+    }
+
+    /// A provider that takes 5 ms to answer with a new hour-long token.
+    #[derive(Debug, Default)]
+    struct Fresh(AtomicU32);
+
+    impl TokenSource for Fresh {
+        fn get_token<'a>(&'a self, _: &'a str) -> TokenFuture<'a> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let n = self.0.fetch_add(1, Ordering::SeqCst);
+                Ok(AccessToken::new(
+                    format!("token-{n}"),
+                    SystemTime::now() + 60 * MINUTE,
+                ))
+            })
+        }
+        fn identity(&self) -> String {
+            "fresh".to_owned()
+        }
+    }
+
+    /// A login attempt taking 10 ms, refused while `refusing` holds.
+    async fn attempt(refusing: Arc<AtomicBool>) -> Attempt<()> {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if refusing.load(Ordering::SeqCst) {
+            Attempt::Refused {
+                code: "28000".to_owned(),
+                message: "role does not exist".to_owned(),
+            }
+        } else {
+            Attempt::LoggedIn(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_dropped_at_any_point_leaves_nothing_held_and_the_next_one_is_admitted() {
+        let connector = EntraConnector::builder(Fresh::default()).build().unwrap();
+        let core = PoolCore::new(
+            &connector,
+            &[("localhost", None, 5432)],
+            Some("app"),
+            PoolOptions::new(),
+            "p".to_owned(),
+            None,
+        )
+        .unwrap();
+        let refusing = Arc::new(AtomicBool::new(true));
+        let login = || {
+            let refusing = refusing.clone();
+            core.login(move |_, _| attempt(refusing.clone()))
+        };
+        let error = login().await.unwrap_err();
+        assert!(matches!(error, Error::LoginRejected(_)), "{error}");
+
+        // Probes dropped at every millisecond of a login: waiting for the admission's token,
+        // in the first attempt, waiting for a replacement, in the retry.
+        for after in 0..40 {
+            tokio::time::advance(REFUSAL_BACKOFF_MAX + Duration::from_secs(1)).await;
+            let dropped = tokio::time::timeout(Duration::from_millis(after), login()).await;
+            if let Ok(outcome) = dropped {
+                assert!(outcome.is_err(), "still refused");
+            }
+            // Whatever became of it, the next login past the wait is admitted.
+            tokio::time::advance(REFUSAL_BACKOFF_MAX + Duration::from_secs(1)).await;
+            assert!(
+                core.admit().is_ok(),
+                "a login {after} ms in left its probe behind"
+            );
+        }
+
+        // Once the role exists, the next login past the wait logs in.
+        refusing.store(false, Ordering::SeqCst);
+        tokio::time::advance(REFUSAL_BACKOFF_MAX + Duration::from_secs(1)).await;
+        let (_, session) = login().await.expect("logged in after the refusal cleared");
+        assert_eq!(core.open_sessions(), 1);
+        drop(session);
+        assert_eq!(core.open_sessions(), 0);
     }
 }

@@ -10,7 +10,7 @@ use crate::{EntraConnector, Error};
 pub use crate::cache::Entry;
 #[cfg(feature = "opentelemetry_0_33")]
 pub use crate::metrics::{PoolCounts, PoolReader};
-pub use crate::pool::{PoolCore, Session};
+pub use crate::pool::{Attempt, Now, PoolCore, PoolHost, Session};
 
 /// The rustls configuration `connector` logs in with: its roots, full verification.
 pub fn tls_config(connector: &EntraConnector) -> Arc<rustls::ClientConfig> {
@@ -66,11 +66,6 @@ pub async fn entry(cache: &crate::TokenCache) -> Result<Arc<Entry>, crate::Token
 /// `cache`'s token if it holds a usable one, without fetching.
 pub fn usable_entry(cache: &crate::TokenCache) -> Option<Arc<Entry>> {
     cache.usable_entry()
-}
-
-/// Wall-clock time as `cache` sees it (a test clock in tests).
-pub fn now(cache: &crate::TokenCache) -> std::time::SystemTime {
-    cache.now()
 }
 
 /// The roots `TlsRoots::Azure` trusts, by name, as PEM (for a tool that says which root

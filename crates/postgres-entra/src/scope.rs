@@ -64,6 +64,19 @@ impl Cloud {
         ALL.into_iter().find(|cloud| cloud.scope() == scope)
     }
 
+    /// The domains whose servers take this cloud's tokens, the first its own (Microsoft Learn: "Node
+    /// DNS names in Azure Cosmos DB for PostgreSQL" for `postgres.cosmos.azure.com` and the legacy
+    /// names of clusters created before June 6, 2023; "Azure Private Endpoint private DNS zone
+    /// values" for the `privatelink.` zones, which lie under these).
+    pub(crate) fn token_domains(self) -> &'static [&'static str] {
+        match self {
+            Cloud::Public => &["postgres.database.azure.com"],
+            Cloud::UsGovernment => &["postgres.database.usgovcloudapi.net"],
+            Cloud::China => &["postgres.database.chinacloudapi.cn"],
+            Cloud::CosmosDb => &["postgres.cosmos.azure.com", "postgres.database.azure.com"],
+        }
+    }
+
     fn server_suffix(self) -> &'static str {
         match self {
             Cloud::Public => ".postgres.database.azure.com",

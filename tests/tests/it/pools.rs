@@ -208,10 +208,6 @@ pub(crate) trait PoolUnderTest: Clone + Send + Sync + 'static {
     /// The token cache the pool's logins use.
     fn token_cache(&self) -> TokenCache;
 
-    /// Whether the pool records the age of the oldest token its connections logged in with
-    /// (sqlx keeps nothing beside a connection).
-    const RECORDS_OLDEST_TOKEN_AGE: bool = true;
-
     /// Checks a connection out and keeps it until the returned guard is dropped.
     fn hold(&self) -> impl Future<Output = Result<Box<dyn Any + Send>, Failure>> + Send {
         async move { Ok(Box::new(self.checkout().await?) as Box<dyn Any + Send>) }
@@ -411,7 +407,6 @@ pub(crate) struct Sqlx(postgres_entra_sqlx::EntraPgPool);
 impl PoolUnderTest for Sqlx {
     type Connection = sqlx::pool::PoolConnection<sqlx::Postgres>;
     const COUNTS_TIMEOUTS: bool = false;
-    const RECORDS_OLDEST_TOKEN_AGE: bool = false;
 
     async fn build(spec: PoolSpec) -> Result<Self, Error> {
         use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};

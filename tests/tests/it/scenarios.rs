@@ -3,7 +3,7 @@
 //! server restart, network cuts and stalls, sessions killed server-side, a stale token, load, a
 //! plaintext server that must never see a token, and every Azure cloud and service by its name.
 
-use postgres_entra::{AccessToken, Cloud, EntraConnector, TlsRoots};
+use postgres_entra::{AccessToken, Cloud, EntraConnector, Error, TlsRoots};
 use postgres_entra_testkit::{
     AzureServer, Emulator, Endpoint, Fault, FnTokenSource, PlaintextListener, Rejection, Relay,
     Signer, TokenOptions,
@@ -37,12 +37,13 @@ for_pools!([deadpool, bb8, sqlx, diesel_deadpool, diesel_bb8] {
     a_stalled_network_fails_checkouts_within_the_pool_timeouts_and_heals,
     load_of_256_tasks_on_16_connections_for_30_seconds,
     a_plaintext_server_receives_no_token_byte_whatever_the_sslmode,
-} only [deadpool, bb8, diesel_deadpool, diesel_bb8] {
-    // sqlx opens its connections itself: a refused login is not retried with another token (the
-    // next connect uses the cache's current one), and it has no hostaddr to reach an Azure name at
-    // the emulator's address. Everything else holds for it too.
     a_login_rejected_for_a_stale_token_is_retried_once_with_a_fresh_one,
+    a_host_a_token_may_not_go_to_is_refused_before_any_token,
+} only [deadpool, bb8, diesel_deadpool, diesel_bb8] {
+    // sqlx has no hostaddr to reach an Azure name (or an allowed one) at the emulator's address.
+    // Everything else holds for it too.
     every_azure_name_logs_in_with_the_scope_its_host_implies,
+    an_allowed_host_gets_tokens,
     a_token_for_another_cloud_is_refused_by_the_library_and_by_the_server,
 });
 
@@ -409,6 +410,66 @@ async fn a_login_rejected_for_a_stale_token_is_retried_once_with_a_fresh_one<P: 
     let outcomes: Vec<_> = emulator.logins().into_iter().map(|l| l.outcome).collect();
     assert_eq!(outcomes, [Err(Rejection::BadSignature), Ok(())]);
     assert_eq!(pool.token_cache().stats().invalidations, 1);
+}
+
+/// Hosts that are no server of the token's cloud, nor loopback, nor allowed, and strings that are
+/// no host at all: each pool is refused when it is made, saying why, and no token is requested.
+async fn a_host_a_token_may_not_go_to_is_refused_before_any_token<P: PoolUnderTest>() {
+    let emulator = Suite::start(HOUR).await;
+    let connector = connector_builder(&emulator).build().unwrap();
+    for (host, says) in [
+        ("db.example.com", "allow_host"),
+        (
+            "orders.postgres.database.azure.com.attacker.example",
+            "allow_host",
+        ),
+        (
+            "orders.postgres.database.usgovcloudapi.net.example",
+            "allow_host",
+        ),
+        ("@trap", "Unix socket"),
+        ("db example.com", "neither a DNS name"),
+        ("127.0.0.1?port=1&sslmode=disable#", "neither a DNS name"),
+    ] {
+        let spec = PoolSpec::new(&emulator, connector.clone()).host_name(host);
+        let Err(error) = P::build(spec).await else {
+            panic!("a pool for `{host}` was made");
+        };
+        assert!(matches!(error, Error::Config { .. }), "{host}: {error}");
+        assert!(error.to_string().contains(says), "{host}: {error}");
+    }
+    assert_eq!(
+        emulator.requests(Endpoint::Token),
+        0,
+        "no token was requested"
+    );
+    assert!(emulator.logins().is_empty());
+}
+
+/// A host the connector allows gets tokens like an Azure name: the emulator reached under
+/// another name, allowed.
+async fn an_allowed_host_gets_tokens<P: PoolUnderTest>() {
+    let emulator = Suite::start(HOUR).await;
+    let connector = connector_builder(&emulator)
+        .allow_host("*.test.internal")
+        .build()
+        .unwrap();
+    // The emulator's certificate names localhost only: this name gets past the guard, and TLS
+    // then verifies it (and refuses it) as for any host.
+    let mut spec = PoolSpec::new(&emulator, connector).host_name("db.test.internal");
+    spec.hostaddr = Some([127, 0, 0, 1].into());
+    let pool: P = pool(spec).await;
+    let failure = pool.query("select 1").await.unwrap_err();
+    let reason = failure.reason.expect("typed");
+    assert_eq!(reason.variant, "Tls", "{}", reason.text);
+    assert!(
+        emulator.requests(Endpoint::Token) >= 1,
+        "a token was fetched"
+    );
+    assert!(
+        emulator.logins().is_empty(),
+        "nothing but TLS reached the server"
+    );
 }
 
 async fn relay_to(emulator: &Suite) -> Relay {

@@ -1,23 +1,36 @@
-//! What only the sqlx adapter has to get right: a pool handle that owns the task keeping its
-//! connect options current, the user named by a URL or by sqlx's defaults, no expired token ever
-//! left in the options, a typed answer (not ENOENT) when no token can be had, and its metrics.
+//! What only the sqlx adapter has to get right: the login relay sqlx connects through (served for
+//! as long as the sqlx pool lives, on a socket of this process only, after errors, with half-sent
+//! startups and killed processes), the user named by a URL or by sqlx's defaults, sessions retired
+//! however many tokens came since, a typed answer when no token can be had, and its metrics.
 
 use postgres_entra::{AccessToken, EntraConnector, Error, PoolOptions, TlsRoots};
 use postgres_entra_sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use postgres_entra_testkit::{Endpoint, FnTokenSource, Rejection, TokenOptions};
+use postgres_entra_testkit::{in_child, run_test_in_child};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{Suite, connector, connector_builder, metered_connector, wrong_secret_connector};
 
-/// Waits (bounded) until the refresh task has ended.
-async fn ended(pool: &postgres_entra_sqlx::EntraPgPool) -> bool {
+/// The relay's socket, as the sqlx pool's connect options name it.
+fn socket(pool: &sqlx::PgPool) -> PathBuf {
+    let options = pool.connect_options();
+    options
+        .get_socket()
+        .expect("the pool connects through the relay's socket")
+        .join(format!(".s.PGSQL.{}", options.get_port()))
+}
+
+/// Waits (bounded) until `path` is gone.
+async fn removed(path: &std::path::Path) -> bool {
     let started = Instant::now();
-    while pool.is_refreshing() && started.elapsed() < Duration::from_secs(5) {
+    while path.exists() && started.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    !pool.is_refreshing()
+    !path.exists()
 }
 
 fn options(emulator: &Suite) -> PgConnectOptions {
@@ -45,10 +58,9 @@ async fn current_user(pool: &postgres_entra_sqlx::EntraPgPool) -> Result<String,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_refresh_task_ends_when_the_pool_is_closed_or_dropped() {
+async fn the_relay_serves_the_sqlx_pool_for_as_long_as_it_lives_and_its_options_hold_no_token() {
     let emulator = Suite::start(Duration::from_secs(3600)).await;
-
-    let closed = postgres_entra_sqlx::connect_with(
+    let pool = postgres_entra_sqlx::connect_with(
         options(&emulator),
         PgPoolOptions::new(),
         &connector(&emulator),
@@ -56,10 +68,34 @@ async fn the_refresh_task_ends_when_the_pool_is_closed_or_dropped() {
     )
     .await
     .unwrap();
-    assert!(closed.is_refreshing());
-    closed.close().await;
-    assert!(ended(&closed).await, "closing ends it");
+    let path = socket(&pool);
+    assert!(path.exists());
+    // sqlx's options name the socket, and hold no password: nothing to print.
+    let printed = format!("{:?} {:#?}", pool.connect_options(), pool.connect_options());
+    for token in emulator.issued_tokens() {
+        assert!(
+            !printed.contains(&token),
+            "a token in sqlx's connect options"
+        );
+    }
 
+    // The sqlx pool taken out of the handle goes on logging in once the handle is gone.
+    let plain: sqlx::PgPool = (*pool).clone();
+    drop(pool);
+    let user: (String,) = sqlx::query_as("select current_user::text")
+        .fetch_one(&plain)
+        .await
+        .unwrap();
+    assert_eq!(user.0, "orders-api");
+
+    // Closing it ends the relay and removes its socket; no login happens after.
+    plain.close().await;
+    assert!(removed(&path).await, "{} was left", path.display());
+    let logins = emulator.logins().len();
+    assert!(plain.acquire().await.is_err());
+    assert_eq!(emulator.logins().len(), logins, "no login once closed");
+
+    // A pool dropped without closing removes its socket too.
     let dropped = postgres_entra_sqlx::connect_with(
         options(&emulator),
         PgPoolOptions::new(),
@@ -68,19 +104,246 @@ async fn the_refresh_task_ends_when_the_pool_is_closed_or_dropped() {
     )
     .await
     .unwrap();
-    let plain: sqlx::PgPool = (*dropped).clone();
-    assert!(dropped.is_refreshing());
+    let path = socket(&dropped);
+    dropped.close().await;
     drop(dropped);
-    // The plain pool lives on, without the task: its options hold no token any more.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(plain.connect_options().get_socket().is_some());
-    let logins = emulator.logins().len();
-    assert!(plain.acquire().await.is_err());
-    assert_eq!(emulator.logins().len(), logins, "no login without the task");
+    assert!(removed(&path).await, "{} was left", path.display());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_tokens_reach_the_connect_options_before_the_old_ones_lapse() {
+async fn only_this_process_may_use_the_relay_and_a_stalled_startup_holds_up_nothing() {
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
+    let pool = postgres_entra_sqlx::connect_with(
+        options(&emulator),
+        PgPoolOptions::new(),
+        &connector(&emulator),
+        PoolOptions::new(),
+    )
+    .await
+    .unwrap();
+    let path = socket(&pool);
+    // The socket's directory is this user's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+
+    // Another process is hung up on at once, without an answer to its request.
+    let other = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n\
+             try:\n  s.sendall(b'\\x00\\x00\\x00\\x08\\x04\\xd2\\x16\\x2f')\n  \
+             print(len(s.recv(100)))\nexcept ConnectionError:\n  print(0)",
+        )
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&other.stdout).trim(),
+        "0",
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+
+    // A client of this process that sends half a startup message holds up no other login, and is
+    // hung up on after a while.
+    let mut stalled = tokio::net::UnixStream::connect(&path).await.unwrap();
+    stalled.write_all(&[0, 0, 0, 40, 0, 3]).await.unwrap();
+    let user: (String,) = sqlx::query_as("select current_user::text")
+        .fetch_one(&*pool)
+        .await
+        .unwrap();
+    assert_eq!(user.0, "orders-api");
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut rest)).await;
+    assert!(matches!(ended, Ok(Ok(0))), "{ended:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_keeps_accepting_after_running_out_of_file_descriptors() {
+    run_test_in_child(
+        "sqlx_only::out_of_file_descriptors",
+        std::iter::empty::<(&str, &str)>(),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+}
+
+/// In a process of its own: its file descriptor limit is lowered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by the_relay_keeps_accepting_after_running_out_of_file_descriptors"]
+async fn out_of_file_descriptors() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if !in_child() {
+        return;
+    }
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
+    let pool = postgres_entra_sqlx::connect_with(
+        options(&emulator),
+        PgPoolOptions::new().acquire_timeout(Duration::from_secs(1)),
+        &connector(&emulator),
+        PoolOptions::new(),
+    )
+    .await
+    .unwrap();
+    let held = pool.acquire().await.unwrap();
+
+    // Every descriptor taken but one: sqlx's next socket takes it, and the relay cannot accept.
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, highest + 1, hard).unwrap();
+    let mut fillers = Vec::new();
+    while let Ok(file) = std::fs::File::open("/dev/null") {
+        fillers.push(file);
+    }
+    fillers.pop();
+    let starved = pool.acquire().await;
+    assert!(starved.is_err(), "no connection without a descriptor");
+    drop(fillers);
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+
+    // Descriptors back: logins go on.
+    let again = pool.acquire().await.expect("the relay accepts again");
+    drop((held, again));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_left_by_a_killed_process_is_removed_by_the_next_one() {
+    // A process that makes a pool and is killed by SIGTERM leaves its socket behind...
+    let killed = run_test_in_child(
+        "sqlx_only::killed_with_a_pool",
+        std::iter::empty::<(&str, &str)>(),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    let path = killed
+        .lines()
+        .find_map(|line| Some(line.split_once("relay socket: ")?.1.trim()))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("the child said where its socket was: {killed}"));
+    assert!(
+        path.exists(),
+        "a process killed by SIGTERM leaves its socket"
+    );
+    // ... which the next process to make a pool removes.
+    run_test_in_child(
+        "sqlx_only::a_pool_in_a_new_process",
+        std::iter::empty::<(&str, &str)>(),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert!(!path.exists(), "{} was left", path.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_socket_left_by_a_killed_process_is_removed_by_the_next_one"]
+async fn killed_with_a_pool() {
+    if !in_child() {
+        return;
+    }
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
+    let pool = postgres_entra_sqlx::connect_lazy_with(
+        options(&emulator),
+        PgPoolOptions::new(),
+        &connector(&emulator),
+        PoolOptions::new(),
+    )
+    .unwrap();
+    println!("relay socket: {}", socket(&pool).display());
+    nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM).unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_socket_left_by_a_killed_process_is_removed_by_the_next_one"]
+async fn a_pool_in_a_new_process() {
+    if !in_child() {
+        return;
+    }
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
+    postgres_entra_sqlx::connect_lazy_with(
+        options(&emulator),
+        PgPoolOptions::new(),
+        &connector(&emulator),
+        PoolOptions::new(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_pool_made_outside_a_tokio_runtime_is_an_error_not_a_panic() {
+    let connector = EntraConnector::builder(FnTokenSource::new("never", |_| async {
+        Err(postgres_entra::TokenError::new(
+            postgres_entra::TokenErrorKind::Other,
+            "never asked",
+        ))
+    }))
+    .build()
+    .unwrap();
+    let error = postgres_entra_sqlx::connect_lazy_with(
+        PgConnectOptions::new_without_pgpass().host("localhost"),
+        PgPoolOptions::new(),
+        &connector,
+        PoolOptions::new(),
+    )
+    .unwrap_err();
+    assert!(matches!(error, Error::Config { .. }), "{error}");
+    assert!(error.to_string().contains("Tokio runtime"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_retired_however_many_tokens_came_since() {
+    const LIFETIME: Duration = Duration::from_secs(2);
+    let emulator = Suite::start(LIFETIME).await;
+    let connector = connector(&emulator);
+    let pool = postgres_entra_sqlx::connect_with(
+        options(&emulator),
+        PgPoolOptions::new().max_connections(1),
+        &connector,
+        PoolOptions::new(),
+    )
+    .await
+    .unwrap();
+    let pid = || async {
+        let pid: (i32,) = sqlx::query_as("select pg_backend_pid()")
+            .fetch_one(&*pool)
+            .await
+            .unwrap();
+        pid.0
+    };
+    let first = pid().await;
+    // The connection sits idle while the cache goes through a dozen tokens.
+    let until = Instant::now() + 6 * LIFETIME;
+    while Instant::now() < until {
+        connector.cache().get().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        connector.cache().stats().successes >= 9,
+        "{:?}",
+        connector.cache().stats()
+    );
+    assert_ne!(
+        pid().await,
+        first,
+        "the idle session was retired at its next checkout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connect_logs_in_with_a_token_still_usable_past_the_first_ones_life() {
     const LIFETIME: Duration = Duration::from_secs(3);
     let emulator = Suite::start(LIFETIME).await;
     let connector = connector(&emulator);
@@ -270,11 +533,11 @@ async fn without_a_token_a_connect_fails_saying_so_and_explain_names_the_cause()
 
     let error = pool.acquire().await.unwrap_err();
 
-    // sqlx's own error says it: not "No such file or directory".
+    // sqlx's own error says it, in our words.
     let text = error.to_string();
     assert!(!text.contains("os error"), "{text}");
     assert!(
-        text.contains("postgres-entra: no new connection for pool"),
+        text.contains("postgres-entra: could not get an Entra ID access token"),
         "{text}"
     );
     assert!(text.contains("HTTP 401"), "{text}");
@@ -295,7 +558,11 @@ async fn without_a_token_a_connect_fails_saying_so_and_explain_names_the_cause()
     tokio::time::sleep(Duration::from_millis(200)).await;
     let error = pool.acquire().await.unwrap_err();
     let why = pool.explain(&error).expect("typed while the fetch runs");
-    assert!(why.to_string().contains("not been answered yet"), "{why}");
+    assert!(
+        why.to_string().contains("still running")
+            || why.to_string().contains("not been answered yet"),
+        "{why}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

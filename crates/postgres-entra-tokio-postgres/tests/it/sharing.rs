@@ -150,10 +150,21 @@ async fn each_pools_host_decides_the_scope_whatever_the_order_and_a_told_cloud_r
         .unwrap_err();
     assert!(error.to_string().contains("Cloud::UsGovernment"), "{error}");
     assert_eq!(scopes.lock().unwrap().len(), 2);
-    // A name that says nothing about the cloud (a custom domain, localhost) is accepted.
-    reached(
-        postgres_entra_tokio_postgres::connect(&china, &config_for("db.example.com", port)).await,
-    );
+    // A name that says nothing about the cloud (a custom domain) gets no token unless allowed...
+    let custom = config_for("db.example.com", port);
+    let error = postgres_entra_tokio_postgres::connect(&china, &custom)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("allow_host"), "{error}");
+    assert_eq!(scopes.lock().unwrap().len(), 2, "no token was asked for");
+    // ... and is accepted once allowed.
+    let allowed = EntraConnector::builder(source.clone())
+        .role_name("r")
+        .cloud(Cloud::China)
+        .allow_host("db.example.com")
+        .build()
+        .unwrap();
+    reached(postgres_entra_tokio_postgres::connect(&allowed, &custom).await);
 
     // A host and a cloud that disagree are refused when the connector is built, naming the fix.
     let error = EntraConnector::builder(source.clone())

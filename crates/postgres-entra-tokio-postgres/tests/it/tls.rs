@@ -74,6 +74,7 @@ async fn a_host_name_the_certificate_does_not_name_is_a_tls_error() {
     let connector = EntraConnector::builder(fixed_source())
         .role_name("orders-api")
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
+        .allow_host("db.example.invalid")
         .build()
         .unwrap();
     // Connect to the right address under a name the certificate does not carry.

@@ -156,11 +156,19 @@ impl CacheOptions {
 
 /// A token as the cache keeps it: the token, when it was received, when it is refreshed and
 /// until when it is handed out, and what it says.
+///
+/// Each moment is kept on the wall clock (token expiries are wall-clock times) and, from the
+/// moment the token was received, on the monotonic clock: a token is handed out only while both
+/// say it is usable, and refreshed as soon as either says it is due, so that a wall clock stepped
+/// back (NTP, a restored VM) neither keeps a token longer nor delays a refresh, and one that jumps
+/// ahead (a resumed VM) retires it at once.
 pub struct Entry {
     token: Arc<AccessToken>,
     received_at: SystemTime,
     refresh_at: SystemTime,
     usable_until: SystemTime,
+    refresh_deadline: Instant,
+    usable_deadline: Instant,
     claims: Result<TokenClaims, ClaimsError>,
     /// Fetched because the server rejected the token before it.
     after_rejection: bool,
@@ -208,6 +216,55 @@ impl Entry {
     pub fn after_rejection(&self) -> bool {
         self.after_rejection
     }
+
+    /// Whether it may be handed out at `now`.
+    pub(crate) fn is_usable(&self, now: Now) -> bool {
+        now.wall < self.usable_until && now.mono < self.usable_deadline
+    }
+
+    fn refresh_due(&self, now: Now) -> bool {
+        now.wall >= self.refresh_at || now.mono >= self.refresh_deadline
+    }
+
+    /// An entry for `secret`, received at `received_at` and expiring at `expires_on`, as if the
+    /// monotonic clock read now when it was received.
+    #[cfg(test)]
+    pub(crate) fn for_test(secret: &str, received_at: SystemTime, expires_on: SystemTime) -> Self {
+        let mono = Instant::now();
+        let after = |at: SystemTime| mono + at.duration_since(received_at).unwrap_or_default();
+        Entry {
+            token: Arc::new(AccessToken::new(secret, expires_on)),
+            received_at,
+            refresh_at: expires_on,
+            usable_until: expires_on,
+            refresh_deadline: after(expires_on),
+            usable_deadline: after(expires_on),
+            claims: AccessToken::new(secret, expires_on).claims(),
+            after_rejection: false,
+            replacement_requested: AtomicBool::new(false),
+        }
+    }
+
+    /// How long until it stops being handed out, by whichever clock says sooner.
+    pub(crate) fn usable_for(&self, now: Now) -> Duration {
+        self.usable_until
+            .duration_since(now.wall)
+            .unwrap_or_default()
+            .min(self.usable_deadline.saturating_duration_since(now.mono))
+    }
+
+    /// When it stops being handed out, on the monotonic clock (whichever clock says sooner).
+    fn usable_deadline_at(&self, now: Now) -> Instant {
+        now.mono + self.usable_for(now)
+    }
+}
+
+/// The time on both clocks: the wall clock (as the cache's clock reads it) for token expiries, and
+/// Tokio's monotonic clock for every wait and deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub(crate) wall: SystemTime,
+    pub(crate) mono: Instant,
 }
 
 impl fmt::Debug for Entry {
@@ -278,22 +335,52 @@ impl Trigger {
     }
 }
 
+/// The cache's bookkeeping, under its mutex. Every time in it is monotonic. Nothing is logged,
+/// spawned, aborted or called back while the mutex is held: what a change needs done outside is
+/// returned as [`Effects`].
 #[derive(Default)]
 struct State {
     /// The fetch in progress, if any: every caller that misses waits on this one.
     inflight: Option<watch::Receiver<Option<FetchResult>>>,
     /// When the fetch in progress started.
-    inflight_since: Option<SystemTime>,
+    inflight_since: Option<Instant>,
     failures: u32,
     last_error: Option<TokenError>,
     /// When the last fetch started.
-    last_attempt: Option<SystemTime>,
+    last_attempt: Option<Instant>,
     /// The provider asked not to be called before this (`Retry-After`).
-    retry_after_until: Option<SystemTime>,
+    retry_after_until: Option<Instant>,
     /// The next background retry (exponential backoff).
-    background_at: Option<SystemTime>,
+    background_at: Option<Instant>,
     /// The one pending wake-up (refresh or retry).
     timer: Option<AbortHandle>,
+    /// Bumped by every schedule: a timer started for an older one is stale.
+    timer_generation: u64,
+}
+
+/// What a change of [`State`] needs done once its mutex is released.
+#[derive(Default)]
+#[must_use]
+struct Effects {
+    fetch: Option<Fetch>,
+    /// A wake-up to start (its generation, and when), and the one it replaces, to abort.
+    timer: Option<(u64, Instant)>,
+    abort: Option<AbortHandle>,
+    log: Option<LogLine>,
+}
+
+/// A line to log once the state's mutex is released.
+enum LogLine {
+    Fetched { expires_in: Duration },
+    Failed { key: String, message: String },
+    Replacing,
+}
+
+/// A fetch the state records as in progress, to be spawned once the mutex is released.
+struct Fetch {
+    sender: watch::Sender<Option<FetchResult>>,
+    trigger: Trigger,
+    runtime: tokio::runtime::Handle,
 }
 
 impl State {
@@ -490,11 +577,11 @@ impl TokenCache {
     /// `take` of the cached entry if it is usable now (counted as a hit).
     #[inline]
     fn hit<T>(&self, take: impl FnOnce(&Arc<Entry>) -> T) -> Option<T> {
-        let now = self.inner.clock.now();
+        let now = self.inner.now();
         let current = self.inner.current.load();
-        let entry = current.as_ref().filter(|entry| now < entry.usable_until)?;
+        let entry = current.as_ref().filter(|entry| entry.is_usable(now))?;
         self.inner.counters.hits.fetch_add(1, Relaxed);
-        if now >= entry.refresh_at {
+        if entry.refresh_due(now) {
             // The background timer should be doing this; make sure it happens even if the
             // runtime that owned the timer is gone.
             self.inner.refresh_if_due(false);
@@ -511,10 +598,11 @@ impl TokenCache {
     /// when a different one cannot help or cannot be had (the provider returned the same token,
     /// or `rejected` was itself fetched after a rejection).
     ///
-    /// Asks the provider at most once per token, however many logins it failed; meanwhile every
-    /// other caller keeps getting the current token without waiting (a rejection may say nothing
-    /// about the token, e.g. a wrong role name). Waits no later than `deadline`, or the fetch
-    /// timeout.
+    /// Asks the provider at most once per token for which it answered, however many logins it
+    /// failed: a request that failed (the provider unavailable) leaves the next refusal free to
+    /// ask again once the provider may be asked. Meanwhile every other caller keeps getting the
+    /// current token without waiting (a rejection may say nothing about the token, e.g. a wrong
+    /// role name). Waits no later than `deadline`, or the fetch timeout.
     pub(crate) async fn replacement_for(
         &self,
         rejected: &Entry,
@@ -522,38 +610,55 @@ impl TokenCache {
     ) -> Result<Option<Arc<Entry>>, TokenError> {
         let inner = &self.inner;
         for _ in 0..3 {
-            let receiver = {
+            let (receiver, effects) = {
                 let mut state = inner.lock_state();
-                let now = inner.clock.now();
-                if let Some(current) = inner.usable(now)
+                let now = inner.now();
+                let current = inner.usable(now);
+                if let Some(current) = &current
                     && current.secret() != rejected.secret()
                 {
-                    return Ok(Some(current));
+                    return Ok(Some(current.clone()));
                 }
                 match state.fetch_in_progress() {
-                    Some(receiver) => receiver,
+                    Some(receiver) => (receiver, Effects::default()),
                     None => {
+                        // What is known of the rejected token: the cache's own entry for it, when
+                        // it still holds it (a refresh may have returned it again).
+                        let known = current.as_deref().unwrap_or(rejected);
                         if rejected.after_rejection
-                            || rejected.replacement_requested.swap(true, SeqCst)
+                            || known.after_rejection
+                            || known.replacement_requested.load(SeqCst)
                         {
                             return Ok(None);
                         }
                         if let Some(error) = inner.must_wait(&state, now) {
                             return Err(error);
                         }
-                        inner.counters.invalidations.fetch_add(1, Relaxed);
-                        #[cfg(feature = "opentelemetry_0_33")]
-                        inner.metrics.invalidated();
-                        tracing::info!(
-                            identity = %inner.identity,
-                            "the server rejected a token; asking the identity provider for a different one"
-                        );
-                        inner.start_fetch(&mut state, Trigger::Rejected)?
+                        let (receiver, mut effects) =
+                            inner.begin_fetch(&mut state, Trigger::Rejected)?;
+                        effects.log = Some(LogLine::Replacing);
+                        (receiver, effects)
                     }
                 }
             };
+            if effects.fetch.is_some() {
+                inner.counters.invalidations.fetch_add(1, Relaxed);
+                #[cfg(feature = "opentelemetry_0_33")]
+                inner.metrics.invalidated();
+            }
+            inner.run(effects);
             match inner.wait(receiver, deadline).await {
-                Waited::Done(Ok(_)) | Waited::Abandoned => continue,
+                Waited::Done(Ok(_)) => {
+                    // The provider answered after the rejection: if with the same token, asking
+                    // again cannot help, for as long as it is the one held.
+                    if let Some(current) = inner.usable(inner.now())
+                        && current.secret() == rejected.secret()
+                    {
+                        current.replacement_requested.store(true, SeqCst);
+                        return Ok(None);
+                    }
+                }
+                Waited::Abandoned => {}
                 Waited::Done(Err(error)) => return Err(error),
                 Waited::TimedOut(waited) => return Err(inner.wait_timeout(waited)),
             }
@@ -595,18 +700,18 @@ impl TokenCache {
 
     /// The current token if it is usable, without fetching.
     pub(crate) fn usable_entry(&self) -> Option<Arc<Entry>> {
-        self.inner.usable(self.inner.clock.now())
+        self.inner.usable(self.inner.now())
     }
 
-    /// The cache's clock: wall-clock time as the cache sees it.
-    pub(crate) fn now(&self) -> SystemTime {
-        self.inner.clock.now()
+    /// The time on the cache's clocks.
+    pub(crate) fn now(&self) -> Now {
+        self.inner.now()
     }
 
     /// Whether no usable token is cached because the provider is unavailable (unreachable, slow,
     /// failing, throttling), rather than refusing: nothing could replace a session now.
     pub(crate) fn provider_unavailable(&self) -> bool {
-        let now = self.inner.clock.now();
+        let now = self.inner.now();
         if self.inner.usable(now).is_some() {
             return false;
         }
@@ -622,29 +727,35 @@ impl TokenCache {
     /// callers would, so that the sessions are retired soon after it answers again.
     pub(crate) fn wanted(&self) {
         let inner = &self.inner;
-        let Ok(mut state) = inner.state.try_lock() else {
-            return;
+        let effects = {
+            let Ok(mut state) = inner.state.try_lock() else {
+                return;
+            };
+            let now = inner.now();
+            if inner.usable(now).is_some()
+                || state.fetch_in_progress().is_some()
+                || inner.must_wait(&state, now).is_some()
+            {
+                return;
+            }
+            // Outside a Tokio runtime there is no one to run it; the next caller will.
+            match inner.begin_fetch(&mut state, Trigger::Caller) {
+                Ok((_, effects)) => effects,
+                Err(_) => return,
+            }
         };
-        let now = inner.clock.now();
-        if inner.usable(now).is_some()
-            || state.fetch_in_progress().is_some()
-            || inner.must_wait(&state, now).is_some()
-        {
-            return;
-        }
-        // Outside a Tokio runtime there is no one to run it; the next caller will.
-        let _ = inner.start_fetch(&mut state, Trigger::Caller);
+        inner.run(effects);
     }
 
     /// Whether no usable token is cached because the last request failed.
     pub(crate) fn failed_without_token(&self) -> bool {
-        self.inner.usable(self.inner.clock.now()).is_none()
+        self.inner.usable(self.inner.now()).is_none()
             && self.inner.lock_state().last_error.is_some()
     }
 
     /// Why no usable token is cached, if none is: the last failure, or a fetch still running.
     pub(crate) fn failure(&self) -> Option<TokenError> {
-        let now = self.inner.clock.now();
+        let now = self.inner.now();
         if self.inner.usable(now).is_some() {
             return None;
         }
@@ -658,7 +769,7 @@ impl TokenCache {
                 TokenErrorKind::Timeout,
                 format!(
                     "the request to the identity provider has not been answered yet ({} so far)",
-                    human(now.duration_since(since).unwrap_or_default())
+                    human(now.mono.saturating_duration_since(since))
                 ),
             )
             .for_cache(&self.inner.identity, &self.inner.scope),
@@ -687,11 +798,21 @@ impl Inner {
         Box::new(move || {
             let inner = cache.upgrade()?;
             let token = inner.current.load_full()?;
-            let now = inner.clock.now();
-            let left = token.usable_until.duration_since(now).unwrap_or_default();
-            let age = now.duration_since(token.received_at).unwrap_or_default();
+            let now = inner.now();
+            let left = token.usable_for(now);
+            let age = now
+                .wall
+                .duration_since(token.received_at)
+                .unwrap_or_default();
             Some((left.as_secs_f64(), age.as_secs_f64()))
         })
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            wall: self.clock.now(),
+            mono: Instant::now(),
+        }
     }
 
     fn lock_state(&self) -> MutexGuard<'_, State> {
@@ -699,21 +820,24 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn usable(&self, now: SystemTime) -> Option<Arc<Entry>> {
+    fn usable(&self, now: Now) -> Option<Arc<Entry>> {
         self.current
             .load_full()
-            .filter(|token| now < token.usable_until)
+            .filter(|token| token.is_usable(now))
     }
 
     /// The last error, if a caller without a token must not start a fetch yet: the provider
     /// failed less than `retry_interval` ago, or asked to wait (`Retry-After`).
-    fn must_wait(&self, state: &State, now: SystemTime) -> Option<TokenError> {
+    fn must_wait(&self, state: &State, now: Now) -> Option<TokenError> {
         let error = state.last_error.as_ref()?;
         let mut next = state.last_attempt? + self.options.retry_interval;
         if let Some(asked) = state.retry_after_until {
             next = next.max(asked);
         }
-        let wait = next.duration_since(now).ok().filter(|w| !w.is_zero())?;
+        let wait = next.saturating_duration_since(now.mono);
+        if wait.is_zero() {
+            return None;
+        }
         Some(error.clone().with_retry_in(wait))
     }
 
@@ -759,14 +883,14 @@ impl Inner {
         let mut waited_for_attempt = false;
         let mut round = 0;
         while round < 3 {
-            let next_attempt_in = {
+            let next = {
                 let mut state = self.lock_state();
-                let now = self.clock.now();
+                let now = self.now();
                 if let Some(token) = self.usable(now) {
                     return Ok(token);
                 }
                 match state.fetch_in_progress() {
-                    Some(receiver) => Ok(receiver),
+                    Some(receiver) => Ok((receiver, Effects::default())),
                     None => match self.must_wait(&state, now) {
                         // The provider is unavailable and the next attempt is due within the
                         // retry interval and before the caller's deadline: wait for it, so that
@@ -775,19 +899,22 @@ impl Inner {
                         // half its timeout).
                         Some(error) if !waited_for_attempt && error.kind().is_unavailability() => {
                             let wait = error.retry_in().unwrap_or_default();
-                            let fits = deadline.is_none_or(|d| Instant::now() + wait < d);
+                            let fits = deadline.is_none_or(|d| now.mono + wait < d);
                             if wait > self.options.retry_interval || !fits {
                                 return Err(error);
                             }
                             Err(wait)
                         }
                         Some(error) => return Err(error),
-                        None => Ok(self.start_fetch(&mut state, Trigger::Caller)?),
+                        None => Ok(self.begin_fetch(&mut state, Trigger::Caller)?),
                     },
                 }
             };
-            let receiver = match next_attempt_in {
-                Ok(receiver) => receiver,
+            let receiver = match next {
+                Ok((receiver, effects)) => {
+                    self.run(effects);
+                    receiver
+                }
                 Err(wait) => {
                     waited_for_attempt = true;
                     tokio::time::sleep(wait).await;
@@ -796,7 +923,7 @@ impl Inner {
             };
             round += 1;
             match self.wait(receiver, deadline).await {
-                Waited::Done(Ok(token)) if self.clock.now() < token.usable_until => {
+                Waited::Done(Ok(token)) if token.is_usable(self.now()) => {
                     return Ok(token);
                 }
                 Waited::Done(Ok(_)) | Waited::Abandoned => continue,
@@ -815,36 +942,45 @@ impl Inner {
     /// after failures) and no fetch or backoff is pending. `blocking`: wait for the state lock
     /// (timers) rather than skip when it is busy (callers on the hot path).
     fn refresh_if_due(self: &Arc<Self>, blocking: bool) {
-        let mut state = if blocking {
-            self.lock_state()
-        } else {
-            match self.state.try_lock() {
-                Ok(state) => state,
+        let effects = {
+            let mut state = if blocking {
+                self.lock_state()
+            } else {
+                match self.state.try_lock() {
+                    Ok(state) => state,
+                    Err(_) => return,
+                }
+            };
+            if state.fetch_in_progress().is_some() {
+                return;
+            }
+            let now = self.now();
+            if state.background_at.is_some_and(|at| now.mono < at) {
+                return;
+            }
+            let due = match self.current.load().as_ref() {
+                Some(token) => token.refresh_due(now),
+                None => state.last_error.is_some(),
+            };
+            if !due {
+                return;
+            }
+            // Outside a Tokio runtime there is no one to run it; the next caller will.
+            match self.begin_fetch(&mut state, Trigger::Background) {
+                Ok((_, effects)) => effects,
                 Err(_) => return,
             }
         };
-        if state.fetch_in_progress().is_some() {
-            return;
-        }
-        let now = self.clock.now();
-        if state.background_at.is_some_and(|at| now < at) {
-            return;
-        }
-        let due = match self.current.load().as_ref() {
-            Some(token) => now >= token.refresh_at,
-            None => state.last_error.is_some(),
-        };
-        if due {
-            // Outside a Tokio runtime there is no one to run it; the next caller will.
-            let _ = self.start_fetch(&mut state, Trigger::Background);
-        }
+        self.run(effects);
     }
 
-    fn start_fetch(
-        self: &Arc<Self>,
+    /// Records a fetch as in progress (callers from now on wait for it); the fetch itself is
+    /// spawned by [`Inner::run`] once the state's mutex is released.
+    fn begin_fetch(
+        &self,
         state: &mut State,
         trigger: Trigger,
-    ) -> Result<watch::Receiver<Option<FetchResult>>, TokenError> {
+    ) -> Result<(watch::Receiver<Option<FetchResult>>, Effects), TokenError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             TokenError::new(
                 TokenErrorKind::Other,
@@ -853,36 +989,87 @@ impl Inner {
             .for_cache(&self.identity, &self.scope)
         })?;
         let (sender, receiver) = watch::channel(None);
-        let now = self.clock.now();
+        let now = Instant::now();
         state.inflight = Some(receiver.clone());
         state.inflight_since = Some(now);
         state.last_attempt = Some(now);
         self.counters.requests.fetch_add(1, Relaxed);
+        let effects = Effects {
+            fetch: Some(Fetch {
+                sender,
+                trigger,
+                runtime,
+            }),
+            ..Effects::default()
+        };
+        Ok((receiver, effects))
+    }
+
+    /// Does what a change of state left to do, with the state's mutex released: logs, aborts a
+    /// replaced wake-up, starts a fetch and a wake-up.
+    fn run(self: &Arc<Self>, effects: Effects) {
+        let Effects {
+            fetch,
+            timer,
+            abort,
+            log,
+        } = effects;
+        if let Some(abort) = abort {
+            abort.abort();
+        }
+        match log {
+            Some(LogLine::Fetched { expires_in }) => {
+                tracing::debug!(expires_in_secs = expires_in.as_secs(), "token fetched");
+                self.log.success();
+            }
+            Some(LogLine::Failed { key, message }) => self.log.failure(&key, &message),
+            Some(LogLine::Replacing) => tracing::info!(
+                identity = %self.identity,
+                "the server rejected a token; asking the identity provider for a different one"
+            ),
+            None => {}
+        }
+        if let Some((generation, at)) = timer {
+            self.start_timer(generation, at);
+        }
+        if let Some(fetch) = fetch {
+            self.spawn_fetch(fetch);
+        }
+    }
+
+    fn spawn_fetch(self: &Arc<Self>, fetch: Fetch) {
+        let Fetch {
+            sender,
+            trigger,
+            runtime,
+        } = fetch;
         let inner = self.clone();
-        let span = tracing::debug_span!(
-            "entra_token_fetch",
-            identity = %self.identity,
-            scope = %self.scope,
-            trigger = trigger.as_str()
-        );
-        runtime.spawn(
-            async move {
+        runtime.spawn(async move {
+            let span = tracing::debug_span!(
+                "entra_token_fetch",
+                identity = %inner.identity,
+                scope = %inner.scope,
+                trigger = trigger.as_str()
+            );
+            async {
                 tracing::debug!("requesting a token");
                 #[cfg(feature = "opentelemetry_0_33")]
                 let started = Instant::now();
                 let result = inner.request().await;
-                let outcome = inner.complete(result, trigger);
+                let (outcome, effects) = inner.complete(result, trigger);
                 #[cfg(feature = "opentelemetry_0_33")]
                 inner.metrics.request_done(
                     trigger.as_str(),
                     started.elapsed(),
                     outcome.as_ref().err().map(TokenError::kind),
                 );
+                // Waiters first: nothing a log sink does holds them up.
                 let _ = sender.send(Some(outcome));
+                inner.run(effects);
             }
-            .instrument(span),
-        );
-        Ok(receiver)
+            .instrument(span)
+            .await;
+        });
     }
 
     /// One request to the token source, within the fetch timeout. The source runs in a task of
@@ -916,82 +1103,88 @@ impl Inner {
         outcome.map_err(|e| e.for_cache(&self.identity, &self.scope))
     }
 
+    /// Records the outcome of a fetch; what it leaves to do (a line, a wake-up) is returned.
     fn complete(
         self: &Arc<Self>,
         result: Result<AccessToken, TokenError>,
         trigger: Trigger,
-    ) -> FetchResult {
-        let now = self.clock.now();
-        let mut state = self.lock_state();
-        state.inflight = None;
-        state.inflight_since = None;
-        let outcome = match result {
-            Ok(access) => self.accept(access, now, trigger),
-            Err(error) => Err(error),
-        };
-        match &outcome {
-            Ok(token) => {
-                self.counters.successes.fetch_add(1, Relaxed);
-                state.failures = 0;
-                state.last_error = None;
-                state.retry_after_until = None;
-                state.background_at = None;
-                let expires_in = token.expires_on().duration_since(now).unwrap_or_default();
-                tracing::debug!(expires_in_secs = expires_in.as_secs(), "token fetched");
-                self.log.success();
-                self.schedule(&mut state, token.refresh_at);
-            }
-            Err(error) => {
-                self.counters.failures.fetch_add(1, Relaxed);
-                state.failures = state.failures.saturating_add(1);
-                let mut delay = self.options.backoff_delay(state.failures, fastrand::f64());
-                let asked = error
-                    .provider_retry_after()
-                    .map(|asked| asked.min(self.options.backoff_max));
-                if let Some(asked) = asked {
-                    delay = delay.max(asked);
+    ) -> (FetchResult, Effects) {
+        let now = self.now();
+        {
+            let mut state = self.lock_state();
+            state.inflight = None;
+            state.inflight_since = None;
+            let outcome = match result {
+                Ok(access) => self.accept(access, now, trigger),
+                Err(error) => Err(error),
+            };
+            let mut effects = Effects::default();
+            match &outcome {
+                Ok(token) => {
+                    self.counters.successes.fetch_add(1, Relaxed);
+                    state.failures = 0;
+                    state.last_error = None;
+                    state.retry_after_until = None;
+                    state.background_at = None;
+                    effects.log = Some(LogLine::Fetched {
+                        expires_in: token
+                            .expires_on()
+                            .duration_since(now.wall)
+                            .unwrap_or_default(),
+                    });
+                    self.schedule(&mut state, token.refresh_deadline, &mut effects);
                 }
-                state.retry_after_until = asked.map(|asked| now + asked);
-                let serving = self.usable(now);
-                let mut retry_at = now + delay;
-                if let Some(token) = &serving {
-                    // Try again no later than the current token stops being handed out.
-                    retry_at = retry_at.min(token.usable_until);
-                }
-                state.background_at = Some(retry_at);
-                state.last_error = Some(error.clone());
-                match &serving {
-                    Some(token) => {
-                        let left =
-                            human(token.usable_until.duration_since(now).unwrap_or_default());
-                        self.log.failure(
-                            &format!("refresh/{}", error.kind().as_str()),
-                            &format_args!("refreshing the token failed; the current one is still handed out for {left}: {error}"),
-                        );
+                Err(error) => {
+                    self.counters.failures.fetch_add(1, Relaxed);
+                    state.failures = state.failures.saturating_add(1);
+                    let mut delay = self.options.backoff_delay(state.failures, fastrand::f64());
+                    let asked = error
+                        .provider_retry_after()
+                        .map(|asked| asked.min(self.options.backoff_max));
+                    if let Some(asked) = asked {
+                        delay = delay.max(asked);
                     }
-                    None => self.log.failure(
-                        &format!("no_token/{}", error.kind().as_str()),
-                        &format_args!(
-                            "{error} (callers make the cache ask again every {})",
-                            human(self.options.retry_interval)
-                        ),
-                    ),
+                    state.retry_after_until = asked.map(|asked| now.mono + asked);
+                    let serving = self.usable(now);
+                    let mut retry_at = now.mono + delay;
+                    if let Some(token) = &serving {
+                        // Try again no later than the current token stops being handed out.
+                        retry_at = retry_at.min(token.usable_deadline_at(now));
+                    }
+                    state.background_at = Some(retry_at);
+                    state.last_error = Some(error.clone());
+                    effects.log = Some(match &serving {
+                        Some(token) => LogLine::Failed {
+                            key: format!("refresh/{}", error.kind().as_str()),
+                            message: format!(
+                                "refreshing the token failed; the current one is still handed out for {}: {error}",
+                                human(token.usable_for(now))
+                            ),
+                        },
+                        None => LogLine::Failed {
+                            key: format!("no_token/{}", error.kind().as_str()),
+                            message: format!(
+                                "{error} (callers make the cache ask again every {})",
+                                human(self.options.retry_interval)
+                            ),
+                        },
+                    });
+                    // Keep retrying in the background, so a recovered provider is noticed before
+                    // the current token runs out (or, with none left, before the next caller).
+                    self.schedule(&mut state, retry_at, &mut effects);
                 }
-                // Keep retrying in the background, so a recovered provider is noticed before the
-                // current token runs out (or, with none left, before the next caller arrives).
-                self.schedule(&mut state, retry_at);
             }
+            (outcome, effects)
         }
-        outcome
     }
 
     /// Checks a fresh token and makes it current.
-    fn accept(&self, access: AccessToken, now: SystemTime, trigger: Trigger) -> FetchResult {
+    fn accept(&self, access: AccessToken, now: Now, trigger: Trigger) -> FetchResult {
         let expires_on = access.expires_on();
-        let lifetime = expires_on.duration_since(now).unwrap_or_default();
+        let lifetime = expires_on.duration_since(now.wall).unwrap_or_default();
         let buffer = self.options.expiry_buffer.min(lifetime / 10);
         let usable_until = expires_on - buffer;
-        if lifetime.is_zero() || usable_until <= now {
+        if lifetime.is_zero() || usable_until <= now.wall {
             return Err(TokenError::new(
                 TokenErrorKind::ExpiredOnArrival,
                 "the identity provider returned a token that had already expired",
@@ -1012,14 +1205,17 @@ impl Inner {
                 same.replacement_requested.load(SeqCst),
                 same.received_at,
             ),
-            None => (trigger == Trigger::Rejected, false, now),
+            None => (trigger == Trigger::Rejected, false, now.wall),
         };
+        let on_mono = |at: SystemTime| now.mono + at.duration_since(now.wall).unwrap_or_default();
         let claims = access.claims();
         let token = Arc::new(Entry {
             token: Arc::new(access),
             received_at,
             refresh_at,
             usable_until,
+            refresh_deadline: on_mono(refresh_at),
+            usable_deadline: on_mono(usable_until),
             claims,
             after_rejection,
             replacement_requested: AtomicBool::new(replacement_requested),
@@ -1028,25 +1224,39 @@ impl Inner {
         Ok(token)
     }
 
-    /// Wakes at `at` to refresh or retry if still due then, replacing any earlier wake-up. Holds
-    /// only a weak reference, and is aborted when the cache is dropped.
-    fn schedule(self: &Arc<Self>, state: &mut State, at: SystemTime) {
-        if let Some(previous) = state.timer.take() {
-            previous.abort();
-        }
-        let weak = Arc::downgrade(self);
-        let wait = at.duration_since(self.clock.now()).unwrap_or_default();
-        let sleep = self.clock.sleep(wait);
+    /// Arranges a wake-up at `at` to refresh or retry if still due then, replacing any earlier
+    /// one (started and aborted by [`Inner::run`]).
+    fn schedule(&self, state: &mut State, at: Instant, effects: &mut Effects) {
+        state.timer_generation = state.timer_generation.wrapping_add(1);
+        effects.abort = state.timer.take();
+        effects.timer = Some((state.timer_generation, at));
+    }
+
+    /// Starts the wake-up of generation `generation`, unless a newer one was arranged meanwhile.
+    /// Holds only a weak reference, and is aborted when the cache is dropped.
+    fn start_timer(self: &Arc<Self>, generation: u64, at: Instant) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let weak = Arc::downgrade(self);
         let timer = runtime.spawn(async move {
-            sleep.await;
+            tokio::time::sleep_until(at).await;
             if let Some(inner) = weak.upgrade() {
                 inner.refresh_if_due(true);
             }
         });
-        state.timer = Some(timer.abort_handle());
+        let stale = {
+            let mut state = self.lock_state();
+            if state.timer_generation == generation {
+                state.timer = Some(timer.abort_handle());
+                None
+            } else {
+                Some(timer)
+            }
+        };
+        if let Some(stale) = stale {
+            stale.abort();
+        }
     }
 }
 

@@ -433,19 +433,17 @@ async fn a_panicking_source_is_a_failure_like_any_other_not_a_request_storm() {
 }
 
 /// A clock whose wall time can jump forward (a host resumed from suspend: monotonic timers lag
-/// the wall clock).
+/// the wall clock) or be stepped back (NTP, a VM restored from a snapshot).
 #[derive(Debug, Clone)]
 struct JumpClock {
     base: TokioClock,
     jumped: Arc<Mutex<Duration>>,
+    stepped_back: Arc<Mutex<Duration>>,
 }
 
 impl Clock for JumpClock {
     fn now(&self) -> SystemTime {
-        self.base.now() + *self.jumped.lock().unwrap()
-    }
-    fn sleep(&self, duration: Duration) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
-        self.base.sleep(duration)
+        self.base.now() + *self.jumped.lock().unwrap() - *self.stepped_back.lock().unwrap()
     }
 }
 
@@ -455,6 +453,7 @@ async fn after_the_wall_clock_jumps_past_expiry_no_expired_token_is_handed_out()
     let clock = JumpClock {
         base: provider.clock.clone(),
         jumped: Arc::default(),
+        stepped_back: Arc::default(),
     };
     let cache = TokenCache::builder(provider.source("suspended"))
         .clock(Arc::new(clock.clone()))
@@ -470,6 +469,83 @@ async fn after_the_wall_clock_jumps_past_expiry_no_expired_token_is_handed_out()
     assert_ne!(next.secret(), first.secret(), "never the expired token");
     assert_eq!(provider.calls(), 2);
     assert_eq!(cache.stats().waits, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_stepped_back_delays_no_refresh_no_retry_and_serves_no_expired_token() {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
+    let clock = JumpClock {
+        base: provider.clock.clone(),
+        jumped: Arc::default(),
+        stepped_back: Arc::default(),
+    };
+    let cache = TokenCache::builder(provider.source("stepped back"))
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .unwrap();
+    let first = cache.get().await.unwrap();
+
+    // The wall clock is stepped back an hour, and the provider fails from then on.
+    *clock.stepped_back.lock().unwrap() = HOUR;
+    provider.fail_with(Some(
+        TokenError::new(TokenErrorKind::ServerError, "unavailable").with_http_status(503),
+    ));
+
+    // The refresh comes at 45 minutes of the token's life all the same, and the retries after it.
+    advance(45 * MINUTE + Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(
+        provider.calls(),
+        2,
+        "the refresh was not put off by the step"
+    );
+    for _ in 0..12 {
+        advance(Duration::from_secs(10)).await;
+        settle().await;
+    }
+    assert!(
+        provider.calls() >= 4,
+        "retries keep coming: {}",
+        provider.calls()
+    );
+    assert_eq!(cache.get().await.unwrap().secret(), first.secret());
+
+    // Past its usable life on the monotonic clock (59:30), the token is never handed out, though
+    // the wall clock says it has an hour left.
+    advance(12 * MINUTE + Duration::from_secs(30)).await;
+    let error = cache.get().await.unwrap_err();
+    assert_eq!(error.kind(), TokenErrorKind::ServerError);
+
+    // The provider back, the next caller gets a new token.
+    provider.fail_with(None);
+    advance(Duration::from_secs(1)).await;
+    let fresh = cache.get().await.unwrap();
+    assert_ne!(fresh.secret(), first.secret());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replacement_that_failed_leaves_the_next_refusal_free_to_ask_again() {
+    let (provider, cache) = setup(HOUR);
+    let token = cache.entry(None).await.unwrap();
+
+    // The provider blips while the first replacement is asked for.
+    provider.fail_with(Some(
+        TokenError::new(TokenErrorKind::ServerError, "unavailable").with_http_status(503),
+    ));
+    let error = cache.replacement_for(&token, None).await.unwrap_err();
+    assert_eq!(error.kind(), TokenErrorKind::ServerError);
+    provider.fail_with(None);
+
+    // The next refusal, once the provider may be asked again, gets a different token.
+    advance(Duration::from_secs(1)).await;
+    let fresh = cache
+        .replacement_for(&token, None)
+        .await
+        .unwrap()
+        .expect("a different token after the blip");
+    assert_ne!(fresh.secret(), token.secret());
+    assert_eq!(provider.calls(), 3);
+    assert_eq!(cache.stats().invalidations, 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -880,4 +956,97 @@ async fn a_day_long_managed_identity_token_is_renewed_on_the_same_schedule() {
         cached,
         [Duration::ZERO, DAY - 3 * MINUTE - Duration::from_secs(45)]
     );
+}
+
+/// A log writer that holds every line containing `needle` until released: a slow log sink.
+#[derive(Clone)]
+struct StuckWriter {
+    needle: &'static str,
+    stuck: std::sync::mpsc::SyncSender<()>,
+    release: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl std::io::Write for StuckWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if String::from_utf8_lossy(buf).contains(self.needle) {
+            let _ = self.stuck.try_send(());
+            let (released, wake) = &*self.release;
+            let mut released = released.lock().unwrap();
+            while !*released {
+                released = wake.wait(released).unwrap();
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl StuckWriter {
+    fn release(&self) {
+        let (released, wake) = &*self.release;
+        *released.lock().unwrap() = true;
+        wake.notify_all();
+    }
+}
+
+/// No log line is written under the cache's lock: while the line about a failure is stuck in a
+/// slow log sink, another caller is answered at once.
+#[test]
+fn a_stuck_log_sink_holds_up_no_other_caller() {
+    let (stuck_tx, stuck_rx) = std::sync::mpsc::sync_channel(1);
+    let writer = StuckWriter {
+        needle: "callers make the cache ask again",
+        stuck: stuck_tx,
+        release: Arc::default(),
+    };
+    let make = writer.clone();
+    let dispatch = tracing::Dispatch::new(
+        tracing_subscriber::fmt()
+            .with_writer(move || make.clone())
+            .with_max_level(tracing::Level::TRACE)
+            .finish(),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(3)
+        .enable_all()
+        .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&dispatch)))
+        .build()
+        .unwrap();
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
+    // A refused credential: callers are answered with the failure at once, without a timer.
+    provider.fail_with(Some(
+        TokenError::new(TokenErrorKind::CredentialRejected, "bad secret").with_http_status(401),
+    ));
+    let cache = runtime.block_on(async { cache(&provider, CacheOptions::default()) });
+
+    // A first caller's failure: its line gets stuck in the sink.
+    let first = {
+        let cache = cache.clone();
+        runtime.spawn(async move { cache.get().await })
+    };
+    stuck_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the failure was logged");
+
+    // Another caller, on a thread of its own, is answered while the line is stuck.
+    let (answered_tx, answered_rx) = std::sync::mpsc::channel();
+    let other = std::thread::spawn({
+        let cache = cache.clone();
+        let handle = runtime.handle().clone();
+        move || {
+            let outcome = handle.block_on(async { cache.get().await.map(drop) });
+            let _ = answered_tx.send(outcome);
+        }
+    });
+    let answered = answered_rx.recv_timeout(Duration::from_secs(10));
+    writer.release();
+    let answered = answered.expect("another caller waited for a log line");
+    assert_eq!(
+        answered.unwrap_err().kind(),
+        TokenErrorKind::CredentialRejected
+    );
+    other.join().unwrap();
+    runtime.block_on(first).unwrap().unwrap_err();
 }
