@@ -2,8 +2,8 @@
 //! and on failure its cause and fix. A step that needs a failed one is skipped; the others run.
 
 use postgres_entra::{
-    AccessToken, AzureTokenSource, CacheOptions, Cloud, EntraConnector, Error, LoginRejected,
-    RoleSource, TokenCache, TokenClaims, TokenErrorKind, TokenSource,
+    AccessToken, Cloud, EntraConnector, Error, LoginRejected, RoleSource, TokenClaims,
+    TokenErrorKind, TokenSource,
 };
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -171,8 +171,9 @@ fn audience_of(scope: &str) -> &str {
 /// What the first steps established, for the later ones.
 struct Found {
     host: String,
-    scope: String,
-    source: Option<Arc<AzureTokenSource>>,
+    /// The connector the library logs in with: the credential's tokens, the allowed hosts, the
+    /// roots.
+    connector: Option<EntraConnector>,
     claims: Option<TokenClaims>,
     /// The token is usable for this server (audience, expiry).
     claims_ok: bool,
@@ -220,16 +221,15 @@ async fn first_steps(
         .clone()
         .unwrap_or_else(|| Cloud::from_host(&host).scope().to_owned());
     let mut steps = Vec::new();
-    let source = credential_step(credential, &mut steps);
-    let token = token_step(server, &scope, source.as_ref(), &mut steps).await;
+    let connector = credential_step(server, credential, &mut steps);
+    let token = token_step(server, &host, &scope, connector.as_ref(), &mut steps).await;
     let (claims, claims_ok) = claims_step(&host, token.as_deref(), &mut steps);
     let role_ok = role_step(server, claims.as_ref(), &mut steps);
     Ok((
         steps,
         Some(Found {
             host,
-            scope,
-            source,
+            connector,
             claims,
             claims_ok,
             role_ok,
@@ -246,11 +246,12 @@ pub async fn token_steps(server: &Server, credential: Result<ChosenCredential, S
     }
 }
 
-/// 1. The credential.
+/// 1. The credential, and the connector over it.
 fn credential_step(
+    server: &Server,
     credential: Result<ChosenCredential, String>,
     steps: &mut Vec<Step>,
-) -> Option<Arc<AzureTokenSource>> {
+) -> Option<EntraConnector> {
     let mut step = Timed::start(1, "credential");
     match credential {
         Ok(chosen) => {
@@ -264,8 +265,19 @@ fn credential_step(
                     chosen.seen.join(", ")
                 )
             });
-            steps.push(step.pass());
-            Some(chosen.source)
+            match server.connector(chosen.source) {
+                Ok(connector) => {
+                    steps.push(step.pass());
+                    Some(connector)
+                }
+                Err(e) => {
+                    steps.push(step.fail(
+                        e.to_string(),
+                        "fix the setting it names (POSTGRES_ENTRA_ALLOWED_HOSTS, --scope, PGSSLROOTCERT)",
+                    ));
+                    None
+                }
+            }
         }
         Err(problem) => {
             steps.push(step.fail(
@@ -292,28 +304,35 @@ fn token_fix(kind: TokenErrorKind, server: &Server) -> String {
     }
 }
 
-/// 2. A token.
+/// Step 2, a token, once the library has checked that a token may go to `host` (the check every
+/// pool makes).
 async fn token_step(
     server: &Server,
+    host: &str,
     scope: &str,
-    source: Option<&Arc<AzureTokenSource>>,
+    connector: Option<&EntraConnector>,
     steps: &mut Vec<Step>,
 ) -> Option<Arc<AccessToken>> {
-    let Some(source) = source else {
+    let Some(connector) = connector else {
         steps.push(skipped(2, "token", "a credential (step 1)"));
         return None;
     };
     let mut step = Timed::start(2, "token");
     step.detail(format!("scope {scope}"));
-    let fetched = TokenCache::builder(source.clone())
-        .scope(scope)
-        .options(CacheOptions::default().fetch_timeout(server.timeout))
-        .build()
-        .map(|cache| async move { cache.get().await.map_err(Error::from) });
-    let fetched = match fetched {
-        Ok(fetch) => fetch.await,
-        Err(e) => Err(e),
+    let cache = match connector.token_cache_for(host, server.hostaddr) {
+        Ok(cache) => cache,
+        Err(e) => {
+            steps.push(step.fail(
+                e.to_string(),
+                format!(
+                    "correct PGHOST, or, if `{host}` is your server under another name, allow it: {}={host}",
+                    postgres_entra::ALLOWED_HOSTS_VARIABLE
+                ),
+            ));
+            return None;
+        }
     };
+    let fetched = cache.get().await.map_err(Error::from);
     match fetched {
         Ok(token) => {
             step.detail(format!(
@@ -522,8 +541,8 @@ async fn login(
     tls_ok: bool,
     steps: &mut Vec<Step>,
 ) -> Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
-    let source = match &found.source {
-        Some(source) if found.claims_ok && found.role_ok && tls_ok => source.clone(),
+    let connector = match &found.connector {
+        Some(connector) if found.claims_ok && found.role_ok && tls_ok => connector,
         _ => {
             steps.push(skipped(
                 7,
@@ -534,16 +553,7 @@ async fn login(
         }
     };
     let mut step = Timed::start(7, "login");
-    let connector = EntraConnector::builder(source)
-        .scope(found.scope.clone())
-        .tls_roots(server.tls_roots())
-        .build();
-    let connected = match connector {
-        Ok(connector) => {
-            postgres_entra_tokio_postgres::connect(&connector, &server.pg_config()).await
-        }
-        Err(e) => Err(e),
-    };
+    let connected = postgres_entra_tokio_postgres::connect(connector, &server.pg_config()).await;
     match connected {
         Ok((client, connection)) => {
             let driver = tokio::spawn(async move {
@@ -796,8 +806,34 @@ fn login_fix(rejected: &LoginRejected, claims: Option<&TokenClaims>) -> String {
         )),
         _ => {}
     }
+    let (role_literal, oid_literal) = (quote_literal(role), quote_literal(oid));
     fix.push_str(&format!(
-        "As an Entra administrator of the server, connected to the `postgres` database, create the role: select * from pgaadauth_create_principal('{role}', false, false); — or, if `{role}` exists for another principal, map it to this one: select * from pgaadauth_create_principal_with_oid('{role}', '{oid}', 'service', false, false); (object type user, group or service)"
+        "As an Entra administrator of the server, connected to the `postgres` database, create the role: select * from pgaadauth_create_principal({role_literal}, false, false); — or, if `{role}` exists for another principal, map it to this one: select * from pgaadauth_create_principal_with_oid({role_literal}, {oid_literal}, 'service', false, false); (object type user, group or service)"
     ));
     fix
+}
+
+/// `value` as a SQL string literal, as PostgreSQL's own `quote_literal` writes it: each quote
+/// doubled, and, when it holds a backslash, an `E''` literal with each backslash doubled (so that
+/// it reads the same whatever `standard_conforming_strings` says).
+pub fn quote_literal(value: &str) -> String {
+    let quoted = value.replace('\'', "''");
+    if quoted.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote_literal;
+
+    #[test]
+    fn literals_double_quotes_and_escape_backslashes() {
+        assert_eq!(quote_literal("orders-api"), "'orders-api'");
+        assert_eq!(quote_literal("o'brien"), "'o''brien'");
+        assert_eq!(quote_literal(r"a\b'"), r"E'a\\b'''");
+        assert_eq!(quote_literal(""), "''");
+    }
 }

@@ -2,19 +2,19 @@
 //! `postgres-entra --help`.
 
 use clap::{Args, Parser, Subcommand};
-use postgres_entra_cli::settings::{CredentialKind, Server, credential_from_env};
+use postgres_entra_cli::settings::{CredentialKind, Server, ServerFlags, credential_from_env};
 use std::ffi::OsString;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 /// Microsoft Entra ID login to Azure Database for PostgreSQL: check it, step by step.
 ///
 /// Reads the same environment as the library's examples: PGHOST, PGHOSTADDR, PGPORT,
-/// PGDATABASE, PGUSER, PGSSLROOTCERT for the server; AZURE_TENANT_ID, AZURE_CLIENT_ID,
-/// AZURE_CLIENT_SECRET, AZURE_FEDERATED_TOKEN_FILE, IDENTITY_ENDPOINT, AZURE_MANAGED_IDENTITY for
-/// the credential (else `az login`). Flags override. No token or secret is ever printed.
+/// PGDATABASE, PGUSER, PGSSLROOTCERT for the server (an empty one is unset, as for libpq);
+/// AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET, AZURE_FEDERATED_TOKEN_FILE,
+/// IDENTITY_ENDPOINT, AZURE_MANAGED_IDENTITY for the credential (else `az login`);
+/// POSTGRES_ENTRA_ALLOWED_HOSTS for hosts other than Azure's servers and loopback that a token may
+/// go to. Flags override. No token or secret is ever printed.
 #[derive(Debug, Parser)]
 #[command(name = "postgres-entra", version)]
 struct Cli {
@@ -29,12 +29,15 @@ enum Command {
     Doctor(Options),
     /// Prints the claims of a token from the configured credential (never the token itself).
     Token(Options),
-    /// Runs a command (psql, pg_dump, a migration tool) with a fresh token for it alone:
-    /// PGPASSWORD, PGUSER (from --user, else the token), PGSSLMODE=verify-full, PGSSLROOTCERT (the
-    /// Azure roots in a private file, removed afterwards), PGHOST, PGPORT, PGDATABASE, and
-    /// DATABASE_URL. Exits with the command's status (128 + N if signal N ended it); 125 when no
-    /// token could be had (the doctor's first steps say why), 126/127 when the command could not
-    /// be run.
+    /// Runs a command (psql, pg_dump, a migration tool) with a fresh token for it alone, on one
+    /// connection checked here: PGHOST, PGHOSTADDR (if given), PGPORT, PGDATABASE, PGUSER (from
+    /// --user, else the token), PGPASSWORD, PGSSLMODE=verify-full, PGSSLROOTCERT (the Azure roots
+    /// in a private file, removed afterwards), PGGSSENCMODE=disable and DATABASE_URL. Every other
+    /// PG* variable but PGAPPNAME, PGCLIENTENCODING, PGOPTIONS, PGCONNECT_TIMEOUT, PGDATESTYLE,
+    /// PGTZ, PGGEQO and PGLOCALEDIR is removed, and so are the credential's secrets
+    /// (AZURE_CLIENT_SECRET, IDENTITY_HEADER, ...) unless --keep-credential-env. Exits with the
+    /// command's status, or by its signal; 125 when the settings cannot work or no token could be
+    /// had (the doctor's first steps say why), 126/127 when the command could not be run.
     Exec(ExecOptions),
 }
 
@@ -42,9 +45,14 @@ enum Command {
 struct ExecOptions {
     #[command(flatten)]
     server: ServerOptions,
-    /// Leave DATABASE_URL as it is rather than set it (tools that read only DATABASE_URL need it).
+    /// Do not set DATABASE_URL (an inherited one is removed all the same: it could name another
+    /// server, which would then receive the token through PGPASSWORD).
     #[arg(long)]
     no_database_url: bool,
+    /// Keep the credential's own variables (AZURE_CLIENT_SECRET, IDENTITY_HEADER, ...) in the
+    /// command's environment, for a command that needs the same identity.
+    #[arg(long)]
+    keep_credential_env: bool,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -61,23 +69,25 @@ struct Options {
 
 #[derive(Debug, Args)]
 struct ServerOptions {
-    /// The server's name, as its certificate names it.
-    #[arg(long, env = "PGHOST")]
+    /// The server's name, as its certificate names it [default: PGHOST].
+    #[arg(long)]
     host: Option<String>,
-    /// An address to reach the host at (e.g. a private endpoint's), instead of resolving it.
-    #[arg(long, env = "PGHOSTADDR")]
-    hostaddr: Option<IpAddr>,
-    /// The server's port.
-    #[arg(long, env = "PGPORT", default_value_t = 5432)]
-    port: u16,
-    /// The database.
-    #[arg(long, env = "PGDATABASE", default_value = "postgres")]
-    dbname: String,
-    /// The role to log in as (default: the name the token carries).
-    #[arg(long, env = "PGUSER")]
+    /// An address to reach the host at (e.g. a private endpoint's), instead of resolving it
+    /// [default: PGHOSTADDR].
+    #[arg(long)]
+    hostaddr: Option<String>,
+    /// The server's port [default: PGPORT, else 5432].
+    #[arg(long)]
+    port: Option<String>,
+    /// The database [default: PGDATABASE, else postgres].
+    #[arg(long)]
+    dbname: Option<String>,
+    /// The role to log in as [default: PGUSER, else the name the token carries].
+    #[arg(long)]
     user: Option<String>,
-    /// A PEM file of CA certificates to trust instead of the Azure roots.
-    #[arg(long, env = "PGSSLROOTCERT")]
+    /// A PEM file of CA certificates to trust instead of the Azure roots [default:
+    /// PGSSLROOTCERT].
+    #[arg(long)]
     sslrootcert: Option<PathBuf>,
     /// The token scope (default: the one the host's cloud needs).
     #[arg(long)]
@@ -91,21 +101,17 @@ struct ServerOptions {
 }
 
 impl ServerOptions {
-    fn server(&self) -> Server {
-        let non_empty = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
-        Server {
-            host: non_empty(&self.host),
-            hostaddr: self.hostaddr,
-            port: self.port,
+    fn server(&self) -> Result<Server, String> {
+        Server::resolve(ServerFlags {
+            host: self.host.clone(),
+            hostaddr: self.hostaddr.clone(),
+            port: self.port.clone(),
             dbname: self.dbname.clone(),
-            user: non_empty(&self.user),
-            sslrootcert: self
-                .sslrootcert
-                .clone()
-                .filter(|p| !p.as_os_str().is_empty()),
-            scope: non_empty(&self.scope),
-            timeout: Duration::from_secs(self.timeout.max(1)),
-        }
+            user: self.user.clone(),
+            sslrootcert: self.sslrootcert.clone(),
+            scope: self.scope.clone(),
+            timeout: Some(self.timeout),
+        })
     }
 }
 
@@ -116,13 +122,27 @@ fn print_json(value: &impl serde::Serialize) {
     }
 }
 
+/// A failure before any step ran, as text or JSON.
+fn failed(command: &str, json: bool, message: &str) -> ExitCode {
+    if json {
+        print_json(&serde_json::json!({ "error": message }));
+    } else {
+        eprintln!("postgres-entra {command}: {message}");
+    }
+    ExitCode::FAILURE
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Doctor(options) => {
+            let server = match options.server.server() {
+                Ok(server) => server,
+                Err(e) => return failed("doctor", options.json, &e),
+            };
             let report = postgres_entra_cli::doctor::run(
-                &options.server.server(),
+                &server,
                 credential_from_env(options.server.credential),
             )
             .await;
@@ -138,11 +158,14 @@ async fn main() -> ExitCode {
             }
         }
         Command::Token(options) => {
-            let result = match credential_from_env(options.server.credential) {
-                Ok(credential) => {
-                    postgres_entra_cli::token(&options.server.server(), credential).await
+            let result = match (
+                options.server.server(),
+                credential_from_env(options.server.credential),
+            ) {
+                (Ok(server), Ok(credential)) => {
+                    postgres_entra_cli::token(&server, credential).await
                 }
-                Err(e) => Err(e),
+                (Err(e), _) | (_, Err(e)) => Err(e),
             };
             match result {
                 Ok(report) if options.json => {
@@ -153,14 +176,7 @@ async fn main() -> ExitCode {
                     print!("{}", report.to_text());
                     ExitCode::SUCCESS
                 }
-                Err(e) if options.json => {
-                    print_json(&serde_json::json!({ "error": e }));
-                    ExitCode::FAILURE
-                }
-                Err(e) => {
-                    eprintln!("postgres-entra token: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => failed("token", options.json, &e),
             }
         }
         Command::Exec(options) => exec(options).await,
@@ -168,7 +184,7 @@ async fn main() -> ExitCode {
 }
 
 async fn exec(options: ExecOptions) -> ExitCode {
-    use postgres_entra_cli::exec::{NotRun, prepare, refused_settings, run};
+    use postgres_entra_cli::exec::{ChildEnv, NotRun, prepare, refused_settings, run};
     let fail = |message: &str| {
         eprintln!("postgres-entra exec: {message}");
         ExitCode::from(125)
@@ -177,15 +193,23 @@ async fn exec(options: ExecOptions) -> ExitCode {
     if let Err(why) = refused_settings(
         var("PGSSLMODE").as_deref(),
         var("PGCHANNELBINDING").as_deref(),
+        var("PGSERVICE").as_deref(),
     ) {
         return fail(&why);
     }
-    let server = options.server.server();
+    let server = match options.server.server() {
+        Ok(server) => server,
+        Err(why) => return fail(&why),
+    };
     let credential = match credential_from_env(options.server.credential) {
         Ok(credential) => credential,
         Err(why) => return fail(&why),
     };
-    let prepared = match prepare(&server, credential, !options.no_database_url).await {
+    let child = ChildEnv {
+        database_url: !options.no_database_url,
+        keep_credential_env: options.keep_credential_env,
+    };
+    let prepared = match prepare(&server, credential, child).await {
         Ok(prepared) => prepared,
         Err(NotRun::Settings(why)) => return fail(&why),
         Err(NotRun::Token(why)) => {
@@ -199,8 +223,11 @@ async fn exec(options: ExecOptions) -> ExitCode {
             return ExitCode::from(125);
         }
     };
-    match run(&options.command, &prepared).await {
-        Ok(code) => ExitCode::from(code),
+    let ran = run(&options.command, &prepared).await;
+    // The roots file goes before this process ends, however it ends.
+    drop(prepared);
+    match ran {
+        Ok(ended) => ended.finish(),
         Err((code, why)) => {
             eprintln!("postgres-entra exec: {why}");
             ExitCode::from(code)

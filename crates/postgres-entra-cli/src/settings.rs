@@ -2,7 +2,7 @@
 //! credential (`AZURE_*`, `IDENTITY_*`), chosen as the README documents.
 
 use postgres_entra::azure_identity::UserAssignedId;
-use postgres_entra::{AzureTokenSource, TlsRoots};
+use postgres_entra::{AzureTokenSource, CacheOptions, EntraConnector, Error, TlsRoots};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,33 +56,81 @@ impl Default for Server {
     }
 }
 
+/// A variable's value, with an empty one taken as unset (as libpq takes it).
 fn set(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The server settings given as flags, each overriding its libpq variable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerFlags {
+    /// `--host`, else `PGHOST`.
+    pub host: Option<String>,
+    /// `--hostaddr`, else `PGHOSTADDR`.
+    pub hostaddr: Option<String>,
+    /// `--port`, else `PGPORT`.
+    pub port: Option<String>,
+    /// `--dbname`, else `PGDATABASE`.
+    pub dbname: Option<String>,
+    /// `--user`, else `PGUSER`.
+    pub user: Option<String>,
+    /// `--sslrootcert`, else `PGSSLROOTCERT`.
+    pub sslrootcert: Option<PathBuf>,
+    /// `--scope`.
+    pub scope: Option<String>,
+    /// `--timeout`, in seconds.
+    pub timeout: Option<u64>,
 }
 
 impl Server {
     /// `PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGDATABASE`, `PGUSER`, `PGSSLROOTCERT`.
     pub fn from_env() -> Result<Self, String> {
+        Self::resolve(ServerFlags::default())
+    }
+
+    /// The server `flags` name, each setting not given as a flag taken from its libpq variable
+    /// (an empty one is unset, as libpq takes it), checked: one port number, one IP address for
+    /// the host's address, no NUL in any name.
+    pub fn resolve(flags: ServerFlags) -> Result<Self, String> {
+        let given =
+            |flag: Option<String>, name: &str| flag.filter(|v| !v.is_empty()).or_else(|| set(name));
         let mut server = Self {
-            host: set("PGHOST"),
-            user: set("PGUSER"),
-            sslrootcert: set("PGSSLROOTCERT").map(PathBuf::from),
+            host: given(flags.host, "PGHOST"),
+            user: given(flags.user, "PGUSER"),
+            sslrootcert: flags
+                .sslrootcert
+                .filter(|p| !p.as_os_str().is_empty())
+                .or_else(|| set("PGSSLROOTCERT").map(PathBuf::from)),
+            scope: flags.scope.filter(|s| !s.is_empty()),
             ..Self::default()
         };
-        if let Some(address) = set("PGHOSTADDR") {
-            server.hostaddr = Some(
-                address
-                    .parse()
-                    .map_err(|e| format!("PGHOSTADDR `{address}` is not an IP address: {e}"))?,
-            );
+        if let Some(address) = given(flags.hostaddr, "PGHOSTADDR") {
+            server.hostaddr = Some(address.trim().parse().map_err(|e| {
+                format!("PGHOSTADDR (or --hostaddr) `{address}` is not one IP address: {e}")
+            })?);
         }
-        if let Some(port) = set("PGPORT") {
+        if let Some(port) = given(flags.port, "PGPORT") {
             server.port = port
+                .trim()
                 .parse()
-                .map_err(|e| format!("PGPORT `{port}` is not a port number: {e}"))?;
+                .map_err(|e| format!("PGPORT (or --port) `{port}` is not one port number: {e}"))?;
         }
-        if let Some(dbname) = set("PGDATABASE") {
+        if let Some(dbname) = given(flags.dbname, "PGDATABASE") {
             server.dbname = dbname;
+        }
+        if let Some(timeout) = flags.timeout {
+            server.timeout = Duration::from_secs(timeout.max(1));
+        }
+        let names = [
+            ("the host", server.host.as_deref()),
+            ("the database", Some(server.dbname.as_str())),
+            ("the user", server.user.as_deref()),
+        ];
+        if let Some((what, _)) = names
+            .iter()
+            .find(|(_, value)| value.is_some_and(|v| v.contains('\0')))
+        {
+            return Err(format!("{what} contains a NUL character"));
         }
         Ok(server)
     }
@@ -93,6 +141,20 @@ impl Server {
             Some(path) => TlsRoots::CaFile(path.clone()),
             None => TlsRoots::Azure,
         }
+    }
+
+    /// The connector the library would log in to this server with: `source`'s tokens (for
+    /// `--scope`, else the scope of the host's cloud), the hosts `POSTGRES_ENTRA_ALLOWED_HOSTS`
+    /// allows, the roots to trust.
+    pub fn connector(&self, source: Arc<AzureTokenSource>) -> Result<EntraConnector, Error> {
+        let mut builder = EntraConnector::builder(source)
+            .allow_hosts_from_env()
+            .tls_roots(self.tls_roots())
+            .cache_options(CacheOptions::default().fetch_timeout(self.timeout));
+        if let Some(scope) = &self.scope {
+            builder = builder.scope(scope.clone());
+        }
+        builder.build()
     }
 
     /// The connection settings for tokio-postgres (TLS required; the token is added at connect).

@@ -133,6 +133,72 @@ async fn a_role_the_server_does_not_know_gets_the_create_principal_call() {
     assert_no_secret(&emulator, &report);
 }
 
+/// The SQL the doctor tells an administrator to paste names the role exactly, whatever its name:
+/// each literal, run on the real server, reads back as the name.
+#[tokio::test]
+async fn the_suggested_sql_quotes_any_role_name_exactly() {
+    use postgres_entra_cli::doctor::quote_literal;
+    let emulator = Emulator::start_async().await.unwrap();
+    let admin = emulator.admin_client().await.unwrap();
+    for name in [
+        "o'brien",
+        "two words",
+        "ünïcødé-名前-😀",
+        r"back\slash",
+        "x'); drop table pg_class; --",
+        "''",
+        r"\'",
+        "\"quoted\"",
+    ] {
+        let literal = quote_literal(name);
+        let row = admin
+            .query_one(&format!("select {literal}::text"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{literal}: {e}"));
+        assert_eq!(row.get::<_, String>(0), name, "{literal}");
+    }
+
+    // In the doctor's own fix for a role with a quote in its name.
+    let mut server = server(&emulator);
+    server.user = Some("o'brien".to_owned());
+    let report = run(&server, Ok(service_principal(&emulator))).await;
+    assert_fails_at(
+        &report,
+        7,
+        &["select * from pgaadauth_create_principal('o''brien', false, false);"],
+    );
+}
+
+/// A host that is none of the token's cloud's servers, nor loopback, nor allowed, gets no token:
+/// the doctor stops before asking for one.
+#[tokio::test]
+async fn a_host_a_token_may_not_go_to_gets_none() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let server = Server {
+        host: Some("db.example.com".to_owned()),
+        hostaddr: Some("127.0.0.1".parse().unwrap()),
+        ..server(&emulator)
+    };
+    let requests = emulator.requests(postgres_entra_testkit::Endpoint::Token);
+
+    let report = run(&server, Ok(service_principal(&emulator))).await;
+
+    assert_fails_at(
+        &report,
+        2,
+        &[
+            "db.example.com",
+            "not a server of Azure public cloud",
+            "POSTGRES_ENTRA_ALLOWED_HOSTS=db.example.com",
+        ],
+    );
+    assert_eq!(
+        emulator.requests(postgres_entra_testkit::Endpoint::Token),
+        requests,
+        "no token was requested"
+    );
+}
+
 #[tokio::test]
 async fn a_token_for_another_cloud_fails_at_the_claims() {
     let emulator = Emulator::start_async().await.unwrap();
