@@ -39,6 +39,7 @@ for_pools!([deadpool, bb8, sqlx, diesel_deadpool, diesel_bb8] {
     a_plaintext_server_receives_no_token_byte_whatever_the_sslmode,
     a_login_rejected_for_a_stale_token_is_retried_once_with_a_fresh_one,
     a_host_a_token_may_not_go_to_is_refused_before_any_token,
+    a_login_dropped_at_any_point_never_wedges_the_pool,
 } only [deadpool, bb8, diesel_deadpool, diesel_bb8] {
     // sqlx has no hostaddr to reach an Azure name (or an allowed one) at the emulator's address.
     // Everything else holds for it too.
@@ -410,6 +411,85 @@ async fn a_login_rejected_for_a_stale_token_is_retried_once_with_a_fresh_one<P: 
     let outcomes: Vec<_> = emulator.logins().into_iter().map(|l| l.outcome).collect();
     assert_eq!(outcomes, [Err(Rejection::BadSignature), Ok(())]);
     assert_eq!(pool.token_cache().stats().invalidations, 1);
+}
+
+/// Checkouts dropped at every point of a login (timeouts from 0 ms up) while the server refuses the
+/// role, each past the refusal backoff so that its login is the probe the pool lets through, and
+/// through the replacement of connections whose token has expired (bb8 and deadpool replace them
+/// within the checkout): once the role is back, the pool logs in at its next attempt, within the
+/// refusal backoff.
+async fn a_login_dropped_at_any_point_never_wedges_the_pool<P: PoolUnderTest>() {
+    const LIFETIME: Duration = Duration::from_secs(3);
+    /// The longest a refused login makes a pool wait (`PoolCore`'s backoff cap).
+    const BACKOFF: Duration = Duration::from_secs(30);
+    const SIZE: usize = 4;
+    let emulator = Suite::start(LIFETIME).await;
+    let sp = emulator.service_principal();
+    let readers = emulator
+        .add_group("late-readers", std::slice::from_ref(&sp))
+        .await
+        .unwrap();
+    let connector = connector_builder(&emulator)
+        .role_name("late-readers")
+        .build()
+        .unwrap();
+    let spec = PoolSpec::new(&emulator, connector)
+        .size(SIZE)
+        .timeout(Duration::from_secs(2));
+    let pool: P = pool(spec).await;
+    pool.warm(SIZE).await;
+
+    // Refused from now on; every warm connection is due once its token has expired.
+    emulator.remove_group_member(&readers, &sp).unwrap();
+    tokio::time::sleep(LIFETIME + LIFETIME / 10).await;
+    assert!(pool.query("select 1").await.is_err(), "refused");
+    let mut wait = Duration::from_millis(1100);
+    let mut completed = 0;
+    // Longer timeouts only let the probe finish (refused): two of those end the sweep.
+    for millis in (0..60).step_by(2) {
+        // Past the backoff: the next login is the probe.
+        tokio::time::sleep(wait).await;
+        let dropped =
+            tokio::time::timeout(Duration::from_millis(millis), pool.query("select 1")).await;
+        if let Ok(outcome) = dropped {
+            // The probe was refused (or the pool still waits): the backoff doubles.
+            assert!(
+                outcome.is_err(),
+                "a checkout succeeded while the role was refused"
+            );
+            completed += 1;
+            if completed == 2 {
+                break;
+            }
+            wait = wait * 2;
+        } else {
+            wait = Duration::from_millis(20);
+        }
+    }
+    let refused = emulator
+        .logins()
+        .iter()
+        .filter(|l| l.outcome.is_err())
+        .count();
+    assert!(refused >= 1, "the server refused the role");
+
+    // The role is back: the pool logs in again within its refusal backoff.
+    emulator.add_group_member(&readers, &sp).unwrap();
+    let back = Instant::now();
+    let user = loop {
+        match pool.query("select current_user").await {
+            Ok(user) => break user,
+            Err(_) if back.elapsed() < BACKOFF + Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(failure) => panic!(
+                "no login {:?} after the role came back: {failure}",
+                back.elapsed()
+            ),
+        }
+    };
+    assert_eq!(user, "late-readers");
+    println!("logged in {:?} after the role came back", back.elapsed());
 }
 
 /// Hosts that are no server of the token's cloud, nor loopback, nor allowed, and strings that are

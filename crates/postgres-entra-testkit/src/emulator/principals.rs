@@ -72,6 +72,16 @@ impl Emulator {
         })
     }
 
+    /// Adds `member` to `group` (again): its next login as the group is accepted.
+    pub fn add_group_member(&self, group: &Identity, member: &Identity) -> Result<(), Error> {
+        let oid = member.object_id.clone();
+        self.change_identity(&group.role_name, |g| {
+            if !g.members.contains(&oid) {
+                g.members.push(oid);
+            }
+        })
+    }
+
     /// Disables `identity` in the directory: the identity provider refuses it new tokens (HTTP
     /// 400, AADSTS7000112 for an application; "Identity not found" for a managed identity), while
     /// its unexpired tokens still log in, as on Azure.
