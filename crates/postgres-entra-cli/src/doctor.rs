@@ -322,13 +322,18 @@ async fn token_step(
     let cache = match connector.token_cache_for(host, server.hostaddr) {
         Ok(cache) => cache,
         Err(e) => {
-            steps.push(step.fail(
-                e.to_string(),
+            let text = e.to_string();
+            let fix = if text.contains("allow_host") {
                 format!(
                     "correct PGHOST, or, if `{host}` is your server under another name, allow it: {}={host}",
                     postgres_entra::ALLOWED_HOSTS_VARIABLE
-                ),
-            ));
+                )
+            } else if server.scope.is_some() {
+                "drop --scope (the host's cloud decides the scope), or correct it".to_owned()
+            } else {
+                "correct PGHOST: token login needs one TCP host name or IP address".to_owned()
+            };
+            steps.push(step.fail(text, fix));
             return None;
         }
     };

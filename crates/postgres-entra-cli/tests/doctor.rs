@@ -200,7 +200,7 @@ async fn a_host_a_token_may_not_go_to_gets_none() {
 }
 
 #[tokio::test]
-async fn a_token_for_another_cloud_fails_at_the_claims() {
+async fn a_scope_for_another_cloud_fails_before_any_token_is_asked_for() {
     let emulator = Emulator::start_async().await.unwrap();
     let gov = AzureServer::UsGovernment;
     let config = emulator.server_config_for(gov);
@@ -212,23 +212,29 @@ async fn a_token_for_another_cloud_fails_at_the_claims() {
         ..server(&emulator)
     };
 
+    let requests = emulator.requests(postgres_entra_testkit::Endpoint::Token);
+
     let report = run(&server, Ok(service_principal(&emulator))).await;
 
     assert_fails_at(
         &report,
-        3,
+        2,
         &[
-            "the token is for https://ossrdbms-aad.database.windows.net",
-            "accepts tokens for https://ossrdbms-aad.database.usgovcloudapi.net",
-            Cloud::UsGovernment.scope(),
+            "is a server of Azure US Government",
+            "requests tokens for Azure public cloud",
+            "drop --scope",
         ],
     );
+    assert_eq!(
+        emulator.requests(postgres_entra_testkit::Endpoint::Token),
+        requests,
+        "no token was asked for"
+    );
     let status = |n: usize| report.steps[n - 1].status;
-    assert_ne!(status(4), Status::Fail, "the role is still shown");
+    assert_eq!(status(3), Status::Skipped);
     assert_eq!(status(5), Status::Pass, "the network is checked anyway");
     assert_eq!(status(6), Status::Pass);
     assert_eq!(status(7), Status::Skipped);
-    assert_no_secret(&emulator, &report);
 }
 
 #[tokio::test]
@@ -548,4 +554,38 @@ async fn a_missing_database_and_a_lost_group_membership_get_their_own_fixes() {
         ],
     );
     assert_no_secret(&emulator, &report);
+}
+
+/// Empty libpq variables are unset, as libpq takes them; a malformed one is a JSON error with
+/// `--json`, not a usage error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_variables_are_unset_and_bad_ones_answer_in_json() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let run_binary = |env: &[(&str, &str)]| {
+        let mut command = common::user_command(&emulator);
+        command.args(["doctor", "--json"]);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        tokio::task::block_in_place(move || command.output().unwrap())
+    };
+
+    let empty = run_binary(&[("PGHOSTADDR", ""), ("PGUSER", "")]);
+    assert_eq!(
+        empty.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&empty.stdout)
+    );
+
+    for (name, value, says) in [
+        ("PGPORT", "5432,5433", "one port number"),
+        ("PGHOSTADDR", "not-an-address", "one IP address"),
+    ] {
+        let bad = run_binary(&[(name, value)]);
+        assert_eq!(bad.status.code(), Some(1), "{name}={value}");
+        let answer: serde_json::Value = serde_json::from_slice(&bad.stdout)
+            .unwrap_or_else(|e| panic!("{name}={value}: not JSON ({e})"));
+        assert!(answer["error"].as_str().unwrap().contains(says), "{answer}");
+    }
 }

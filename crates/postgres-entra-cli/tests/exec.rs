@@ -81,8 +81,9 @@ async fn psql_and_pg_dump_log_in_with_the_token_and_print_none_of_it() {
     assert_eq!(dump.status.code(), Some(0), "{}", text(&dump.stderr));
     assert!(text(&dump.stdout).contains("PostgreSQL database dump complete"));
 
-    // The child sees verify-full and the variables libpq reads; with --no-database-url, the
-    // parent's DATABASE_URL is left alone.
+    // The child sees verify-full and the variables libpq reads; with --no-database-url, no
+    // DATABASE_URL at all (an inherited one could name another server, which the token in
+    // PGPASSWORD would then reach).
     let seen = output(exec(
         &emulator,
         &[("DATABASE_URL", "postgres://elsewhere/db")],
@@ -91,19 +92,14 @@ async fn psql_and_pg_dump_log_in_with_the_token_and_print_none_of_it() {
             "--",
             "sh",
             "-c",
-            r#"echo "$PGSSLMODE $PGUSER $PGDATABASE $DATABASE_URL ${#PGPASSWORD}""#,
+            r#"echo "$PGSSLMODE $PGUSER $PGDATABASE ${DATABASE_URL-unset} ${#PGPASSWORD}""#,
         ],
     ));
     let seen_text = text(&seen.stdout);
     let fields: Vec<&str> = seen_text.split_whitespace().collect();
     assert_eq!(
         fields[..4],
-        [
-            "verify-full",
-            role.as_str(),
-            emulator.database(),
-            "postgres://elsewhere/db"
-        ]
+        ["verify-full", role.as_str(), emulator.database(), "unset"]
     );
     assert!(
         fields[4].parse::<usize>().unwrap() > 100,
@@ -120,7 +116,14 @@ async fn the_commands_exit_status_and_signals_pass_through() {
     let failing = output(exec(&emulator, &[], &["--", "sh", "-c", "exit 7"]));
     assert_eq!(failing.status.code(), Some(7));
     let killed = output(exec(&emulator, &[], &["--", "sh", "-c", "kill -TERM $$"]));
-    assert_eq!(killed.status.code(), Some(128 + 15));
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            killed.status.signal(),
+            Some(15),
+            "exec ends by the command's signal"
+        );
+    }
     let missing = output(exec(&emulator, &[], &["--", "no-such-command-anywhere"]));
     assert_eq!(missing.status.code(), Some(127));
     assert!(text(&missing.stderr).contains("no-such-command-anywhere"));
@@ -200,7 +203,7 @@ async fn plaintext_settings_and_a_failing_provider_stop_the_command_before_it_ru
         ("PGSSLMODE", "disable", "clear text"),
         ("PGSSLMODE", "allow", "clear text"),
         ("PGCHANNELBINDING", "require", "PGCHANNELBINDING"),
-        ("PGHOST", "/var/run/postgresql", "one TCP host name"),
+        ("PGHOST", "/var/run/postgresql", "Unix socket"),
     ] {
         let refused = output(exec(&emulator, &[(name, value)], &ran));
         assert_eq!(refused.status.code(), Some(125), "{name}={value}");
@@ -225,5 +228,339 @@ async fn plaintext_settings_and_a_failing_provider_stop_the_command_before_it_ru
         "FAIL at step 2",
     ] {
         assert!(said.contains(expected), "missing {expected:?} in:\n{said}");
+    }
+}
+
+/// What became of one hostile setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// exec refuses it: exit 125, saying this, and the command never ran.
+    Refused(&'static str),
+    /// exec strips it: the command logs in to the emulator, from the environment and from
+    /// `$DATABASE_URL`.
+    LogsIn,
+}
+
+/// Every way a libpq setting in exec's own environment could lead its command elsewhere or weaken
+/// its TLS: each is refused or stripped, and a listener that asks for a cleartext password (on
+/// every port a variant names) never hears from the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_setting_in_the_environment_leads_the_command_or_its_token_elsewhere() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let role = emulator.managed_identity().role_name;
+    let trap = postgres_entra_testkit::PlaintextListener::start()
+        .await
+        .unwrap();
+    let (port, server) = (trap.port().to_string(), emulator.port().to_string());
+    // A service file naming the trap, without TLS, where libpq looks for one.
+    let dir = tempfile::tempdir().unwrap();
+    let service = format!("[trap]\nhost=127.0.0.1\nport={port}\nsslmode=disable\n");
+    for name in ["pg_service.conf", ".pg_service.conf", "service.conf"] {
+        std::fs::write(dir.path().join(name), &service).unwrap();
+    }
+    let home = dir.path().to_string_lossy().into_owned();
+    let file = dir
+        .path()
+        .join("service.conf")
+        .to_string_lossy()
+        .into_owned();
+    let trap_url = format!("postgresql://127.0.0.1:{port}/postgres?sslmode=disable");
+    let variants: Vec<(&str, Vec<(&str, String)>, Expect)> = vec![
+        (
+            "a service file named by PGSERVICEFILE",
+            vec![
+                ("PGSERVICE", "trap".into()),
+                ("PGSERVICEFILE", file.clone()),
+            ],
+            Expect::Refused("PGSERVICE"),
+        ),
+        (
+            "a service file under PGSYSCONFDIR",
+            vec![("PGSERVICE", "trap".into()), ("PGSYSCONFDIR", home.clone())],
+            Expect::Refused("PGSERVICE"),
+        ),
+        (
+            "~/.pg_service.conf",
+            vec![("PGSERVICE", "trap".into()), ("HOME", home.clone())],
+            Expect::Refused("PGSERVICE"),
+        ),
+        (
+            "service files without PGSERVICE",
+            vec![
+                ("PGSERVICEFILE", file.clone()),
+                ("PGSYSCONFDIR", home.clone()),
+                ("HOME", home.clone()),
+            ],
+            Expect::LogsIn,
+        ),
+        (
+            "a Linux abstract socket",
+            vec![("PGHOST", "@trap".into())],
+            Expect::Refused("Unix socket"),
+        ),
+        (
+            "a Unix socket directory",
+            vec![("PGHOST", "/tmp".into())],
+            Expect::Refused("Unix socket"),
+        ),
+        (
+            "URL pieces in the host",
+            vec![("PGHOST", format!("127.0.0.1?port={port}&sslmode=disable#"))],
+            Expect::Refused("neither a DNS name"),
+        ),
+        (
+            "a host list",
+            vec![("PGHOST", "localhost,127.0.0.1".into())],
+            Expect::Refused("list of hosts"),
+        ),
+        (
+            "a port list",
+            vec![("PGPORT", format!("{server},{port}"))],
+            Expect::Refused("one port number"),
+        ),
+        (
+            "an address list",
+            vec![("PGHOSTADDR", "127.0.0.1,127.0.0.1".into())],
+            Expect::Refused("one IP address"),
+        ),
+        (
+            "a host not allowed",
+            vec![
+                ("PGHOST", "db.example.com".into()),
+                ("PGHOSTADDR", "127.0.0.1".into()),
+            ],
+            Expect::Refused("allow"),
+        ),
+        (
+            "session attributes and load balancing",
+            vec![
+                ("PGTARGETSESSIONATTRS", "read-only".into()),
+                ("PGLOADBALANCEHOSTS", "random".into()),
+            ],
+            Expect::LogsIn,
+        ),
+        (
+            "PGREQUIRESSL=0",
+            vec![("PGREQUIRESSL", "0".into())],
+            Expect::LogsIn,
+        ),
+        (
+            "PGSSLNEGOTIATION=direct",
+            vec![("PGSSLNEGOTIATION", "direct".into())],
+            Expect::LogsIn,
+        ),
+        (
+            "PGGSSENCMODE=require",
+            vec![("PGGSSENCMODE", "require".into())],
+            Expect::LogsIn,
+        ),
+        (
+            "client certificate settings",
+            vec![
+                ("PGSSLCERT", "/nonexistent.crt".into()),
+                ("PGSSLKEY", "/nonexistent.key".into()),
+                ("PGSSLCRL", "/nonexistent.crl".into()),
+            ],
+            Expect::LogsIn,
+        ),
+        (
+            "PGSSLMODE=disable",
+            vec![("PGSSLMODE", "disable".into())],
+            Expect::Refused("clear text"),
+        ),
+        (
+            "PGSSLMODE=allow",
+            vec![("PGSSLMODE", "allow".into())],
+            Expect::Refused("clear text"),
+        ),
+        (
+            "PGCHANNELBINDING=require",
+            vec![("PGCHANNELBINDING", "require".into())],
+            Expect::Refused("PGCHANNELBINDING"),
+        ),
+        (
+            "an empty PGHOSTADDR (unset, as for libpq)",
+            vec![("PGHOSTADDR", String::new())],
+            Expect::LogsIn,
+        ),
+    ];
+    // Both ways a tool finds the server: libpq's variables, and `$DATABASE_URL`.
+    let command = [
+        "--",
+        "sh",
+        "-c",
+        r#"psql -XtAc 'select current_user' && psql -XtA "$DATABASE_URL" -c 'select 2'"#,
+    ];
+    let mut outputs = Vec::new();
+    for (what, env, expect) in &variants {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut run = exec(&emulator, &env, &command);
+        if env
+            .iter()
+            .any(|(name, _)| *name == "PGPORT" && env.len() == 3)
+        {
+            // Empty settings are unset: with PGHOST gone too, there is no server.
+            run.env_remove("PGHOST");
+        }
+        let ran = output(run);
+        match expect {
+            Expect::Refused(says) => {
+                assert_eq!(
+                    ran.status.code(),
+                    Some(125),
+                    "{what}: {}",
+                    text(&ran.stderr)
+                );
+                assert!(text(&ran.stdout).is_empty(), "{what}: the command ran");
+                assert!(
+                    text(&ran.stderr).contains(says),
+                    "{what}: {}",
+                    text(&ran.stderr)
+                );
+            }
+            Expect::LogsIn => {
+                assert_eq!(ran.status.code(), Some(0), "{what}: {}", text(&ran.stderr));
+                assert_eq!(text(&ran.stdout), format!("{role}\n2\n"), "{what}");
+            }
+        }
+        outputs.push(ran);
+    }
+    // An empty PGDATABASE is unset too: the default database, named.
+    let ran = output(exec(
+        &emulator,
+        &[("PGDATABASE", "")],
+        &["--", "sh", "-c", r#"echo "$PGDATABASE""#],
+    ));
+    assert_eq!(text(&ran.stdout), "postgres\n", "{}", text(&ran.stderr));
+
+    // An inherited DATABASE_URL naming the trap is removed, with --no-database-url too.
+    let ran = output(exec(
+        &emulator,
+        &[("DATABASE_URL", trap_url.as_str())],
+        &[
+            "--no-database-url",
+            "--",
+            "sh",
+            "-c",
+            r#"psql -XtA "$DATABASE_URL" -c 'select 3'"#,
+        ],
+    ));
+    assert_eq!(ran.status.code(), Some(0), "{}", text(&ran.stderr));
+    assert_eq!(text(&ran.stdout), "3\n");
+    outputs.push(ran);
+
+    assert_eq!(trap.connections(), 0, "the trap heard from the command");
+    assert!(trap.received().is_empty());
+    let all: Vec<&Output> = outputs.iter().collect();
+    assert_no_token(&emulator, &all);
+}
+
+/// The command sees the connection exec made and none of the credential's secrets, unless asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_gets_no_credential_secret_unless_asked() {
+    let emulator = Emulator::start_async().await.unwrap();
+    let show = ["--", "sh", "-c", "env | cut -d= -f1 | sort"];
+    let names = |keep: bool| {
+        let mut args = vec![];
+        if keep {
+            args.push("--keep-credential-env");
+        }
+        args.extend(show);
+        let ran = output(exec(
+            &emulator,
+            &[("AZURE_CLIENT_CERTIFICATE_PASSWORD", "not-for-the-command")],
+            &args,
+        ));
+        assert_eq!(ran.status.code(), Some(0), "{}", text(&ran.stderr));
+        text(&ran.stdout)
+    };
+    let stripped = names(false);
+    for gone in [
+        "IDENTITY_ENDPOINT",
+        "IDENTITY_HEADER",
+        "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+    ] {
+        assert!(
+            !stripped.lines().any(|l| l == gone),
+            "{gone} reached the command"
+        );
+    }
+    for set in [
+        "PGHOST",
+        "PGPASSWORD",
+        "PGSSLMODE",
+        "PGGSSENCMODE",
+        "DATABASE_URL",
+    ] {
+        assert!(stripped.lines().any(|l| l == set), "{set} missing");
+    }
+    let kept = names(true);
+    for kept_name in [
+        "IDENTITY_ENDPOINT",
+        "IDENTITY_HEADER",
+        "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+    ] {
+        assert!(kept.lines().any(|l| l == kept_name), "{kept_name} not kept");
+    }
+}
+
+/// A signal sent to exec alone (not by the terminal to its whole group) reaches the command; a
+/// command killed by a signal makes exec end by the same signal, its roots file removed first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_sent_to_exec_reach_the_command_and_a_signal_death_is_passed_up() {
+    use std::os::unix::process::ExitStatusExt;
+    let emulator = Emulator::start_async().await.unwrap();
+    for (signal, code) in [
+        (nix::sys::signal::Signal::SIGINT, 41),
+        (nix::sys::signal::Signal::SIGQUIT, 42),
+        (nix::sys::signal::Signal::SIGUSR1, 43),
+        (nix::sys::signal::Signal::SIGHUP, 44),
+    ] {
+        let name = signal.as_str().trim_start_matches("SIG");
+        let script = format!("trap 'exit {code}' {name}; echo ready; while :; do sleep 0.1; done");
+        let mut child = exec(&emulator, &[], &["--", "sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        tokio::task::block_in_place(|| {
+            use std::io::Read;
+            let mut ready = [0u8; 6];
+            stdout.read_exact(&mut ready).unwrap();
+        });
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, signal).unwrap();
+        let status = wait_bounded(&mut child).await;
+        assert_eq!(status.code(), Some(code), "{signal}");
+    }
+
+    // The command killed by SIGTERM: exec ends by SIGTERM too, after removing the roots file.
+    let mut command = exec(
+        &emulator,
+        &[],
+        &["--", "sh", "-c", r#"echo "$PGSSLROOTCERT"; kill -TERM $$"#],
+    );
+    command.env_remove("PGSSLROOTCERT");
+    let ended = output(command);
+    assert_eq!(ended.status.signal(), Some(15), "{:?}", ended.status);
+    let roots = text(&ended.stdout);
+    assert!(
+        !std::path::Path::new(roots.trim()).exists(),
+        "{roots} was left behind"
+    );
+}
+
+/// Waits (bounded) for `child` to end.
+async fn wait_bounded(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            child.kill().unwrap();
+            panic!("exec did not end");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

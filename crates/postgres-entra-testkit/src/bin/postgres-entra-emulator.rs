@@ -1,5 +1,8 @@
 //! `postgres-entra-emulator`: runs the local Azure Database for PostgreSQL emulator until
-//! interrupted, and prints `export NAME=value` lines to point an application at it:
+//! interrupted, and prints the shell lines that point an application (or the `postgres-entra`
+//! tool) at it: its managed identity (App Service style, `IDENTITY_ENDPOINT` on loopback) and its
+//! server, after unsetting every variable that would choose another credential (a client secret or
+//! a federated token, which would reach Microsoft's real login endpoint):
 //!
 //! ```sh
 //! eval "$(postgres-entra-emulator --token-lifetime 60 &)"   # or run it in another terminal
@@ -11,8 +14,28 @@ use std::time::Duration;
 const USAGE: &str = "usage: postgres-entra-emulator [--token-lifetime SECONDS]
 
 Starts a private PostgreSQL server with Entra ID token login and mock Entra endpoints on loopback,
-prints `export` lines for PG*, IDENTITY_* and AZURE_* variables, and runs until Ctrl-C or SIGTERM,
-then stops the server and removes its files.";
+prints `unset` and `export` lines that select its managed identity (IDENTITY_ENDPOINT,
+IDENTITY_HEADER) and its server (PG*), and runs until Ctrl-C or SIGTERM, then stops the server and
+removes its files.";
+
+/// Variables that would make a credential chain choose something other than the emulator's
+/// managed identity (and reach Microsoft's login endpoint), or a server other than the emulator.
+const UNSET: [&str; 14] = [
+    "AZURE_CLIENT_SECRET",
+    "AZURE_CLIENT_CERTIFICATE_PATH",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_AUTHORITY_HOST",
+    "AZURE_MANAGED_IDENTITY",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+    "IMDS_ENDPOINT",
+    "PGUSER",
+    "PGHOSTADDR",
+    "PGSERVICE",
+    "DATABASE_URL",
+];
 
 fn parse_args() -> Result<Duration, String> {
     let mut lifetime = Duration::from_secs(3600);
@@ -62,15 +85,12 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let sp = emulator.service_principal();
     let mi = emulator.managed_identity();
     let [endpoint, header] = emulator.app_service_env();
-    let secret = sp.client_secret.clone().unwrap_or_default();
     let vars = [
         ("PGHOST", emulator.host().to_owned()),
         ("PGPORT", emulator.port().to_string()),
         ("PGDATABASE", emulator.database().to_owned()),
-        ("PGUSER", sp.role_name.clone()),
         ("PGSSLMODE", "verify-full".to_owned()),
         (
             "PGSSLROOTCERT",
@@ -78,23 +98,14 @@ async fn main() {
         ),
         (endpoint.0, endpoint.1),
         (header.0, header.1),
-        ("AZURE_TENANT_ID", emulator.tenant_id().to_owned()),
-        ("AZURE_CLIENT_ID", sp.client_id.clone()),
-        ("AZURE_CLIENT_SECRET", secret),
-        ("POSTGRES_ENTRA_TOKEN_URL", emulator.token_url()),
     ];
     println!(
-        "# postgres-entra emulator (pid {}), tokens live {}s",
+        "# postgres-entra emulator (pid {}), tokens live {}s; its managed identity logs in as {} (the name its tokens carry)",
         std::process::id(),
-        lifetime.as_secs()
-    );
-    println!(
-        "# roles: {} (client secret: AZURE_CLIENT_ID/SECRET), {} (managed identity: IDENTITY_ENDPOINT), {} (workload identity), {} (user)",
-        sp.role_name,
+        lifetime.as_secs(),
         mi.role_name,
-        emulator.workload_identity().role_name,
-        emulator.user().role_name
     );
+    println!("unset {}", UNSET.join(" "));
     for (name, value) in vars {
         println!("export {name}={}", shell_quote(&value));
     }

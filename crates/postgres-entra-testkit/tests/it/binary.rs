@@ -1,5 +1,7 @@
-//! The `postgres-entra-emulator` binary: prints `export` lines an app can use, serves them until
-//! SIGTERM, then cleans up. `postgres-entra-shared-cluster`: exits as its command does.
+//! The `postgres-entra-emulator` binary: prints the lines that point an app (and the
+//! `postgres-entra` tool) at its managed identity and server, whatever the shell held before,
+//! serves them until SIGTERM, then cleans up. `postgres-entra-shared-cluster`: exits as its
+//! command does.
 
 use azure_core::http::{Method, Request, Url};
 use std::collections::HashMap;
@@ -12,52 +14,110 @@ fn unquote(value: &str) -> String {
     value.trim_matches('\'').replace(r"'\''", "'")
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_prints_working_exports_and_cleans_up_on_sigterm() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_postgres-entra-emulator"))
         .args(["--token-lifetime", "120"])
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let exports = tokio::task::spawn_blocking(move || {
-        let mut vars = HashMap::new();
+    let printed = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
         for line in BufReader::new(stdout).lines() {
             let line = line.unwrap();
-            if let Some((name, value)) =
-                line.strip_prefix("export ").and_then(|l| l.split_once('='))
-            {
-                vars.insert(name.to_owned(), unquote(value));
-                if name == "POSTGRES_ENTRA_TOKEN_URL" {
-                    break;
-                }
+            let last = line.starts_with("export IDENTITY_HEADER=");
+            lines.push(line);
+            if last {
+                break;
             }
         }
-        vars
+        lines
     });
-    let vars = tokio::time::timeout(Duration::from_secs(60), exports)
+    let lines = tokio::time::timeout(Duration::from_secs(60), printed)
         .await
         .unwrap()
         .unwrap();
+    let vars: HashMap<String, String> = lines
+        .iter()
+        .filter_map(|line| line.strip_prefix("export ")?.split_once('='))
+        .map(|(name, value)| (name.to_owned(), unquote(value)))
+        .collect();
     for name in [
         "PGHOST",
         "PGPORT",
         "PGDATABASE",
-        "PGUSER",
         "PGSSLROOTCERT",
         "IDENTITY_ENDPOINT",
         "IDENTITY_HEADER",
-        "AZURE_TENANT_ID",
-        "AZURE_CLIENT_ID",
-        "AZURE_CLIENT_SECRET",
-        "POSTGRES_ENTRA_TOKEN_URL",
     ] {
         assert!(
             vars.get(name).is_some_and(|v| !v.is_empty()),
             "{name} missing in {vars:?}"
         );
     }
+    assert!(
+        !vars.keys().any(|name| name.starts_with("AZURE_")),
+        "no AZURE_* variable that could choose another credential: {vars:?}"
+    );
+    let unset = lines
+        .iter()
+        .find_map(|line| line.strip_prefix("unset "))
+        .expect("an unset line");
+    for name in [
+        "AZURE_CLIENT_SECRET",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "PGUSER",
+    ] {
+        assert!(unset.split(' ').any(|n| n == name), "{name} not unset");
+    }
     assert!(vars["IDENTITY_ENDPOINT"].starts_with("http://127.0.0.1:"));
+
+    // The tool, in a shell that held another credential's variables and evaluated the lines,
+    // chooses the emulator's managed identity and logs in through it.
+    let tool =
+        Path::new(env!("CARGO_BIN_EXE_postgres-entra-emulator")).with_file_name("postgres-entra");
+    assert!(
+        tool.exists(),
+        "{} is built with the workspace (cargo build --workspace)",
+        tool.display()
+    );
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(script.path(), lines.join("\n")).unwrap();
+    let doctor = Command::new("sh")
+        .args(["-c", r#". "$1" && exec "$2" doctor --json"#, "sh"])
+        .arg(script.path())
+        .arg(&tool)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("AZURE_CLIENT_SECRET", "a-leftover-secret")
+        .env("AZURE_CLIENT_ID", "00000000-0000-0000-0000-000000000001")
+        .env("AZURE_TENANT_ID", "00000000-0000-0000-0000-000000000002")
+        .env("AZURE_FEDERATED_TOKEN_FILE", "/nonexistent/token")
+        .env("PGUSER", "someone-else")
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}{}",
+            String::from_utf8_lossy(&doctor.stdout),
+            String::from_utf8_lossy(&doctor.stderr)
+        )
+    });
+    let credential = report["steps"][0]["details"].to_string();
+    assert!(
+        credential.contains("ManagedIdentityCredential")
+            && credential.contains("IDENTITY_ENDPOINT is set"),
+        "{report:#}"
+    );
+    assert!(
+        report["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("OK: logged in"),
+        "{report:#}"
+    );
 
     // A token from the managed-identity endpoint it printed logs in with psql and the printed PG*.
     let url = Url::parse(&format!(
@@ -110,6 +170,12 @@ async fn the_binary_prints_working_exports_and_cleans_up_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(
+        said.contains("served 0 token and"),
+        "no request reached a token endpoint other than the managed identity's: {said}"
+    );
     let dir = Path::new(&vars["PGSSLROOTCERT"])
         .parent()
         .unwrap()
