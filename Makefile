@@ -6,7 +6,7 @@ NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 CLIPPY_DRIVER := $(shell rustup which clippy-driver 2>/dev/null || command -v clippy-driver)
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
-.PHONY: test demo clippy-installed deps fmt clippy lint build unit-tests examples package fuzz bench test-azure
+.PHONY: test demo clippy-installed fresh-records deps fmt clippy lint build unit-tests examples package fuzz bench test-azure
 
 ## Runs the main job against the local emulator (real Azure when PG*/AZURE_* are set, see README).
 demo: deps
@@ -17,10 +17,17 @@ demo: deps
 ## also lints, https://doc.rust-lang.org/clippy/usage.html) and -D warnings makes every warning an
 ## error; dependencies compile with plain rustc and cap their lints. One compile of the workspace
 ## instead of a `cargo clippy` pass and a build.
+# The servers the tests start are recorded here (by process id and start time), and the last step
+# ends those alone if any is left: never a server this run did not start.
+TEST_PROCESSES := $(TARGET_DIR)/test-processes
 test: export RUSTC_WORKSPACE_WRAPPER := $(CLIPPY_DRIVER)
 test: export RUSTFLAGS := -D warnings
-test: clippy-installed deps fmt build lint unit-tests examples package
-	@scripts/check-leftovers.sh
+test: export POSTGRES_ENTRA_TEST_PROCESSES := $(TEST_PROCESSES)
+test: clippy-installed fresh-records deps fmt build lint unit-tests examples package
+	@scripts/check-leftovers.sh $(TEST_PROCESSES)
+
+fresh-records:
+	@rm -rf $(TEST_PROCESSES) && mkdir -p $(TEST_PROCESSES)
 
 clippy-installed:
 	@[ -n "$(CLIPPY_DRIVER)" ] || { echo "clippy is not installed: rustup component add clippy" >&2; exit 1; }

@@ -178,6 +178,7 @@ impl Prometheus {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        postgres_entra_testkit::record_started(child.id(), "prometheus");
         let prometheus = Self {
             child,
             port,

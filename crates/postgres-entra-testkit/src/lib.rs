@@ -9,6 +9,7 @@ pub use crate::issuer::{FEDERATED_AUDIENCE, FEDERATED_ISSUER, Rejection, Signer,
 pub use crate::metrics::{Metrics, MetricsReader, Point, Value};
 pub use crate::pg::{DIR_PREFIX, SharedCluster};
 pub use crate::plaintext::PlaintextListener;
+pub use crate::processes::{PROCESSES_VARIABLE, record_started, start_time};
 pub use crate::relay::Relay;
 pub use crate::servers::AzureServer;
 pub use crate::shared::LoginAttempt;
@@ -27,6 +28,7 @@ mod ldap;
 mod metrics;
 mod pg;
 mod plaintext;
+mod processes;
 mod relay;
 mod servers;
 mod shared;

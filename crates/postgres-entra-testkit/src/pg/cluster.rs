@@ -386,6 +386,7 @@ impl Cluster {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
+        crate::processes::record_started(child.id(), "postgres");
         let pid_file = data.join("postmaster.pid");
         let deadline = Instant::now() + START_TIMEOUT;
         loop {

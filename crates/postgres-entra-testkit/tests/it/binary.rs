@@ -221,3 +221,63 @@ fn the_shared_cluster_wrapper_exits_as_its_command_does_and_says_how_to_use_it()
         String::from_utf8_lossy(&missing.stderr).contains("could not run /nonexistent/command")
     );
 }
+
+/// The leftover check of `make test` ends only the processes the run recorded, by id and start
+/// time: a user's own server, whatever its command line, is left alone.
+#[test]
+fn the_leftover_check_ends_only_what_the_run_recorded() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check-leftovers.sh");
+    let records = tempfile::tempdir().unwrap();
+    // A user's emulator PostgreSQL, by its command line: not recorded.
+    let mut lookalike = Command::new("bash")
+        .args([
+            "-c",
+            "exec -a 'postgres -D /tmp/pg-entra-emu-user/data -p 5432' sleep 60",
+        ])
+        .spawn()
+        .unwrap();
+    // A server the run recorded, still running.
+    let mut recorded = Command::new("sleep").arg("60").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let start = postgres_entra_testkit::start_time(recorded.id()).unwrap();
+    std::fs::write(
+        records.path().join(recorded.id().to_string()),
+        format!("{start} postgres\n"),
+    )
+    .unwrap();
+    // A recorded process that has ended, whose id a later process may have taken.
+    std::fs::write(records.path().join("1"), "1 postgres\n").unwrap();
+
+    let check = Command::new("bash")
+        .arg(&script)
+        .arg(records.path())
+        .env("POSTGRES_ENTRA_LEFTOVER_WAIT", "1")
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(1), "{check:?}");
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(said.contains(&recorded.id().to_string()), "{said}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while recorded.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the recorded process was not ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        lookalike.try_wait().unwrap().is_none(),
+        "the user's server was ended"
+    );
+    let _ = lookalike.kill();
+    let _ = lookalike.wait();
+
+    // Nothing recorded is left: it passes, and clears the records.
+    let check = Command::new("bash")
+        .arg(&script)
+        .arg(records.path())
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(0), "{check:?}");
+    assert!(!records.path().exists());
+}
