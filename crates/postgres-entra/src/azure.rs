@@ -209,14 +209,11 @@ fn classify(error: &azure_core::Error) -> TokenError {
                     if let Some(code) = code {
                         result = result.with_provider_code(code);
                     }
-                    if let Some(delay) = raw_response.as_deref().and_then(|r| {
-                        r.headers()
-                            .get_optional_str(&azure_core::http::headers::RETRY_AFTER)?
-                            .trim()
-                            .parse::<u64>()
-                            .ok()
-                    }) {
-                        result = result.with_retry_after(Duration::from_secs(delay));
+                    if let Some(delay) = raw_response
+                        .as_deref()
+                        .and_then(|r| retry_after(r.headers()))
+                    {
+                        result = result.with_retry_after(delay);
                     }
                     return result;
                 }
@@ -230,6 +227,19 @@ fn classify(error: &azure_core::Error) -> TokenError {
         next = e.source();
     }
     TokenError::new(kind, message)
+}
+
+/// How long the provider asked to be left alone: `retry-after-ms`, `x-ms-retry-after-ms`, or
+/// `Retry-After` in seconds or as an HTTP date (RFC 9110, section 10.2.3), read by azure_core's own
+/// retry policy's function. A date already past is no wait.
+fn retry_after(headers: &azure_core::http::headers::Headers) -> Option<Duration> {
+    use azure_core::http::headers::{RETRY_AFTER, RETRY_AFTER_MS, X_MS_RETRY_AFTER_MS};
+    let delay = azure_core::http::policies::get_retry_after(
+        headers,
+        azure_core::time::OffsetDateTime::now_utc,
+        &[RETRY_AFTER_MS, X_MS_RETRY_AFTER_MS, RETRY_AFTER],
+    )?;
+    Some(Duration::try_from(delay).unwrap_or(Duration::ZERO))
 }
 
 impl TokenSource for AzureTokenSource {
@@ -272,5 +282,69 @@ mod tests {
         );
         let tools = DeveloperToolsCredential::new(None).unwrap();
         assert_eq!(describe(tools.as_ref()), "DeveloperToolsCredential");
+    }
+
+    fn headers(pairs: &[(&'static str, String)]) -> azure_core::http::headers::Headers {
+        let mut headers = azure_core::http::headers::Headers::new();
+        for (name, value) in pairs {
+            headers.insert(*name, value.clone());
+        }
+        headers
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_milliseconds_or_as_an_http_date() {
+        use azure_core::time::{Duration as Span, OffsetDateTime, to_rfc7231};
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "7".into())])),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            retry_after(&headers(&[("retry-after-ms", "1500".into())])),
+            Some(Duration::from_millis(1500))
+        );
+        let later = to_rfc7231(&(OffsetDateTime::now_utc() + Span::seconds(120)));
+        let wait = retry_after(&headers(&[("retry-after", later)])).unwrap();
+        assert!(
+            wait > Duration::from_secs(110) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
+        let past = to_rfc7231(&(OffsetDateTime::now_utc() - Span::seconds(120)));
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", past)])),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "-5".into())])),
+            Some(Duration::ZERO),
+            "a wait below zero is none"
+        );
+        for junk in ["", "soon", "Fri, 31 Feb 2026 99:00:00 GMT", "1e9", "\u{0}"] {
+            assert_eq!(
+                retry_after(&headers(&[("retry-after", junk.to_owned())])),
+                None,
+                "{junk:?}"
+            );
+        }
+        assert_eq!(retry_after(&headers(&[])), None);
+    }
+
+    /// Whatever a provider (or a proxy in between) puts in the header, reading it never panics
+    /// and never asks for more than the value says.
+    #[test]
+    fn any_retry_after_value_is_read_without_a_panic() {
+        let alphabet: Vec<char> = "0123456789 ,:-+.eEGMTFriSatJanDec\u{0}\u{7f}é"
+            .chars()
+            .collect();
+        let mut rng = fastrand::Rng::with_seed(18);
+        for _ in 0..20_000 {
+            let value: String = (0..rng.usize(0..32))
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
+            let read = retry_after(&headers(&[("retry-after", value.clone())]));
+            if let (Some(read), Ok(seconds)) = (read, value.trim().parse::<u64>()) {
+                assert_eq!(read, Duration::from_secs(seconds), "{value:?}");
+            }
+        }
     }
 }

@@ -204,8 +204,30 @@ impl TokenClaims {
     }
 }
 
+impl TokenClaims {
+    /// What identifies the principal without naming a person, for what is logged by default: a
+    /// managed identity's resource name, the app id, the object id (`managed identity `orders-mi`,
+    /// appid …, oid …`).
+    pub(crate) fn impersonal(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(name) = self.managed_identity_name() {
+            parts.push(format!("managed identity `{name}`"));
+        }
+        for (label, value) in [("appid", &self.app_id), ("oid", &self.object_id)] {
+            if let Some(value) = value {
+                parts.push(format!("{label} {value}"));
+            }
+        }
+        if parts.is_empty() {
+            "no ids".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
 /// The audience, the principal's names and ids, for messages: `aud …, upn alice@contoso.com,
-/// oid …, appid …`.
+/// oid …, appid …`. It names people (upn): log it at debug.
 impl fmt::Display for TokenClaims {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut parts: Vec<String> = self.audience.iter().map(|a| format!("aud {a}")).collect();

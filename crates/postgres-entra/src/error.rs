@@ -605,9 +605,11 @@ impl fmt::Display for LoginRejected {
                 write!(f, "no fresh token could be had to retry with ({why})")?
             }
         }
+        // Ids and resource names only: a person's names (upn and the like) stay out of what is
+        // logged at warn; `token_claims()` has them, and the pool logs them at debug.
         if let Some(claims) = &self.claims {
-            write!(f, "; the token is for {claims}")?;
-            if let Some((name, claim)) = claims.role_name()
+            write!(f, "; the token is for {}", claims.impersonal())?;
+            if let Some((name, claim @ "xms_mirid")) = claims.role_name()
                 && name != self.role
             {
                 write!(f, " and names the principal `{name}` ({claim})")?;
@@ -689,6 +691,49 @@ mod tests {
         assert_eq!(text.matches("AADSTS7000215").count(), 1);
         let bare = TokenError::new(TokenErrorKind::ServerError, "").with_http_status(500);
         assert!(bare.to_string().contains(": HTTP 500; "), "{bare}");
+    }
+
+    /// A token with these claims, unsigned (only its claims are read).
+    fn claims(payload: &str) -> TokenClaims {
+        use base64::Engine as _;
+        let encode = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let token = format!("{}.{}.sig", encode(r#"{"alg":"RS256"}"#), encode(payload));
+        TokenClaims::parse(&token).unwrap()
+    }
+
+    fn refused(role: &str, claims: TokenClaims) -> String {
+        LoginRejected {
+            role: role.to_owned(),
+            role_source: RoleSource::ConnectionConfig,
+            claims: Some(claims),
+            token_valid_for: Duration::from_secs(60),
+            code: "28000".to_owned(),
+            server_message: "LDAP authentication failed".to_owned(),
+            retry: LoginRetry::FreshTokenRefused,
+            next_attempt_in: None,
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn a_refused_login_names_no_person_only_ids_and_resource_names() {
+        let user = claims(
+            r#"{"upn":"alice@contoso.com","preferred_username":"alice@contoso.com","unique_name":"Alice Smith","oid":"o-1","tid":"t-1","appid":"a-1"}"#,
+        );
+        let text = refused("app-readers", user);
+        assert!(text.contains("oid o-1"), "{text}");
+        for personal in ["alice", "Alice", "t-1"] {
+            assert!(!text.contains(personal), "{personal} in {text}");
+        }
+        let managed = claims(
+            r#"{"xms_mirid":"/subscriptions/s/resourcegroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/orders-mi","oid":"o-2","idtyp":"app","appid":"a-2"}"#,
+        );
+        let text = refused("orders-api", managed);
+        assert!(text.contains("managed identity `orders-mi`"), "{text}");
+        assert!(
+            text.contains("names the principal `orders-mi` (xms_mirid)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -425,15 +425,18 @@ impl PoolCore {
             Attempt::Failed(error) => return Err(error),
             Attempt::Refused { code, message } => (code, message),
         };
+        // What the token says, names included: at debug only (the error, logged at warn, keeps
+        // to ids).
+        tracing::debug!(
+            role = %role.0,
+            code,
+            token = %entry.claims().map_or_else(|e| e.to_string(), ToString::to_string),
+            "login refused"
+        );
         if admission.probe.is_some() {
             cache.note_login_rejected(false);
             return Err(self.rejected(&entry, role, &code, &message, LoginRetry::NotRetried));
         }
-        tracing::debug!(
-            role = %role.0,
-            code,
-            "login refused; retrying once if a different token can be had"
-        );
         let replacement = cache.replacement_for(&entry, deadline).await;
         cache.note_login_rejected(matches!(replacement, Ok(Some(_))));
         let fresh = match replacement {
