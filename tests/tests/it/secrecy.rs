@@ -7,7 +7,12 @@ use postgres_entra_testkit::Endpoint;
 use std::time::Duration;
 
 use crate::pools::{Deadpool, PoolSpec};
-use crate::{Suite, chain, connector, service_principal_source};
+use crate::{Suite, chain, connector, connector_builder, service_principal_source};
+
+/// `value` as `{:?}` and as `{:#?}`.
+fn both(value: &impl std::fmt::Debug) -> String {
+    format!("{value:?}\n{value:#?}")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
@@ -59,6 +64,61 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
     )
     .await
     .unwrap_err();
+    // Every other public type, after logins: a checked-out connection of each pool, the
+    // tokio-postgres connection, the diesel-async manager and its pools, builders and options.
+    let good_pool = postgres_entra_deadpool::create_pool(
+        &Deadpool::user_config(&PoolSpec::new(&emulator, good.clone()).size(2)),
+        &good,
+        PoolOptions::new(),
+    )
+    .unwrap();
+    let deadpool_object = good_pool.get().await.unwrap();
+    let (pg_client, pg_connection) =
+        postgres_entra_tokio_postgres::connect(&good, &emulator.server_config())
+            .await
+            .unwrap();
+    let entra_diesel = postgres_entra_diesel::EntraDiesel::new(
+        emulator.server_config(),
+        &good,
+        PoolOptions::new(),
+    )
+    .unwrap();
+    let diesel_pool = postgres_entra_diesel::DeadpoolPool::builder(entra_diesel.manager())
+        .max_size(1)
+        .build()
+        .unwrap();
+    let diesel_connection = diesel_pool.get().await.unwrap();
+    let sqlx_connection = sqlx_pool.acquire().await.unwrap();
+    let claims = token.claims().unwrap();
+    let others = [
+        both(&token),
+        both(&claims),
+        both(&good_pool),
+        both(&deadpool_object),
+        both(&*deadpool_object),
+        both(&pg_client),
+        both(&pg_connection),
+        both(&entra_diesel),
+        both(&diesel_pool.status()),
+        both(&sqlx_connection),
+        both(&connector_builder(&emulator)),
+        both(&postgres_entra::TokenCache::builder(
+            service_principal_source(&emulator),
+        )),
+        both(&postgres_entra::CacheOptions::default()),
+        both(&PoolOptions::new()),
+        both(&TlsRoots::CaPem(emulator.ca_pem().to_owned())),
+        both(&good_manager),
+        both(&bb8_pool),
+        both(&sqlx_pool),
+        both(&*sqlx_pool),
+        both(&sqlx_pool.connect_options()),
+        both(&sqlx_wrong),
+        both(&pool_error),
+        both(&manager.explain(&bb8_error)),
+    ];
+    drop((deadpool_object, diesel_connection, sqlx_connection));
+
     // A failing provider.
     emulator.set_fault(Endpoint::Token, postgres_entra_testkit::Fault::ServerError);
     let failing = crate::connector(&emulator);
@@ -84,7 +144,9 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
         // Neither our pool nor sqlx's own `Debug` of the pool shows the connect options.
         format!("{sqlx_pool:?} {:?}", &*sqlx_pool),
         format!("{sqlx_wrong:?} {sqlx_wrong}"),
+        both(&token_error),
     ];
+    let rendered: Vec<String> = rendered.into_iter().chain(others).collect();
     let issued = emulator.issued_tokens();
     assert!(issued.len() >= 2);
     for text in &rendered {
