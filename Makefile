@@ -112,11 +112,12 @@ test-azure:
 bench: deps
 	POSTGRES_ENTRA_BENCH_DOCS=$(CURDIR)/docs/benchmarks.md $(CARGO) bench --locked -p postgres-entra-benches
 
-## Coverage-guided fuzzing of the claims parser for FUZZ_SECONDS (cargo-fuzz; `make test` replays
-## the corpus instead). cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP lets the stable toolchain
-## accept them.
+## Coverage-guided fuzzing of FUZZ_TARGET (claims: the token claims parser; hosts: the host guard)
+## for FUZZ_SECONDS (cargo-fuzz; `make test` replays the corpora instead). cargo-fuzz needs nightly
+## flags: RUSTC_BOOTSTRAP lets the stable toolchain accept them.
 FUZZ_SECONDS ?= 60
+FUZZ_TARGET ?= claims
 fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
-	mkdir -p fuzz/target/corpus-work
-	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run claims target/corpus-work corpus/claims -- -max_total_time=$(FUZZ_SECONDS)
+	mkdir -p fuzz/target/corpus-work-$(FUZZ_TARGET)
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $(FUZZ_TARGET) target/corpus-work-$(FUZZ_TARGET) corpus/$(FUZZ_TARGET) -- -max_total_time=$(FUZZ_SECONDS)

@@ -277,3 +277,46 @@ fn build(kind: CredentialKind) -> Result<AzureTokenSource, String> {
     };
     built.map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever the flags (or the variables they stand for) hold, resolving them is an answer or
+    /// an error saying which setting, never a panic, and a resolved port is the one given.
+    #[test]
+    fn any_settings_resolve_to_a_server_or_an_error_never_a_panic() {
+        let alphabet: Vec<char> = "0123456789:.,/@?# -abcxyz\0é".chars().collect();
+        let mut rng = fastrand::Rng::with_seed(0x5e77);
+        let word = |rng: &mut fastrand::Rng| -> String {
+            (0..rng.usize(1..12))
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect()
+        };
+        for _ in 0..10_000 {
+            let flags = ServerFlags {
+                host: Some(word(&mut rng)),
+                hostaddr: Some(word(&mut rng)),
+                port: Some(word(&mut rng)),
+                dbname: Some(word(&mut rng)),
+                user: Some(word(&mut rng)),
+                sslrootcert: None,
+                scope: None,
+                timeout: Some(rng.u64(..100)),
+            };
+            match Server::resolve(flags.clone()) {
+                Ok(server) => {
+                    let port = flags.port.as_deref().unwrap().trim().parse::<u16>();
+                    assert_eq!(Ok(server.port), port, "{flags:?}");
+                    assert!(!server.dbname.contains('\0'));
+                }
+                Err(why) => assert!(
+                    ["PGHOSTADDR", "PGPORT", "NUL"]
+                        .iter()
+                        .any(|s| why.contains(s)),
+                    "{why}"
+                ),
+            }
+        }
+    }
+}

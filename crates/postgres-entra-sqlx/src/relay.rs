@@ -944,4 +944,29 @@ mod tests {
         assert_eq!(severity, "FATAL");
         assert_eq!(message, "role \"x\" does not exist");
     }
+
+    /// What a server (or anything between) sends is read without a panic, however malformed:
+    /// error fields, startup parameters, and message framing at any split.
+    #[test]
+    fn malformed_bytes_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(0x7e1a);
+        for _ in 0..20_000 {
+            let bytes: Vec<u8> = (0..rng.usize(0..64))
+                .map(|_| match rng.u8(..4) {
+                    0 => 0,
+                    1 => b'Z',
+                    _ => rng.u8(..),
+                })
+                .collect();
+            let _ = error_fields(&bytes);
+            let _ = parse_parameters(&bytes);
+            let mut framer = Framer::default();
+            let split = rng.usize(..=bytes.len());
+            for part in [&bytes[..split], &bytes[split..]] {
+                if framer.feed(part, |_| {}).is_err() {
+                    break;
+                }
+            }
+        }
+    }
 }

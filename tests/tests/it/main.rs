@@ -48,6 +48,7 @@ macro_rules! for_pools {
 mod claims_corpus;
 mod deadpool_only;
 mod faults;
+mod hosts_corpus;
 mod metrics;
 mod misconfiguration;
 mod outages;
