@@ -231,6 +231,9 @@ async fn plaintext_settings_and_a_failing_provider_stop_the_command_before_it_ru
     }
 }
 
+/// One hostile setting: what it is, the variables, and what must become of it.
+type Variant = (&'static str, Vec<(&'static str, String)>, Expect);
+
 /// What became of one hostile setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
@@ -265,7 +268,7 @@ async fn no_setting_in_the_environment_leads_the_command_or_its_token_elsewhere(
         .to_string_lossy()
         .into_owned();
     let trap_url = format!("postgresql://127.0.0.1:{port}/postgres?sslmode=disable");
-    let variants: Vec<(&str, Vec<(&str, String)>, Expect)> = vec![
+    let variants: Vec<Variant> = vec![
         (
             "a service file named by PGSERVICEFILE",
             vec![

@@ -461,7 +461,7 @@ async fn a_login_dropped_at_any_point_never_wedges_the_pool<P: PoolUnderTest>() 
             if completed == 2 {
                 break;
             }
-            wait = wait * 2;
+            wait *= 2;
         } else {
             wait = Duration::from_millis(20);
         }
