@@ -1,4 +1,5 @@
-//! What only deadpool has: the user's own recycling method, which the adapter must keep.
+//! What only deadpool has: the user's own recycling method, which the adapter must keep; its pool
+//! builder's `customize`; the reaper this adapter runs beside deadpool's lock.
 
 use deadpool_postgres::{ManagerConfig, RecyclingMethod};
 use postgres_entra_deadpool::{PoolOptions, create_pool};
@@ -35,4 +36,118 @@ async fn the_users_recycling_method_still_runs() {
 
     assert_eq!(name, "recycled by the user's method");
     assert_eq!(emulator.logins().len(), 1, "the same connection, recycled");
+}
+
+/// A create timeout set in `customize` (not in the config) bounds the login too: the checkout
+/// fails with our typed error, not deadpool's own timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_timeout_set_in_customize_bounds_the_login() {
+    use postgres_entra_deadpool::{PoolError, create_pool_with};
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
+    emulator.set_latency(
+        postgres_entra_testkit::Endpoint::Token,
+        Duration::from_secs(30),
+    );
+    let mut config = Deadpool::user_config(&PoolSpec::new(&emulator, connector(&emulator)).size(1));
+    config.pool.as_mut().unwrap().timeouts.create = None;
+    config.pool.as_mut().unwrap().timeouts.wait = None;
+    let pool = create_pool_with(
+        &config,
+        &connector(&emulator),
+        PoolOptions::new(),
+        |builder| builder.create_timeout(Some(Duration::from_secs(2))),
+    )
+    .unwrap();
+
+    let error = pool.get().await.unwrap_err();
+
+    assert!(
+        matches!(&error, PoolError::Backend(postgres_entra::Error::Token(_))),
+        "{error:?}"
+    );
+}
+
+/// A log line stuck in a slow sink, written by the reaper, holds up no checkout: the reaper asks
+/// whether sessions may go (and logs) before it takes deadpool's lock.
+#[test]
+fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
+    use std::sync::{Arc, Condvar, Mutex, mpsc};
+    const LIFETIME: Duration = Duration::from_secs(2);
+    #[derive(Clone)]
+    struct Stuck(mpsc::SyncSender<()>, Arc<(Mutex<bool>, Condvar)>);
+    impl std::io::Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if String::from_utf8_lossy(buf).contains("keeping sessions past their retirement") {
+                let _ = self.0.try_send(());
+                let (released, wake) = &*self.1;
+                let mut released = released.lock().unwrap();
+                while !*released {
+                    released = wake.wait(released).unwrap();
+                }
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let (stuck_tx, stuck_rx) = mpsc::sync_channel(1);
+    let sink = Stuck(stuck_tx, Arc::default());
+    let make = sink.clone();
+    let dispatch = tracing::Dispatch::new(
+        tracing_subscriber::fmt()
+            .with_writer(move || make.clone())
+            .with_max_level(tracing::Level::INFO)
+            .finish(),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(3)
+        .enable_all()
+        .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&dispatch)))
+        .build()
+        .unwrap();
+    let (emulator, pool) = runtime.block_on(async {
+        let emulator = Suite::start(LIFETIME).await;
+        let mut config =
+            Deadpool::user_config(&PoolSpec::new(&emulator, connector(&emulator)).size(2));
+        // No recycling query: a checkout needs no network, only deadpool's lock.
+        config.manager = Some(ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        });
+        let options = PoolOptions::new().reap_interval(Duration::from_millis(100));
+        let pool = create_pool(&config, &connector(&emulator), options).unwrap();
+        let held = (pool.get().await.unwrap(), pool.get().await.unwrap());
+        drop(held);
+        // The provider fails from now on: once their token has expired, the sessions are kept,
+        // and the reaper says so.
+        emulator.set_fault(
+            postgres_entra_testkit::Endpoint::Token,
+            postgres_entra_testkit::Fault::ServerError,
+        );
+        (emulator, pool)
+    });
+    stuck_rx
+        .recv_timeout(LIFETIME * 5)
+        .expect("the reaper said it keeps the sessions");
+
+    // A checkout from another thread, while the line is stuck.
+    let (done_tx, done_rx) = mpsc::channel();
+    let handle = runtime.handle().clone();
+    let checkout = pool.clone();
+    let other = std::thread::spawn(move || {
+        let got = handle.block_on(async { checkout.get().await.map(drop) });
+        let _ = done_tx.send(got.is_ok());
+    });
+    let answered = done_rx.recv_timeout(Duration::from_secs(10));
+    let (released, wake) = &*sink.1;
+    *released.lock().unwrap() = true;
+    wake.notify_all();
+    assert_eq!(
+        answered,
+        Ok(true),
+        "a checkout waited for the reaper's log line"
+    );
+    other.join().unwrap();
+    drop(pool);
+    runtime.block_on(async move { drop(emulator) });
 }

@@ -47,6 +47,7 @@ macro_rules! for_pools {
 
 mod claims_corpus;
 mod deadpool_only;
+mod diesel_only;
 mod faults;
 mod hosts_corpus;
 mod metrics;
