@@ -25,6 +25,7 @@ const POOL_MAX_AGE: Duration = Duration::from_millis(50);
 const DEADPOOL: &str = "deadpool checkout + select 1 (max age 50 ms)";
 const BB8: &str = "bb8 checkout + select 1 (max lifetime 50 ms)";
 const SQLX: &str = "sqlx checkout + select 1 (max lifetime 50 ms)";
+const SQLX_HELD: &str = "sqlx select 1 on a held connection";
 const DIESEL: &str = "diesel-async deadpool checkout + select 1 (max age 50 ms)";
 const DEADPOOL_METRICS: &str = "deadpool checkout + select 1 (max age 50 ms), metrics";
 const BB8_METRICS: &str = "bb8 checkout + select 1 (max lifetime 50 ms), metrics";
@@ -47,6 +48,10 @@ pub(crate) struct Pools {
     bb8_unbound: bb8::Pool<EntraConnectionManager>,
     sqlx_static: sqlx::PgPool,
     sqlx_token: postgres_entra_sqlx::EntraPgPool,
+    /// One connection of each sqlx strategy, held: sqlx's own TLS to the server, and the
+    /// adapter's relay (a Unix socket to this process, its TLS to the server).
+    sqlx_static_held: tokio::sync::Mutex<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+    sqlx_token_held: tokio::sync::Mutex<sqlx::pool::PoolConnection<sqlx::Postgres>>,
     diesel_static: DeadpoolPool,
     diesel_token: DeadpoolPool,
     _bb8_observed: PoolObservation,
@@ -127,6 +132,15 @@ async fn checkout_sqlx(pool: &sqlx::PgPool) {
     let mut connection = pool.acquire().await.unwrap();
     sqlx::query("select 1")
         .execute(&mut *connection)
+        .await
+        .unwrap();
+}
+
+/// `select 1` on a connection held out of a sqlx pool: the cost of a query alone.
+async fn query_held(connection: &tokio::sync::Mutex<sqlx::pool::PoolConnection<sqlx::Postgres>>) {
+    let mut connection = connection.lock().await;
+    sqlx::query("select 1")
+        .execute(&mut **connection)
         .await
         .unwrap();
 }
@@ -245,6 +259,31 @@ impl Pools {
             PoolOptions::new(),
         )
         .unwrap();
+        let held = |pool: &sqlx::PgPool| {
+            let pool = pool.clone();
+            let connection = bench
+                .runtime
+                .block_on(async move { pool.acquire().await.unwrap() });
+            tokio::sync::Mutex::new(connection)
+        };
+        let (sqlx_static_held, sqlx_token_held) = (
+            held(
+                &sqlx_pool().connect_lazy_with(
+                    sqlx_options()
+                        .username(STATIC_ROLE)
+                        .password(STATIC_PASSWORD),
+                ),
+            ),
+            held(
+                &postgres_entra_sqlx::connect_lazy_with(
+                    sqlx_options().username(""),
+                    sqlx::postgres::PgPoolOptions::new().max_connections(1),
+                    &bench.connector,
+                    PoolOptions::new(),
+                )
+                .unwrap(),
+            ),
+        );
         let diesel_static = diesel_static(bench);
         let entra = EntraDiesel::new(
             bench.token_config.clone(),
@@ -270,6 +309,8 @@ impl Pools {
             bb8_unbound,
             sqlx_static,
             sqlx_token,
+            sqlx_static_held,
+            sqlx_token_held,
             diesel_static,
             diesel_token,
             _bb8_observed,
@@ -342,16 +383,28 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
         rounds,
         250,
     );
-    // sqlx 0.9.0 leaves Nagle's algorithm on (transact-rs/sqlx#4335, fixed upstream by #4336,
-    // not released yet): its connects wait out the server's delayed ACKs, ~90 ms on loopback,
-    // longer than the 50 ms lifetime, so every sqlx checkout opens a connection, for both
-    // strategies alike. Fewer of them, then, for the same run time.
+    // sqlx 0.9.0 leaves Nagle's algorithm on (transact-rs/sqlx#4335, fixed upstream by #4336):
+    // its own connects wait out the server's delayed ACKs, ~90 ms on loopback, longer than the
+    // 50 ms lifetime, so every static-password checkout opens a connection. The token pool's
+    // connects go through the relay, whose connection to the server sets TCP_NODELAY. Fewer
+    // rounds, then, for the same run time.
     bench.paired(
         SQLX,
         || checkout_sqlx(&pools.sqlx_static),
         ("cached token", || checkout_sqlx(&pools.sqlx_token)),
         (rounds / 2).max(2),
         50,
+    );
+    // What the relay costs once connected: a query on a held connection, sqlx's own TLS to the
+    // server against the relay's Unix socket and its TLS.
+    bench.paired(
+        SQLX_HELD,
+        || query_held(&pools.sqlx_static_held),
+        ("cached token (relay)", || {
+            query_held(&pools.sqlx_token_held)
+        }),
+        rounds,
+        250,
     );
     bench.paired(
         DIESEL,
@@ -413,8 +466,13 @@ pub(crate) fn targets(recorder: &Recorder, pools: &Pools) -> Vec<String> {
         ratio(DIESEL, "cached token"),
     ) {
         lines.push(format!(
-            "pool churn, cached token ÷ static password (median): deadpool {deadpool:.3}, bb8 {bb8:.3}, sqlx {sqlx:.3}, diesel-async {diesel:.3} (target ≤ 1.03: {}; sqlx 0.9.0 connects take ~90 ms without TCP_NODELAY, transact-rs/sqlx#4335, so each of its checkouts opens a connection)",
+            "pool churn, cached token ÷ static password (median): deadpool {deadpool:.3}, bb8 {bb8:.3}, sqlx {sqlx:.3}, diesel-async {diesel:.3} (target ≤ 1.03: {}; sqlx 0.9.0's own connects take ~90 ms without TCP_NODELAY, transact-rs/sqlx#4335, the relay's do not)",
             met(deadpool.max(bb8).max(sqlx).max(diesel), 1.03)
+        ));
+    }
+    if let Some(held) = ratio(SQLX_HELD, "cached token (relay)") {
+        lines.push(format!(
+            "sqlx query on a held connection, through the relay ÷ sqlx's own TLS (median): {held:.3} (the relay's cost per query)"
         ));
     }
     if let (Some(deadpool), Some(bb8)) =
