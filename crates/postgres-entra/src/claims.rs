@@ -205,11 +205,11 @@ impl TokenClaims {
 }
 
 impl TokenClaims {
-    /// What identifies the principal without naming a person, for what is logged by default: a
-    /// managed identity's resource name, the app id, the object id (`managed identity `orders-mi`,
-    /// appid …, oid …`).
+    /// What identifies the token and its principal without naming a person, for what is logged by
+    /// default: the audience, a managed identity's resource name, the app id, the object id
+    /// (`aud …, managed identity `orders-mi`, appid …, oid …`).
     pub(crate) fn impersonal(&self) -> String {
-        let mut parts = Vec::new();
+        let mut parts: Vec<String> = self.audience.iter().map(|a| format!("aud {a}")).collect();
         if let Some(name) = self.managed_identity_name() {
             parts.push(format!("managed identity `{name}`"));
         }

@@ -498,7 +498,7 @@ impl PoolCore {
     }
 
     /// The role a login with `entry` uses.
-    pub fn role(&self, entry: &Entry) -> Result<(String, RoleSource), Error> {
+    fn role(&self, entry: &Entry) -> Result<(String, RoleSource), Error> {
         self.inner
             .connector
             .role(self.inner.configured_user.as_deref(), entry.claims())
@@ -559,12 +559,6 @@ impl PoolCore {
             retire,
             core: Arc::downgrade(inner),
         }
-    }
-
-    /// Whether no usable token can be had now because the provider failed (rather than because
-    /// the first request is still running).
-    pub fn token_failed(&self) -> bool {
-        self.inner.cache.failed_without_token() || lock(&self.inner.last_failure).is_some()
     }
 
     /// A refused login makes the pool back off (the login that failed with `error` was admitted

@@ -17,12 +17,6 @@ pub fn tls_config(connector: &EntraConnector) -> Arc<rustls::ClientConfig> {
     connector.inner.tls_config.clone()
 }
 
-/// The PEM of `connector`'s roots, for a driver that does its own TLS; `None` for the platform
-/// verifier.
-pub fn roots_pem(connector: &EntraConnector) -> Result<Option<Vec<u8>>, Error> {
-    crate::tls::roots_pem(&connector.inner.tls_roots)
-}
-
 /// [`Error::Config`].
 pub fn config_error(message: impl Into<String>) -> Error {
     Error::config(message)
@@ -56,16 +50,6 @@ pub fn flatten(error: &(dyn StdError + 'static)) -> String {
 /// A duration as a person reads it.
 pub fn human(duration: Duration) -> String {
     crate::error::human(duration)
-}
-
-/// A token from `cache`, as the cache keeps it (see [`crate::TokenCache::get`]).
-pub async fn entry(cache: &crate::TokenCache) -> Result<Arc<Entry>, crate::TokenError> {
-    cache.entry(None).await
-}
-
-/// `cache`'s token if it holds a usable one, without fetching.
-pub fn usable_entry(cache: &crate::TokenCache) -> Option<Arc<Entry>> {
-    cache.usable_entry()
 }
 
 /// The roots `TlsRoots::Azure` trusts, by name, as PEM (for a tool that says which root

@@ -132,28 +132,6 @@ pub(crate) fn client_config(roots: &TlsRoots) -> Result<rustls::ClientConfig, Er
     Ok(builder.with_root_certificates(store).with_no_client_auth())
 }
 
-/// The PEM of `roots`, for a driver that does its own TLS (sqlx); `None` for the platform
-/// verifier, which has no PEM.
-pub(crate) fn roots_pem(roots: &TlsRoots) -> Result<Option<Vec<u8>>, Error> {
-    Ok(match roots {
-        TlsRoots::Azure => Some(
-            AZURE_ROOTS
-                .iter()
-                .map(|r| r.pem)
-                .collect::<String>()
-                .into_bytes(),
-        ),
-        TlsRoots::CaFile(path) => {
-            Some(std::fs::read(path).map_err(|e| {
-                Error::config(format!("cannot read CA file {}: {e}", path.display()))
-            })?)
-        }
-        TlsRoots::CaPem(pem) => Some(pem.clone().into_bytes()),
-        #[cfg(feature = "platform-verifier")]
-        TlsRoots::Platform => None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ const CREATE_TIME: &str = "db.client.connection.create_time";
 const COUNT: &str = "db.client.connection.count";
 const POOL_NAME: &str = "db.client.connection.pool.name";
 
-// Not sqlx: its pool has no hooks for creation times and waits (see `sqlx_only` for its metrics).
+// Not sqlx: its pool has no hooks for checkout waits (see `sqlx_only` for its metrics).
 for_pools!([deadpool, bb8] {
     pool_metrics_follow_connections_made_checkouts_waits_and_timeouts,
     a_pool_without_a_name_is_named_after_its_server,

@@ -381,3 +381,33 @@ async fn every_pool_takes_the_cloud_from_its_host_and_refuses_a_mismatch_when_cr
     assert_eq!(pool.token_cache().scope(), Cloud::UsGovernment.scope());
     pool.close().await;
 }
+
+/// Every host of a multi-host setting is checked: one host a token may not go to refuses the pool
+/// (deadpool's `hosts`, bb8's and diesel-async's tokio-postgres config), before any token.
+#[tokio::test]
+async fn one_host_a_token_may_not_go_to_refuses_a_multi_host_pool() {
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
+    let connector = crate::connector_builder(&emulator).build().unwrap();
+    let mut deadpool = healthy_config(&emulator);
+    deadpool.host = None;
+    deadpool.hosts = Some(vec!["localhost".into(), "db.example.com".into()]);
+    let mut two = tokio_postgres::Config::new();
+    two.host("localhost")
+        .host("db.example.com")
+        .port(emulator.port())
+        .dbname(emulator.database());
+    let errors = [
+        create_pool(&deadpool, &connector, PoolOptions::new()).unwrap_err(),
+        EntraConnectionManager::new(two.clone(), &connector, PoolOptions::new()).unwrap_err(),
+        postgres_entra_diesel::EntraDiesel::new(two, &connector, PoolOptions::new()).unwrap_err(),
+    ];
+    for error in errors {
+        assert!(matches!(error, Error::Config { .. }), "{error}");
+        assert!(error.to_string().contains("db.example.com"), "{error}");
+    }
+    assert_eq!(
+        emulator.requests(Endpoint::Token),
+        0,
+        "no token was requested"
+    );
+}

@@ -305,7 +305,7 @@ fn a_pool_made_outside_a_tokio_runtime_is_an_error_not_a_panic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_session_is_retired_however_many_tokens_came_since() {
-    const LIFETIME: Duration = Duration::from_secs(2);
+    const LIFETIME: Duration = Duration::from_secs(1);
     let emulator = Suite::start(LIFETIME).await;
     let connector = connector(&emulator);
     let pool = postgres_entra_sqlx::connect_with(
@@ -603,6 +603,19 @@ async fn the_pool_and_its_tokens_are_recorded_as_metrics() {
             &[("postgres_entra.outcome", "success")]
         ),
         1.0
+    );
+    // The relay's logins and sessions: creation times, and the age of the oldest token in use.
+    assert!(
+        metrics.count("db.client.connection.create_time", &orders) >= 1,
+        "{}",
+        metrics.text()
+    );
+    assert!(
+        metrics
+            .value("postgres_entra.connection.oldest_token_age", &orders)
+            .is_some(),
+        "{}",
+        metrics.text()
     );
     drop(held);
     drop(pool);

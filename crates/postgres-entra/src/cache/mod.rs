@@ -698,11 +698,6 @@ impl TokenCache {
         &self.inner.scope
     }
 
-    /// The current token if it is usable, without fetching.
-    pub(crate) fn usable_entry(&self) -> Option<Arc<Entry>> {
-        self.inner.usable(self.inner.now())
-    }
-
     /// The time on the cache's clocks.
     pub(crate) fn now(&self) -> Now {
         self.inner.now()
@@ -745,12 +740,6 @@ impl TokenCache {
             }
         };
         inner.run(effects);
-    }
-
-    /// Whether no usable token is cached because the last request failed.
-    pub(crate) fn failed_without_token(&self) -> bool {
-        self.inner.usable(self.inner.now()).is_none()
-            && self.inner.lock_state().last_error.is_some()
     }
 
     /// Why no usable token is cached, if none is: the last failure, or a fetch still running.
