@@ -27,6 +27,22 @@ const PRIVATE_DATABASE: &str = "postgres";
 /// Ends every other session in the current database.
 const END_SESSIONS: &str = "select pg_terminate_backend(pid) from pg_stat_activity \
      where datname = current_database() and pid <> pg_backend_pid()";
+/// Whether the `public` schema holds anything (every object in a schema depends on it): tables,
+/// functions, types, operators...
+const LEFT_OBJECTS: &str = "select exists (select 1 from pg_depend \
+     where refclassid = 'pg_namespace'::regclass and refobjid = 'public'::regnamespace)";
+/// Resets the settings made for the current database alone (`alter database ... set`, `alter role
+/// ... in database ... set`), which outlive the schema.
+const RESET_SETTINGS: &str = "do $$ declare setting record; begin \
+     for setting in select setrole from pg_db_role_setting where setdatabase = \
+         (select oid from pg_database where datname = current_database()) loop \
+       if setting.setrole = 0 then \
+         execute format('alter database %I reset all', current_database()); \
+       else \
+         execute format('alter role %I in database %I reset all', \
+           (select rolname from pg_roles where oid = setting.setrole), current_database()); \
+       end if; \
+     end loop; end $$";
 /// Tenant id of the emulated directory.
 pub const TENANT_ID: &str = "3f7c9a52-8d1e-4b6a-9c0f-5e2d7a1b4c68";
 
@@ -279,7 +295,8 @@ impl Emulator {
 
     /// Creates the roles (`roles`, SQL; roles belong to the whole cluster, and on a shared one
     /// some exist already). On a shared cluster, first ends the sessions the slot's last emulator
-    /// left and, should it have left objects in the database, drops them.
+    /// left, resets the settings it made for the database and, should it have left objects in
+    /// the database, drops them.
     fn prepare_database(&self, roles: String) -> Result<(), Error> {
         let own = self.superuser_config();
         let shared = matches!(self.server, Server::Shared { .. });
@@ -288,14 +305,9 @@ impl Emulator {
             tokio::spawn(connection);
             if shared {
                 client.batch_execute(END_SESSIONS).await?;
-                let objects: i64 = client
-                    .query_one(
-                        "select count(*) from pg_class where relnamespace = 'public'::regnamespace",
-                        &[],
-                    )
-                    .await?
-                    .get(0);
-                if objects > 0 {
+                client.batch_execute(RESET_SETTINGS).await?;
+                let left: bool = client.query_one(LEFT_OBJECTS, &[]).await?.get(0);
+                if left {
                     client
                         .batch_execute(
                             "DROP SCHEMA public CASCADE; CREATE SCHEMA public AUTHORIZATION pg_database_owner",

@@ -281,7 +281,15 @@ async fn two_emulators_on_the_shared_cluster() {
     a.admin_client()
         .await
         .unwrap()
-        .batch_execute("create table left_behind (id int)")
+        .batch_execute(&format!(
+            "create table left_behind (id int); \
+             create function public.pg_backend_pid() returns integer language sql as 'select 1'; \
+             alter role \"{}\" in database \"{}\" set search_path = public, pg_catalog; \
+             alter database \"{}\" set emulator.left_behind = 'yes'",
+            user.role_name,
+            a.database(),
+            a.database()
+        ))
         .await
         .unwrap();
     let slot = a.database().to_owned();
@@ -305,6 +313,25 @@ async fn two_emulators_on_the_shared_cluster() {
         .unwrap()
         .get(0);
     assert_eq!(tables, 0);
+    // Nor the functions and the settings for its database that would change what a login sees.
+    let user = c.user();
+    let token_c = c.issue_token(&user, TokenOptions::default()).unwrap();
+    let mut config = c.pg_config(&user.role_name);
+    config.password(token_c.as_str());
+    let (client, connection) = config.connect(c.tls().unwrap()).await.unwrap();
+    tokio::spawn(connection);
+    let seen = client
+        .query_one(
+            "select pg_backend_pid() = pg_catalog.pg_backend_pid(), \
+             current_setting('search_path'), current_setting('emulator.left_behind', true)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(seen.get::<_, bool>(0), "the left function is called");
+    assert_eq!(seen.get::<_, String>(1), "\"$user\", public");
+    assert_eq!(seen.get::<_, Option<String>>(2), None);
+    drop(client);
 
     // Once every slot is taken, an emulator starts a cluster of its own.
     let mut on_the_cluster = vec![b, c];
