@@ -1,6 +1,11 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(not(unix))]
+compile_error!(
+    "postgres-entra-sqlx logs sqlx's connections in through a Unix socket of the process: it builds on Unix-like systems (Linux, macOS) only"
+);
+
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{Connection as _, Executor as _, PgPool};
 use std::fmt;

@@ -820,6 +820,10 @@ mod tests {
     }
 
     fn core(options: PoolOptions) -> PoolCore {
+        try_core(options).unwrap()
+    }
+
+    fn try_core(options: PoolOptions) -> Result<PoolCore, Error> {
         let connector = EntraConnector::builder(Never).build().unwrap();
         PoolCore::new(
             &connector,
@@ -829,7 +833,6 @@ mod tests {
             "p".to_owned(),
             None,
         )
-        .unwrap()
     }
 
     const MINUTE: Duration = Duration::from_secs(60);
@@ -876,7 +879,6 @@ mod tests {
         let unbounded = core(PoolOptions::new().token_bound(false));
         assert_eq!(due_after(&unbounded, MINUTE, 1.0), None);
         assert!(!unbounded.retires_sessions());
-        let connector = EntraConnector::builder(Never).build().unwrap();
         for (options, says) in [
             (
                 PoolOptions::new().reap_interval(Duration::ZERO),
@@ -888,15 +890,7 @@ mod tests {
             ),
             (PoolOptions::new().max_age(MINUTE, 2 * MINUTE), "jitter"),
         ] {
-            let error = PoolCore::new(
-                &connector,
-                &[("localhost", None, 5432)],
-                None,
-                options,
-                "p".to_owned(),
-                None,
-            )
-            .unwrap_err();
+            let error = try_core(options).unwrap_err();
             assert!(error.to_string().contains(says), "{error}");
         }
     }

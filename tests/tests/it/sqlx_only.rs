@@ -33,6 +33,29 @@ async fn removed(path: &std::path::Path) -> bool {
     !path.exists()
 }
 
+/// A pool for the emulator's service principal, with sqlx's default pool options, one login made.
+async fn plain_pool(emulator: &Suite) -> postgres_entra_sqlx::EntraPgPool {
+    postgres_entra_sqlx::connect_with(
+        options(emulator),
+        PgPoolOptions::new(),
+        &connector(emulator),
+        PoolOptions::new(),
+    )
+    .await
+    .unwrap()
+}
+
+/// [`plain_pool`] without the login.
+fn lazy_pool(emulator: &Suite) -> postgres_entra_sqlx::EntraPgPool {
+    postgres_entra_sqlx::connect_lazy_with(
+        options(emulator),
+        PgPoolOptions::new(),
+        &connector(emulator),
+        PoolOptions::new(),
+    )
+    .unwrap()
+}
+
 fn options(emulator: &Suite) -> PgConnectOptions {
     PgConnectOptions::new_without_pgpass()
         .host(emulator.host())
@@ -60,14 +83,7 @@ async fn current_user(pool: &postgres_entra_sqlx::EntraPgPool) -> Result<String,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_serves_the_sqlx_pool_for_as_long_as_it_lives_and_its_options_hold_no_token() {
     let emulator = Suite::start(Duration::from_secs(3600)).await;
-    let pool = postgres_entra_sqlx::connect_with(
-        options(&emulator),
-        PgPoolOptions::new(),
-        &connector(&emulator),
-        PoolOptions::new(),
-    )
-    .await
-    .unwrap();
+    let pool = plain_pool(&emulator).await;
     let path = socket(&pool);
     assert!(path.exists());
     // sqlx's options name the socket, and hold no password: nothing to print.
@@ -96,14 +112,7 @@ async fn the_relay_serves_the_sqlx_pool_for_as_long_as_it_lives_and_its_options_
     assert_eq!(emulator.logins().len(), logins, "no login once closed");
 
     // A pool dropped without closing removes its socket too.
-    let dropped = postgres_entra_sqlx::connect_with(
-        options(&emulator),
-        PgPoolOptions::new(),
-        &connector(&emulator),
-        PoolOptions::new(),
-    )
-    .await
-    .unwrap();
+    let dropped = plain_pool(&emulator).await;
     let path = socket(&dropped);
     dropped.close().await;
     drop(dropped);
@@ -113,14 +122,7 @@ async fn the_relay_serves_the_sqlx_pool_for_as_long_as_it_lives_and_its_options_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_this_process_may_use_the_relay_and_a_stalled_startup_holds_up_nothing() {
     let emulator = Suite::start(Duration::from_secs(3600)).await;
-    let pool = postgres_entra_sqlx::connect_with(
-        options(&emulator),
-        PgPoolOptions::new(),
-        &connector(&emulator),
-        PoolOptions::new(),
-    )
-    .await
-    .unwrap();
+    let pool = plain_pool(&emulator).await;
     let path = socket(&pool);
     // The socket's directory is this user's alone.
     use std::os::unix::fs::PermissionsExt;
@@ -254,13 +256,7 @@ async fn killed_with_a_pool() {
         return;
     }
     let emulator = Suite::start(Duration::from_secs(3600)).await;
-    let pool = postgres_entra_sqlx::connect_lazy_with(
-        options(&emulator),
-        PgPoolOptions::new(),
-        &connector(&emulator),
-        PoolOptions::new(),
-    )
-    .unwrap();
+    let pool = lazy_pool(&emulator);
     println!("relay socket: {}", socket(&pool).display());
     nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM).unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -273,13 +269,7 @@ async fn a_pool_in_a_new_process() {
         return;
     }
     let emulator = Suite::start(Duration::from_secs(3600)).await;
-    postgres_entra_sqlx::connect_lazy_with(
-        options(&emulator),
-        PgPoolOptions::new(),
-        &connector(&emulator),
-        PoolOptions::new(),
-    )
-    .unwrap();
+    lazy_pool(&emulator);
 }
 
 #[test]
