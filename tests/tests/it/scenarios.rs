@@ -261,6 +261,7 @@ async fn a_thirty_second_stall_of_the_token_endpoint_leaves_checkouts_unaffected
     // (3 s before), short of the end of the token's use (1.2 s before).
     let run = until(expiry_of_current_token(&pool).await - Duration::from_secs(2));
     emulator.set_latency(Endpoint::Token, Duration::from_secs(30));
+    let waits = pool.token_cache().stats().waits;
 
     let slowest = Arc::new(Mutex::new(Duration::ZERO));
     let (pool2, slowest2) = (pool.clone(), slowest.clone());
@@ -288,11 +289,15 @@ async fn a_thirty_second_stall_of_the_token_endpoint_leaves_checkouts_unaffected
         "the refresh is stuck in the stall"
     );
     assert_eq!(emulator.tokens_issued(Endpoint::Token), 1);
-    let slowest = *slowest.lock().unwrap();
-    assert!(
-        slowest < Duration::from_secs(5),
-        "no caller waited on the 30 s stall (slowest {slowest:?})"
+    // Whether a caller waited is the cache's count, not a time: bb8 lets a new checkout take a
+    // returned connection before one that was waiting, so on a loaded machine a checkout can
+    // wait seconds for its turn without ever waiting on the token endpoint.
+    assert_eq!(
+        pool.token_cache().stats().waits,
+        waits,
+        "a checkout waited on the stalled token endpoint"
     );
+    let slowest = *slowest.lock().unwrap();
     println!(
         "{} checkouts during the stall, slowest {slowest:?}",
         load.ok
