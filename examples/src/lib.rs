@@ -91,9 +91,9 @@ impl Target {
     pub fn emulator(token_lifetime: Duration) -> Result<Self, BoxError> {
         let emulator = Emulator::builder().token_lifetime(token_lifetime).start()?;
         let sp = emulator.service_principal();
-        let source = Arc::new(AzureTokenSource::new(
-            emulator.client_secret_credential(&sp)?,
-        ));
+        let source = Arc::new(AzureTokenSource::fresh(
+            emulator.client_secret_credentials(&sp)?,
+        )?);
         let connector = EntraConnector::builder(source.clone())
             .role_name(&sp.role_name)
             .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))

@@ -224,18 +224,29 @@ fn managed_identity_token(shared: &Shared, query: &HashMap<String, String>) -> R
         // was deleted).
         return (StatusCode::BAD_REQUEST, "Identity not found").into_response();
     };
-    match issue(shared, Endpoint::ManagedIdentity, &identity, resource) {
-        Ok((access_token, expires_in)) => axum::Json(json!({
-            "access_token": access_token,
-            "expires_on": (now_secs() + expires_in as i64 - shared.idp_clock_behind().as_secs() as i64).to_string(),
-            "expires_in": expires_in.to_string(),
-            "resource": resource,
-            "token_type": "Bearer",
-            "client_id": identity.client_id,
-        }))
-        .into_response(),
-        Err(e) => internal_error(e),
-    }
+    let now = now_secs();
+    let (access_token, expires_on) =
+        match shared.platform_cached(&identity.client_id, resource, now) {
+            Some(cached) => cached,
+            None => match issue(shared, Endpoint::ManagedIdentity, &identity, resource) {
+                Ok((access_token, expires_in)) => {
+                    let expires_on =
+                        now + expires_in as i64 - shared.idp_clock_behind().as_secs() as i64;
+                    shared.platform_keep(&identity.client_id, resource, &access_token, expires_on);
+                    (access_token, expires_on)
+                }
+                Err(e) => return internal_error(e),
+            },
+        };
+    axum::Json(json!({
+        "access_token": access_token,
+        "expires_on": expires_on.to_string(),
+        "expires_in": (expires_on - now).max(0).to_string(),
+        "resource": resource,
+        "token_type": "Bearer",
+        "client_id": identity.client_id,
+    }))
+    .into_response()
 }
 
 /// The managed-identity request a shape of endpoint accepts: the header it requires, and what it

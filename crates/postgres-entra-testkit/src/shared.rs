@@ -38,6 +38,16 @@ pub(crate) struct Shared {
     idp_clock_behind_secs: AtomicU64,
     issued: Mutex<Vec<String>>,
     logins: Mutex<Vec<LoginAttempt>>,
+    platform_cache: Mutex<PlatformCache>,
+}
+
+/// The managed-identity endpoints' own cache, when switched on: the token last issued for an
+/// identity and resource, handed out again until less than `renew_within` of its life is left.
+#[derive(Default)]
+struct PlatformCache {
+    renew_within: Option<Duration>,
+    /// (client id, resource) → (token, expiry in unix seconds).
+    held: HashMap<(String, String), (String, i64)>,
 }
 
 impl fmt::Debug for Shared {
@@ -61,6 +71,40 @@ impl Shared {
             idp_clock_behind_secs: AtomicU64::new(0),
             issued: Mutex::new(Vec::new()),
             logins: Mutex::new(Vec::new()),
+            platform_cache: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn set_platform_cache(&self, renew_within: Option<Duration>) {
+        let mut cache = self.platform_cache.lock().expect("platform cache lock");
+        cache.renew_within = renew_within;
+        cache.held.clear();
+    }
+
+    /// The token the managed-identity endpoints' cache holds for `client_id` and `resource`, with
+    /// its expiry (unix seconds), if the cache is on and the token is not due for renewal at `now`.
+    pub(crate) fn platform_cached(
+        &self,
+        client_id: &str,
+        resource: &str,
+        now: i64,
+    ) -> Option<(String, i64)> {
+        let cache = self.platform_cache.lock().expect("platform cache lock");
+        let renew_within = cache.renew_within?;
+        let (token, expires) = cache
+            .held
+            .get(&(client_id.to_owned(), resource.to_owned()))?;
+        (*expires - now > renew_within.as_secs() as i64).then(|| (token.clone(), *expires))
+    }
+
+    /// Keeps `token` in the managed-identity endpoints' cache, when it is on.
+    pub(crate) fn platform_keep(&self, client_id: &str, resource: &str, token: &str, expires: i64) {
+        let mut cache = self.platform_cache.lock().expect("platform cache lock");
+        if cache.renew_within.is_some() {
+            cache.held.insert(
+                (client_id.to_owned(), resource.to_owned()),
+                (token.to_owned(), expires),
+            );
         }
     }
 

@@ -2,9 +2,9 @@
 //! identity, client secret, developer tools, ...) becomes a [`TokenSource`], and what the identity
 //! provider answered (HTTP status, Entra error code and description) is kept in its errors.
 
-use azure_core::credentials::TokenCredential;
+use azure_core::credentials::{Secret, TokenCredential};
 use azure_core::error::ErrorKind;
-use azure_core::http::{ClientOptions, RetryOptions};
+use azure_core::http::{ClientOptions, HttpClient, RetryOptions, Transport, new_http_client};
 use azure_identity::{
     ClientAssertionCredentialOptions, ClientSecretCredential, ClientSecretCredentialOptions,
     DeveloperToolsCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
@@ -19,26 +19,53 @@ use crate::token::{AccessToken, TokenFuture, TokenSource};
 
 /// A [`TokenSource`] over an `azure_identity` credential.
 ///
-/// The constructors build the credentials this library recommends, with azure_core's own retry
-/// policy off (`RetryOptions::none()`): the token cache already retries (with backoff while a
-/// valid token is still served, every 0.8 s while none is), so a failing identity provider's
+/// The constructors build the credentials this library recommends, and build a new one for every
+/// request to the identity provider ([`AzureTokenSource::fresh`]): each azure_identity credential
+/// keeps a cache of its own and hands back its cached token until 5 minutes before it expires
+/// (azure_identity 1.0, `src/cache.rs`), which would overrule the library's refresh at half of the
+/// token's life; a new credential has an empty cache, so the request reaches the provider. The
+/// credentials of one source share one HTTP client (its connections), and have azure_core's own
+/// retry policy off (`RetryOptions::none()`): the token cache already retries (with backoff while
+/// a valid token is still served, every 0.8 s while none is), so a failing identity provider's
 /// answer (HTTP status, `AADSTS` code) reaches your logs and errors at once instead of after
 /// azure_core's eight retries. On a VM, azure_identity's instance metadata (IMDS) credential keeps
-/// Microsoft's IMDS retry guidance whatever is asked. [`AzureTokenSource::new`] takes any other
-/// credential as it was built.
+/// Microsoft's IMDS retry guidance whatever is asked.
+///
+/// Some caches are outside the process: the managed-identity endpoint of the platform (Microsoft
+/// documents a back-end cache of about 24 hours per resource, and that a refresh cannot be forced:
+/// "Are managed identities tokens cached?" in the managed identities FAQ) and the Azure CLI's and
+/// Azure Developer CLI's own token caches. When one answers with the token already held, the
+/// library asks again once half of what remains has passed (`CacheStats::unchanged` counts these
+/// answers), so the margin before expiry is the one that cache leaves.
+///
+/// [`AzureTokenSource::new`] takes a credential as you built it: its own cache decides when the
+/// provider is asked (for azure_identity's, 5 minutes before expiry at the latest), and the
+/// library can only ask again as above. Prefer [`AzureTokenSource::fresh`] with a function that
+/// builds your credential.
 ///
 /// Its identity, shown in errors, logs and metrics, is the credential's kind and, where the
 /// credential shows it, its client id (`ClientSecretCredential (client id 3f2b…)`); give one of
 /// your own with [`AzureTokenSource::with_identity`].
 pub struct AzureTokenSource {
-    credential: Arc<dyn TokenCredential>,
+    credential: Credential,
     identity: String,
 }
 
-/// azure_core's client options without its retry policy.
-fn no_retries() -> ClientOptions {
+/// Builds a credential.
+type Build = dyn Fn() -> azure_core::Result<Arc<dyn TokenCredential>> + Send + Sync;
+
+enum Credential {
+    /// One credential, as the user built it.
+    Kept(Arc<dyn TokenCredential>),
+    /// A new credential for every request.
+    Fresh(Box<Build>),
+}
+
+/// azure_core's client options over `http`, without its retry policy.
+fn no_retries(http: &Arc<dyn HttpClient>) -> ClientOptions {
     ClientOptions {
         retry: RetryOptions::none(),
+        transport: Some(Transport::new(http.clone())),
         ..Default::default()
     }
 }
@@ -52,13 +79,43 @@ fn credential_error(kind: &str, error: azure_core::Error) -> Error {
 
 impl AzureTokenSource {
     /// A source over `credential`, built as you chose, named after the credential's kind and
-    /// client id.
+    /// client id. Its own cache decides when the identity provider is asked (see above).
     pub fn new(credential: Arc<dyn TokenCredential>) -> Self {
         let identity = describe(credential.as_ref());
         Self {
-            credential,
+            credential: Credential::Kept(credential),
             identity,
         }
+    }
+
+    /// A source that builds a new credential with `build` for every request, so that no
+    /// credential's cache answers in place of the identity provider: e.g. a
+    /// `ClientCertificateCredential`, or a credential with your own HTTP client or proxy
+    /// (`ClientOptions::transport`; give every credential the same client, built once, and they
+    /// share its connections). `build` runs now, once, to check it (its error is a configuration
+    /// error, and the credential names the source), then for each request; it must not block.
+    pub fn fresh<C, F>(build: F) -> Result<Self, Error>
+    where
+        C: TokenCredential + 'static,
+        F: Fn() -> azure_core::Result<Arc<C>> + Send + Sync + 'static,
+    {
+        Self::fresh_as("azure", build)
+    }
+
+    /// [`AzureTokenSource::fresh`], its configuration error naming the credential's `kind`.
+    fn fresh_as<C, F>(kind: &str, build: F) -> Result<Self, Error>
+    where
+        C: TokenCredential + 'static,
+        F: Fn() -> azure_core::Result<Arc<C>> + Send + Sync + 'static,
+    {
+        let first = build().map_err(|e| credential_error(kind, e))?;
+        let identity = describe(first.as_ref());
+        Ok(Self {
+            credential: Credential::Fresh(Box::new(move || {
+                build().map(|c| c as Arc<dyn TokenCredential>)
+            })),
+            identity,
+        })
     }
 
     /// A source over `credential` named `identity` (e.g. the managed identity's name).
@@ -72,30 +129,58 @@ impl AzureTokenSource {
     /// Container Apps, a VM, AKS with pod identity): the system-assigned one, or the user-assigned
     /// one `user_assigned` names by client, object or resource id.
     pub fn managed_identity(user_assigned: Option<UserAssignedId>) -> Result<Self, Error> {
-        // `..Default::default()` for the fields azure_identity may add.
-        #[allow(clippy::needless_update)]
-        let options = ManagedIdentityCredentialOptions {
-            user_assigned_id: user_assigned,
-            client_options: no_retries(),
-            ..Default::default()
-        };
-        ManagedIdentityCredential::new(Some(options))
-            .map(|credential| Self::new(credential))
-            .map_err(|e| credential_error("managed identity", e))
+        Self::managed_identity_over(user_assigned, new_http_client(None))
+    }
+
+    fn managed_identity_over(
+        user_assigned: Option<UserAssignedId>,
+        http: Arc<dyn HttpClient>,
+    ) -> Result<Self, Error> {
+        Self::fresh_as("managed identity", move || {
+            // `..Default::default()` for the fields azure_identity may add.
+            #[allow(clippy::needless_update)]
+            let options = ManagedIdentityCredentialOptions {
+                user_assigned_id: user_assigned.clone(),
+                client_options: no_retries(&http),
+                ..Default::default()
+            };
+            ManagedIdentityCredential::new(Some(options))
+        })
     }
 
     /// AKS workload identity: the federated token in `AZURE_FEDERATED_TOKEN_FILE`, for
     /// `AZURE_CLIENT_ID` in `AZURE_TENANT_ID` (the variables the workload identity webhook sets).
     pub fn workload_identity() -> Result<Self, Error> {
-        let options = WorkloadIdentityCredentialOptions {
-            credential_options: ClientAssertionCredentialOptions {
-                client_options: no_retries(),
-            },
-            ..Default::default()
-        };
-        WorkloadIdentityCredential::new(Some(options))
-            .map(|credential| Self::new(credential))
-            .map_err(|e| credential_error("workload identity", e))
+        Self::workload_identity_over(
+            WorkloadIdentityCredentialOptions::default(),
+            new_http_client(None),
+        )
+    }
+
+    fn workload_identity_over(
+        settings: WorkloadIdentityCredentialOptions,
+        http: Arc<dyn HttpClient>,
+    ) -> Result<Self, Error> {
+        let WorkloadIdentityCredentialOptions {
+            client_id,
+            tenant_id,
+            token_file_path,
+            ..
+        } = settings;
+        Self::fresh_as("workload identity", move || {
+            // `..Default::default()` for the fields azure_identity may add.
+            #[allow(clippy::needless_update)]
+            let options = WorkloadIdentityCredentialOptions {
+                credential_options: ClientAssertionCredentialOptions {
+                    client_options: no_retries(&http),
+                },
+                client_id: client_id.clone(),
+                tenant_id: tenant_id.clone(),
+                token_file_path: token_file_path.clone(),
+                ..Default::default()
+            };
+            WorkloadIdentityCredential::new(Some(options))
+        })
     }
 
     /// An app registration's client secret.
@@ -104,21 +189,37 @@ impl AzureTokenSource {
         client_id: impl Into<String>,
         secret: impl Into<String>,
     ) -> Result<Self, Error> {
-        let options = ClientSecretCredentialOptions {
-            client_options: no_retries(),
-        };
-        ClientSecretCredential::new(
+        Self::client_secret_over(
             tenant_id,
             client_id.into(),
-            secret.into().into(),
-            Some(options),
+            secret.into(),
+            new_http_client(None),
         )
-        .map(|credential| Self::new(credential))
-        .map_err(|e| credential_error("client secret", e))
+    }
+
+    fn client_secret_over(
+        tenant_id: &str,
+        client_id: String,
+        secret: String,
+        http: Arc<dyn HttpClient>,
+    ) -> Result<Self, Error> {
+        let tenant_id = tenant_id.to_owned();
+        let secret = Secret::new(secret);
+        Self::fresh_as("client secret", move || {
+            ClientSecretCredential::new(
+                &tenant_id,
+                client_id.clone(),
+                secret.clone(),
+                Some(ClientSecretCredentialOptions {
+                    client_options: no_retries(&http),
+                }),
+            )
+        })
     }
 
     /// A developer's own login: the Azure CLI (`az login`), else the Azure Developer CLI (`azd
-    /// auth login`). These run the tool for every token, which the cache makes once per token.
+    /// auth login`). These run the tool for every request, and the tool answers from its own token
+    /// cache until it decides to renew (see above).
     pub fn developer_tools() -> Result<Self, Error> {
         DeveloperToolsCredential::new(None)
             .map(|credential| Self::new(credential))
@@ -245,7 +346,11 @@ fn retry_after(headers: &azure_core::http::headers::Headers) -> Option<Duration>
 impl TokenSource for AzureTokenSource {
     fn get_token<'a>(&'a self, scope: &'a str) -> TokenFuture<'a> {
         Box::pin(async move {
-            match self.credential.get_token(&[scope], None).await {
+            let credential = match &self.credential {
+                Credential::Kept(credential) => credential.clone(),
+                Credential::Fresh(build) => build().map_err(|e| classify(&e))?,
+            };
+            match credential.get_token(&[scope], None).await {
                 Ok(token) => Ok(AccessToken::new(
                     token.token.secret(),
                     SystemTime::from(token.expires_on),
@@ -263,6 +368,131 @@ impl TokenSource for AzureTokenSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use azure_core::http::{AsyncRawResponse, Request, StatusCode, headers::Headers};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// An identity provider inside the test process, standing for Entra and the managed-identity
+    /// endpoints with nothing cached: every token request gets a new token, and is counted.
+    /// Nothing leaves the process.
+    #[derive(Debug, Default)]
+    struct InProcessProvider {
+        token_requests: AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl HttpClient for InProcessProvider {
+        async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+            if !request.url().path().contains("token") {
+                return Ok(AsyncRawResponse::from_bytes(
+                    StatusCode::NotFound,
+                    Headers::new(),
+                    "",
+                ));
+            }
+            let n = self.token_requests.fetch_add(1, Ordering::SeqCst) + 1;
+            let expires_on = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                + 3600;
+            // Both answers in one: Entra's (`expires_in` a number) and the managed-identity
+            // endpoints' (`expires_on` a string of unix seconds).
+            let body = serde_json::json!({
+                "token_type": "Bearer",
+                "expires_in": 3600,
+                "ext_expires_in": 3600,
+                "expires_on": expires_on.to_string(),
+                "resource": "https://ossrdbms-aad.database.windows.net",
+                "access_token": format!("token-{n}"),
+            });
+            let mut headers = Headers::new();
+            headers.insert("content-type", "application/json");
+            Ok(AsyncRawResponse::from_bytes(
+                StatusCode::Ok,
+                headers,
+                body.to_string(),
+            ))
+        }
+    }
+
+    async fn two_tokens(source: &AzureTokenSource) -> [String; 2] {
+        let scope = crate::Cloud::Public.scope();
+        let first = source.get_token(scope).await.unwrap();
+        let second = source.get_token(scope).await.unwrap();
+        [first.secret().to_owned(), second.secret().to_owned()]
+    }
+
+    /// Each constructor builds a new credential per request, so each request reaches the
+    /// provider; one credential reused (what `new` takes) answers the second from its cache.
+    #[tokio::test]
+    async fn the_constructors_credentials_never_answer_from_their_own_cache() {
+        let provider = Arc::new(InProcessProvider::default());
+        let http = || provider.clone() as Arc<dyn HttpClient>;
+        let tenant = "3f7c9a52-8d1e-4b6a-9c0f-5e2d7a1b4c68";
+        let client = "2d97a1b4-0000-4b6a-9c0f-5e2d7a1b4c68";
+        let file = std::env::temp_dir().join(format!(
+            "postgres-entra-federated-token-{}",
+            std::process::id()
+        ));
+        std::fs::write(&file, "a.federated.assertion").unwrap();
+        let sources = [
+            AzureTokenSource::client_secret_over(tenant, client.into(), "s".into(), http())
+                .unwrap(),
+            AzureTokenSource::managed_identity_over(
+                Some(UserAssignedId::ClientId(client.into())),
+                http(),
+            )
+            .unwrap(),
+            AzureTokenSource::workload_identity_over(
+                WorkloadIdentityCredentialOptions {
+                    client_id: Some(client.into()),
+                    tenant_id: Some(tenant.into()),
+                    token_file_path: Some(file.clone()),
+                    ..Default::default()
+                },
+                http(),
+            )
+            .unwrap(),
+        ];
+        for source in &sources {
+            let before = provider.token_requests.load(Ordering::SeqCst);
+            let [first, second] = two_tokens(source).await;
+            assert_ne!(first, second, "{source:?}");
+            assert_eq!(
+                provider.token_requests.load(Ordering::SeqCst) - before,
+                2,
+                "{source:?}"
+            );
+        }
+        std::fs::remove_file(&file).unwrap();
+
+        let kept = ClientSecretCredential::new(
+            tenant,
+            client.into(),
+            "s".to_owned().into(),
+            Some(ClientSecretCredentialOptions {
+                client_options: no_retries(&http()),
+            }),
+        )
+        .unwrap();
+        let before = provider.token_requests.load(Ordering::SeqCst);
+        let [first, second] = two_tokens(&AzureTokenSource::new(kept)).await;
+        assert_eq!(first, second, "azure_identity's cache answered");
+        assert_eq!(provider.token_requests.load(Ordering::SeqCst) - before, 1);
+
+        // A credential that cannot be built is a configuration error when the source is made.
+        let error = AzureTokenSource::fresh(|| {
+            ClientSecretCredential::new("not a tenant", client.into(), "s".to_owned().into(), None)
+        })
+        .unwrap_err();
+        assert!(matches!(error, Error::Config { .. }), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("cannot build the azure credential"),
+            "{error}"
+        );
+    }
 
     /// `describe` reads azure_identity's `Debug` output: pinned here against the real types.
     #[test]

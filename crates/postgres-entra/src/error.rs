@@ -521,9 +521,10 @@ impl fmt::Display for RoleSource {
 pub enum LoginRetry {
     /// A different token, fetched after the first refusal, was refused too.
     FreshTokenRefused,
-    /// The identity provider returned the same token again (azure_identity's credentials keep
-    /// their token until 5 minutes before it expires, and managed identities' tokens are cached
-    /// by Azure for up to 24 hours), so retrying could not help.
+    /// The token source answered with the same token again from a cache of its own (a
+    /// credential passed to `AzureTokenSource::new` keeps its token until 5 minutes before it
+    /// expires; Azure caches managed identities' tokens on its side; the Azure CLI has its own
+    /// cache), so retrying could not help.
     SameTokenReturned,
     /// A token fetched after a refusal was refused already; no new one was asked for.
     AlreadyReplaced,

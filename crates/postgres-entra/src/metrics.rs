@@ -37,9 +37,29 @@ fn duration_boundaries() -> Vec<f64> {
     ]
 }
 
-/// What a gauge callback reads from the cache: seconds until the current token stops being
-/// handed out, and its age; `None` before the first token, or once the cache is gone.
-pub(crate) type TokenReading = Box<dyn Fn() -> Option<(f64, f64)> + Send + Sync>;
+/// What the gauges of a token cache read from it.
+pub(crate) struct Reading {
+    /// Seconds until the current token stops being handed out: 0 once it has, and before the
+    /// first token.
+    pub(crate) time_to_expiry: f64,
+    /// Seconds since the current token was received; none before the first token.
+    pub(crate) age: Option<f64>,
+    /// Requests failed since the last success.
+    pub(crate) consecutive_failures: u64,
+}
+
+/// Reads a token cache for its gauges; `None` once the cache is gone.
+pub(crate) type TokenReading = Box<dyn Fn() -> Option<Reading> + Send + Sync>;
+
+/// How a request to the token source ended.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Answer {
+    /// A new token.
+    Token,
+    /// The token already held (the source's own cache answered).
+    Unchanged,
+    Failure(TokenErrorKind),
+}
 
 /// The token cache's instruments.
 pub(crate) struct TokenMetrics {
@@ -63,31 +83,62 @@ impl TokenMetrics {
             .f64_observable_gauge("postgres_entra.token.time_to_expiry")
             .with_unit("s")
             .with_description(
-                "Seconds until the cached token stops being handed out (0 once it has; absent before the first token)",
+                "Seconds until the cached token stops being handed out (0 once it has, and before the first token)",
             )
             .with_callback(move |gauge| {
-                if let Some((left, _)) = reader() {
-                    gauge.observe(left, &gauge_attributes);
+                if let Some(reading) = reader() {
+                    gauge.observe(reading.time_to_expiry, &gauge_attributes);
+                }
+            })
+            .build();
+        let (gauge_attributes, reader) = (attributes.clone(), read.clone());
+        meter
+            .f64_observable_gauge("postgres_entra.token.age")
+            .with_unit("s")
+            .with_description(
+                "Seconds since the cached token was received (absent before the first token)",
+            )
+            .with_callback(move |gauge| {
+                if let Some(age) = reader().and_then(|reading| reading.age) {
+                    gauge.observe(age, &gauge_attributes);
                 }
             })
             .build();
         let gauge_attributes = attributes.clone();
         meter
-            .f64_observable_gauge("postgres_entra.token.age")
-            .with_unit("s")
-            .with_description("Seconds since the cached token was received")
+            .u64_observable_gauge("postgres_entra.token.consecutive_failures")
+            .with_unit("{request}")
+            .with_description(
+                "Requests to the token source failed since the last success (0 from the cache's creation)",
+            )
             .with_callback(move |gauge| {
-                if let Some((_, age)) = read() {
-                    gauge.observe(age, &gauge_attributes);
+                if let Some(reading) = read() {
+                    gauge.observe(reading.consecutive_failures, &gauge_attributes);
                 }
             })
             .build();
+        let login_rejections = meter
+            .u64_counter("postgres_entra.login.rejections")
+            .with_unit("{login}")
+            .with_description("Logins the server refused (28000, 28P01)")
+            .build();
+        let login_retries = meter
+            .u64_counter("postgres_entra.login.retries")
+            .with_unit("{login}")
+            .with_description("Logins retried with a different token after a refusal")
+            .build();
+        // Exported from the start, at 0: Prometheus's `increase()` sees no increase in a series'
+        // first sample, so a counter born at its first refusal would hide that refusal.
+        login_rejections.add(0, &attributes);
+        login_retries.add(0, &attributes);
         Self {
+            login_rejections,
+            login_retries,
             refreshes: meter
                 .u64_counter("postgres_entra.token.refreshes")
                 .with_unit("{request}")
                 .with_description(
-                    "Requests to the token source, by outcome (success, failure), trigger (caller, background, rejected) and error.type",
+                    "Requests to the token source, by outcome (success: a new token; unchanged: the token already held, from the source's own cache; failure), trigger (caller, background, rejected) and error.type",
                 )
                 .build(),
             request_duration: meter
@@ -103,16 +154,6 @@ impl TokenMetrics {
                     "Tokens the server rejected for which the cache asked for a different one",
                 )
                 .build(),
-            login_rejections: meter
-                .u64_counter("postgres_entra.login.rejections")
-                .with_unit("{login}")
-                .with_description("Logins the server refused (28000, 28P01)")
-                .build(),
-            login_retries: meter
-                .u64_counter("postgres_entra.login.retries")
-                .with_unit("{login}")
-                .with_description("Logins retried with a different token after a refusal")
-                .build(),
             attributes,
         }
     }
@@ -125,20 +166,15 @@ impl TokenMetrics {
             .collect()
     }
 
-    /// A request to the token source ended after `took`: a token, or an error of `failure`.
-    pub(crate) fn request_done(
-        &self,
-        trigger: &'static str,
-        took: Duration,
-        failure: Option<TokenErrorKind>,
-    ) {
-        let outcome = if failure.is_some() {
-            "failure"
-        } else {
-            "success"
+    /// A request to the token source ended after `took`, with `answer`.
+    pub(crate) fn request_done(&self, trigger: &'static str, took: Duration, answer: Answer) {
+        let outcome = match answer {
+            Answer::Token => "success",
+            Answer::Unchanged => "unchanged",
+            Answer::Failure(_) => "failure",
         };
         let mut attributes = self.with(&[KeyValue::new("postgres_entra.outcome", outcome)]);
-        if let Some(kind) = failure {
+        if let Answer::Failure(kind) = answer {
             attributes.push(KeyValue::new("error.type", kind.as_str()));
         }
         self.request_duration
@@ -333,6 +369,11 @@ impl PoolTelemetry {
     }
 
     pub(crate) fn register(&self, pool: Weak<dyn ObservedPool>) {
+        // Exported from the start, at 0 (see `TokenMetrics::new`).
+        if let Some(observed) = pool.upgrade() {
+            self.retired
+                .add(0, std::slice::from_ref(&observed.observed().name));
+        }
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools.retain(|pool| pool.strong_count() > 0);
         pools.push(pool);

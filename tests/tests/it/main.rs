@@ -54,6 +54,7 @@ mod metrics;
 mod misconfiguration;
 mod outages;
 mod pools;
+mod refresh;
 mod reports;
 mod scenarios;
 mod secrecy;
@@ -174,11 +175,12 @@ impl From<TestConnector> for EntraConnector {
     }
 }
 
-/// The service principal's token source for `emulator` (azure_identity's `ClientSecretCredential`,
-/// built without azure_core's own retries, as `AzureTokenSource::client_secret` builds it).
+/// The service principal's token source for `emulator`: azure_identity's `ClientSecretCredential`,
+/// a new one per request and without azure_core's own retries, as `AzureTokenSource::client_secret`
+/// builds it.
 pub fn service_principal_source(emulator: &Emulator) -> AzureTokenSource {
     let sp = emulator.service_principal();
-    AzureTokenSource::new(emulator.client_secret_credential(&sp).unwrap())
+    AzureTokenSource::fresh(emulator.client_secret_credentials(&sp).unwrap()).unwrap()
 }
 
 /// A connector for the service principal of `emulator`, trusting the emulator's CA, over a cache
@@ -223,8 +225,8 @@ pub fn metered_connector(emulator: &Emulator) -> (MetricsReader, EntraConnector)
 pub fn wrong_secret_connector(emulator: &Emulator) -> EntraConnector {
     let mut sp = emulator.service_principal();
     sp.client_secret = Some("wrong-secret".into());
-    let credential = emulator.client_secret_credential(&sp).unwrap();
-    EntraConnector::builder(AzureTokenSource::new(credential))
+    let credentials = emulator.client_secret_credentials(&sp).unwrap();
+    EntraConnector::builder(AzureTokenSource::fresh(credentials).unwrap())
         .role_name(sp.role_name)
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
         .build()
@@ -334,9 +336,9 @@ pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// Token requests expected for `run` with tokens living `lifetime`: one per three quarters of a
-/// lifetime (the refresh point), plus the cold start.
+/// Token requests expected for `run` with tokens living `lifetime`: one per half a lifetime (the
+/// refresh point), plus the cold start.
 pub fn expected_requests(run: Duration, lifetime: Duration) -> std::ops::RangeInclusive<u64> {
-    let refreshes = run.as_secs_f64() / (lifetime.as_secs_f64() * 0.75);
+    let refreshes = run.as_secs_f64() / (lifetime.as_secs_f64() * 0.5);
     (refreshes.floor() as u64).max(1)..=refreshes.ceil() as u64 + 2
 }

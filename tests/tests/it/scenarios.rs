@@ -156,7 +156,8 @@ async fn connections_past_their_age_are_replaced<P: PoolUnderTest>() {
 
 /// 16 tasks churn while the token endpoint serves `fault`, both timed from the expiry of the 8 s
 /// token the first login used (not from when that login ended, which a busy machine delays): the
-/// outage covers the refresh point (2 s before expiry) and ends 1 s before expiry, and the load
+/// outage covers the refresh point (at half the life, 4 s before expiry) and ends 1 s before
+/// expiry, and the load
 /// stops 1.1 s before expiry, inside the usable life (0.8 s before): no checkout may fail, and new
 /// connections must have been made during the outage.
 async fn outage_shorter_than_the_token_life<P: PoolUnderTest>(fault: Fault) {
@@ -252,13 +253,13 @@ async fn an_outage_past_expiry_is_a_typed_error_in_time_and_ends_when_the_provid
 async fn a_thirty_second_stall_of_the_token_endpoint_leaves_checkouts_unaffected<
     P: PoolUnderTest,
 >() {
-    // Refresh at 9 s, usable until 10.8 s: the refresh meets the stall inside the window.
+    // Refresh at 6 s, usable until 10.8 s: the refresh meets the stall inside the window.
     let emulator = Suite::start(Duration::from_secs(12)).await;
     let spec = PoolSpec::new(&emulator, connector(&emulator)).max_age(Duration::from_millis(300));
     let pool: P = pool(spec).await;
     pool.checkout_as(ROLE).await.unwrap();
     // Until 2 s before the token expires, however long the first connect took: past the refresh
-    // (3 s before), short of the end of the token's use (1.2 s before).
+    // (6 s before), short of the end of the token's use (1.2 s before).
     let run = until(expiry_of_current_token(&pool).await - Duration::from_secs(2));
     emulator.set_latency(Endpoint::Token, Duration::from_secs(30));
     let waits = pool.token_cache().stats().waits;

@@ -30,6 +30,14 @@ impl Emulator {
         self.shared.set_token_lifetime(lifetime);
     }
 
+    /// Makes the managed-identity endpoints answer from a cache of their own, as the platform's
+    /// do (Microsoft documents a back-end cache per resource and that a refresh cannot be forced,
+    /// not when it renews): the token last issued for an identity and resource, until less than
+    /// `renew_within` of its life is left. `None` (the default): a new token for every request.
+    pub fn cache_managed_identity_tokens(&self, renew_within: Option<Duration>) {
+        self.shared.set_platform_cache(renew_within);
+    }
+
     /// Requests received by `endpoint` so far (served, faulted or refused).
     pub fn requests(&self, endpoint: Endpoint) -> u64 {
         self.shared.faults.requests(endpoint)

@@ -192,6 +192,48 @@ impl Emulator {
         )?)
     }
 
+    /// What builds azure_identity's `ClientSecretCredential` for `identity`, pointed at the mock
+    /// without azure_core's own retries, for `AzureTokenSource::fresh`: a new credential (its cache
+    /// empty) at each call, as the library's own constructors build them.
+    pub fn client_secret_credentials(
+        &self,
+        identity: &Identity,
+    ) -> Result<
+        impl Fn() -> azure_core::Result<Arc<ClientSecretCredential>> + Send + Sync + 'static,
+        Error,
+    > {
+        let secret = identity
+            .client_secret
+            .clone()
+            .ok_or_else(|| Error::Setup(format!("{} has no client secret", identity.role_name)))?;
+        let (client_id, transport) = (identity.client_id.clone(), self.transport.clone());
+        Ok(move || {
+            ClientSecretCredential::new(
+                TENANT_ID,
+                client_id.clone(),
+                secret.clone().into(),
+                Some(ClientSecretCredentialOptions {
+                    client_options: transport.client_options(),
+                }),
+            )
+        })
+    }
+
+    /// What builds azure_identity's `ManagedIdentityCredential` with the redirecting transport,
+    /// for `AzureTokenSource::fresh`: a new credential (its cache empty) at each call.
+    pub fn managed_identity_credentials(
+        &self,
+    ) -> impl Fn() -> azure_core::Result<Arc<ManagedIdentityCredential>> + Send + Sync + 'static
+    {
+        let transport = self.transport.clone();
+        move || {
+            ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
+                client_options: transport.client_options(),
+                ..Default::default()
+            }))
+        }
+    }
+
     /// azure_identity's `WorkloadIdentityCredential` for `identity`, with its federated token written
     /// to a file in the emulator's directory, pointed at the mock.
     pub fn workload_identity_credential(

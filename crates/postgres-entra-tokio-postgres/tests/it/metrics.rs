@@ -81,8 +81,8 @@ async fn a_provider_outage_shows_as_failed_refreshes_and_a_falling_time_to_expir
         0.0
     );
 
-    // The provider goes down; the background refresh (15 minutes before expiry) and its retries
-    // fail, while the token keeps being handed out.
+    // The provider goes down; the background refresh (at half the token's life) and its retries
+    // fail, while the token keeps being handed out. 45 minutes into the token's life:
     down.store(true, Ordering::SeqCst);
     let refresh_at = token.expires_on() - Duration::from_secs(15 * 60);
     tokio::time::advance(refresh_at.duration_since(clock.now()).unwrap()).await;
@@ -255,9 +255,8 @@ async fn an_entra_outage_seen_by_a_real_credential_counts_failures_as_the_token_
 
     let token = cache.get().await.unwrap();
     emulator.set_fault(postgres_entra_testkit::Endpoint::Token, Fault::ServerError);
-    // Past the refresh point (three quarters of the life), the background refresh fails.
-    // At three quarters of its life: 6 s of 8.
-    let refresh_in = (token.expires_on() - LIFETIME / 4)
+    // Past the refresh point (half the life: 4 s of 8), the background refresh fails.
+    let refresh_in = (token.expires_on() - LIFETIME / 2)
         .duration_since(SystemTime::now())
         .unwrap_or_default();
     tokio::time::sleep(refresh_in + Duration::from_millis(300)).await;

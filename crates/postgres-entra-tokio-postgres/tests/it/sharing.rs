@@ -202,9 +202,9 @@ async fn background_refresh_carries_on_after_the_runtime_that_started_it_is_gone
     };
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 
-    // Past the refresh point (6 s; usable until 7.2 s), this runtime's callers get the valid
+    // Past the refresh point (4 s; usable until 7.2 s), this runtime's callers get the valid
     // token at once and the refresh runs here.
-    tokio::time::sleep(Duration::from_millis(6100)).await;
+    tokio::time::sleep(Duration::from_millis(4100)).await;
     assert_eq!(cache.get().await.unwrap().secret(), first);
     let deadline = Instant::now() + Duration::from_secs(2);
     while calls.load(Ordering::SeqCst) < 2 {

@@ -2,6 +2,12 @@
 //! guarantee that no expired token is ever handed out, and at most one replacement per token
 //! after the server rejects it.
 //!
+//! A token is refreshed once half of its life has passed (the rule of Google's Cloud SQL
+//! connectors, `refreshDuration` in cloud-sql-go-connector's internal/cloudsql/refresh.go). A
+//! source whose own cache answers with the token already held (a credential's, a managed-identity
+//! endpoint's, a CLI's) is asked again when half of what remains has passed, and that answer is
+//! counted apart (`CacheStats::unchanged`), not as a success.
+//!
 //! Two regimes of retrying after a failure:
 //! - while a valid token is still served, refreshes back off exponentially (with jitter, up to
 //!   `backoff_max`, never past the moment the token stops being served): nobody waits, so there
@@ -35,7 +41,6 @@ use crate::token::{AccessToken, TokenSource};
 /// the cache is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheOptions {
-    refresh_margin: Duration,
     expiry_buffer: Duration,
     fetch_timeout: Duration,
     backoff_initial: Duration,
@@ -46,7 +51,6 @@ pub struct CacheOptions {
 impl Default for CacheOptions {
     fn default() -> Self {
         Self {
-            refresh_margin: Duration::from_secs(15 * 60),
             expiry_buffer: Duration::from_secs(30),
             fetch_timeout: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(500),
@@ -62,17 +66,12 @@ const WAIT_GRACE: Duration = Duration::from_secs(1);
 /// The shortest retry delay: anything shorter makes a tight loop against the provider.
 const MIN_RETRY: Duration = Duration::from_millis(10);
 
-impl CacheOptions {
-    /// Refresh this long before expiry, in the background (capped at a quarter of the token's
-    /// lifetime, so short-lived tokens refresh at three quarters of their life). Default 15
-    /// minutes: Entra tokens live 60-90 minutes (up to 24 hours for managed identities), so an
-    /// identity-provider outage of up to 15 minutes goes unnoticed. Must exceed the expiry buffer.
-    #[must_use]
-    pub fn refresh_margin(mut self, margin: Duration) -> Self {
-        self.refresh_margin = margin;
-        self
-    }
+/// The shortest wait before asking again a source that answered with the token already held:
+/// halving what remains would otherwise ask in a tight loop near the end of a token whose source
+/// never renews it early.
+const MIN_REASK: Duration = Duration::from_secs(1);
 
+impl CacheOptions {
     /// Never hand out a token expiring within this margin (capped at a tenth of its lifetime),
     /// so a login never races the expiry. Default 30 seconds.
     #[must_use]
@@ -124,11 +123,6 @@ impl CacheOptions {
             Some(format!(
                 "the longest backoff delay ({:?}) is shorter than the first ({:?})",
                 self.backoff_max, self.backoff_initial
-            ))
-        } else if self.refresh_margin <= self.expiry_buffer {
-            Some(format!(
-                "refresh_margin ({:?}) must exceed expiry_buffer ({:?}), or callers would wait for every refresh",
-                self.refresh_margin, self.expiry_buffer
             ))
         } else {
             None
@@ -284,8 +278,12 @@ impl fmt::Debug for Entry {
 pub struct CacheStats {
     /// Requests made to the token source.
     pub requests: u64,
-    /// Requests that produced a usable token.
+    /// Requests that produced a new usable token.
     pub successes: u64,
+    /// Requests answered with the token already held (the source's own cache answered: a
+    /// credential's, a managed-identity endpoint's, a developer tool's); neither a success nor a
+    /// failure.
+    pub unchanged: u64,
     /// Requests that failed (error, timeout, panic, or a token expired on arrival).
     pub failures: u64,
     /// Calls answered from the cache without waiting.
@@ -304,6 +302,7 @@ pub struct CacheStats {
 struct Counters {
     requests: AtomicU64,
     successes: AtomicU64,
+    unchanged: AtomicU64,
     failures: AtomicU64,
     /// Written on every hit: on a cache line of its own, so that counting a hit does not evict
     /// the line the next reader of the current token needs.
@@ -372,6 +371,7 @@ struct Effects {
 /// A line to log once the state's mutex is released.
 enum LogLine {
     Fetched { expires_in: Duration },
+    Unchanged { again_in: Duration },
     Failed { key: String, message: String },
     Replacing,
 }
@@ -674,6 +674,7 @@ impl TokenCache {
         CacheStats {
             requests: c.requests.load(Relaxed),
             successes: c.successes.load(Relaxed),
+            unchanged: c.unchanged.load(Relaxed),
             failures: c.failures.load(Relaxed),
             hits: c.hits.load(Relaxed),
             waits: c.waits.load(Relaxed),
@@ -703,18 +704,21 @@ impl TokenCache {
         self.inner.now()
     }
 
-    /// Whether no usable token is cached because the provider is unavailable (unreachable, slow,
-    /// failing, throttling), rather than refusing: nothing could replace a session now.
+    /// Whether no usable token is cached and none can be had now, short of the provider refusing:
+    /// a request is still running (a slow or stalled provider's first request runs up to the
+    /// fetch timeout before it fails), or the last one found the provider unavailable
+    /// (unreachable, slow, failing, throttling). Nothing could replace a session now.
     pub(crate) fn provider_unavailable(&self) -> bool {
         let now = self.inner.now();
         if self.inner.usable(now).is_some() {
             return false;
         }
         let state = self.inner.lock_state();
-        state
-            .last_error
-            .as_ref()
-            .is_some_and(|e| e.kind().is_unavailability())
+        state.fetch_in_progress().is_some()
+            || state
+                .last_error
+                .as_ref()
+                .is_some_and(|e| e.kind().is_unavailability())
     }
 
     /// A token is wanted although no caller waits for one (a pool keeps sessions past their
@@ -781,19 +785,27 @@ impl TokenCache {
 
 impl Inner {
     /// What the metrics' gauges read: seconds until the current token stops being handed out (0
-    /// once it has), and its age; nothing before the first token.
+    /// once it has, and before the first token), its age (none before the first token), and the
+    /// failures since the last success.
     #[cfg(feature = "opentelemetry_0_33")]
     fn reading(cache: std::sync::Weak<Inner>) -> crate::metrics::TokenReading {
         Box::new(move || {
             let inner = cache.upgrade()?;
-            let token = inner.current.load_full()?;
+            let failures = inner.lock_state().failures;
             let now = inner.now();
-            let left = token.usable_for(now);
-            let age = now
-                .wall
-                .duration_since(token.received_at)
-                .unwrap_or_default();
-            Some((left.as_secs_f64(), age.as_secs_f64()))
+            let token = inner.current.load_full();
+            Some(crate::metrics::Reading {
+                time_to_expiry: token
+                    .as_ref()
+                    .map_or(0.0, |token| token.usable_for(now).as_secs_f64()),
+                age: token.map(|token| {
+                    now.wall
+                        .duration_since(token.received_at)
+                        .unwrap_or_default()
+                        .as_secs_f64()
+                }),
+                consecutive_failures: u64::from(failures),
+            })
         })
     }
 
@@ -1011,6 +1023,10 @@ impl Inner {
                 tracing::debug!(expires_in_secs = expires_in.as_secs(), "token fetched");
                 self.log.success();
             }
+            Some(LogLine::Unchanged { again_in }) => tracing::debug!(
+                again_in_secs = again_in.as_secs(),
+                "the token source answered with the token already held (its own cache); asking again later"
+            ),
             Some(LogLine::Failed { key, message }) => self.log.failure(&key, &message),
             Some(LogLine::Replacing) => tracing::info!(
                 identity = %self.identity,
@@ -1045,13 +1061,19 @@ impl Inner {
                 #[cfg(feature = "opentelemetry_0_33")]
                 let started = Instant::now();
                 let result = inner.request().await;
-                let (outcome, effects) = inner.complete(result, trigger);
+                let (outcome, unchanged, effects) = inner.complete(result, trigger);
                 #[cfg(feature = "opentelemetry_0_33")]
                 inner.metrics.request_done(
                     trigger.as_str(),
                     started.elapsed(),
-                    outcome.as_ref().err().map(TokenError::kind),
+                    match &outcome {
+                        Ok(_) if unchanged => crate::metrics::Answer::Unchanged,
+                        Ok(_) => crate::metrics::Answer::Token,
+                        Err(error) => crate::metrics::Answer::Failure(error.kind()),
+                    },
                 );
+                #[cfg(not(feature = "opentelemetry_0_33"))]
+                let _ = unchanged;
                 // Waiters first: nothing a log sink does holds them up.
                 let _ = sender.send(Some(outcome));
                 inner.run(effects);
@@ -1097,18 +1119,29 @@ impl Inner {
         self: &Arc<Self>,
         result: Result<AccessToken, TokenError>,
         trigger: Trigger,
-    ) -> (FetchResult, Effects) {
+    ) -> (FetchResult, bool, Effects) {
         let now = self.now();
         {
             let mut state = self.lock_state();
             state.inflight = None;
             state.inflight_since = None;
-            let outcome = match result {
-                Ok(access) => self.accept(access, now, trigger),
-                Err(error) => Err(error),
-            };
+            let (outcome, unchanged) =
+                match result.and_then(|access| self.accept(access, now, trigger)) {
+                    Ok((token, unchanged)) => (Ok(token), unchanged),
+                    Err(error) => (Err(error), false),
+                };
             let mut effects = Effects::default();
             match &outcome {
+                Ok(token) if unchanged => {
+                    // Neither a success (nothing new was had) nor a failure: the failures so far,
+                    // if any, still stand.
+                    self.counters.unchanged.fetch_add(1, Relaxed);
+                    state.background_at = None;
+                    effects.log = Some(LogLine::Unchanged {
+                        again_in: token.refresh_deadline.saturating_duration_since(now.mono),
+                    });
+                    self.schedule(&mut state, token.refresh_deadline, &mut effects);
+                }
                 Ok(token) => {
                     self.counters.successes.fetch_add(1, Relaxed);
                     state.failures = 0;
@@ -1163,54 +1196,75 @@ impl Inner {
                     self.schedule(&mut state, retry_at, &mut effects);
                 }
             }
-            (outcome, effects)
+            (outcome, unchanged, effects)
         }
     }
 
-    /// Checks a fresh token and makes it current.
-    fn accept(&self, access: AccessToken, now: Now, trigger: Trigger) -> FetchResult {
+    /// Checks a token from the source and makes it current; with `true` when it is the token
+    /// already held (the source's own cache answered).
+    fn accept(
+        &self,
+        access: AccessToken,
+        now: Now,
+        trigger: Trigger,
+    ) -> Result<(Arc<Entry>, bool), TokenError> {
+        let expired = |what: &str| {
+            Err(
+                TokenError::new(TokenErrorKind::ExpiredOnArrival, what.to_owned())
+                    .for_cache(&self.identity, &self.scope),
+            )
+        };
+        let held = self
+            .current
+            .load_full()
+            .filter(|t| t.secret() == access.secret());
+        if let Some(held) = held {
+            // What is known about the token stays (when it was received, until when it is handed
+            // out, a rejection); the cache asks again once half of what remains has passed.
+            if !held.is_usable(now) {
+                return expired(
+                    "the token source answered with the token already held, which is past its usable life",
+                );
+            }
+            let left = held.usable_for(now);
+            let again = (left / 2).max(MIN_REASK).min(left);
+            let token = Arc::new(Entry {
+                token: held.token.clone(),
+                received_at: held.received_at,
+                refresh_at: now.wall + again,
+                usable_until: held.usable_until,
+                refresh_deadline: now.mono + again,
+                usable_deadline: held.usable_deadline,
+                claims: held.claims.clone(),
+                after_rejection: held.after_rejection,
+                replacement_requested: AtomicBool::new(held.replacement_requested.load(SeqCst)),
+            });
+            self.current.store(Some(token.clone()));
+            return Ok((token, true));
+        }
         let expires_on = access.expires_on();
         let lifetime = expires_on.duration_since(now.wall).unwrap_or_default();
         let buffer = self.options.expiry_buffer.min(lifetime / 10);
         let usable_until = expires_on - buffer;
         if lifetime.is_zero() || usable_until <= now.wall {
-            return Err(TokenError::new(
-                TokenErrorKind::ExpiredOnArrival,
-                "the identity provider returned a token that had already expired",
-            )
-            .for_cache(&self.identity, &self.scope));
+            return expired("the identity provider returned a token that had already expired");
         }
-        let margin = self.options.refresh_margin.min(lifetime / 4);
-        let refresh_at = (expires_on - margin).min(usable_until);
-        // A source that caches (azure_identity's credentials do) may return the same token: it
-        // keeps what is known about it, so a rejected token is replaced at most once.
-        let previous = self
-            .current
-            .load_full()
-            .filter(|t| t.secret() == access.secret());
-        let (after_rejection, replacement_requested, received_at) = match &previous {
-            Some(same) => (
-                same.after_rejection,
-                same.replacement_requested.load(SeqCst),
-                same.received_at,
-            ),
-            None => (trigger == Trigger::Rejected, false, now.wall),
-        };
+        let refresh_at = (now.wall + lifetime / 2).min(usable_until);
         let on_mono = |at: SystemTime| now.mono + at.duration_since(now.wall).unwrap_or_default();
         let claims = access.claims();
         let token = Arc::new(Entry {
             token: Arc::new(access),
-            received_at,
+            received_at: now.wall,
             refresh_at,
             usable_until,
             refresh_deadline: on_mono(refresh_at),
             usable_deadline: on_mono(usable_until),
             claims,
-            after_rejection,
-            replacement_requested: AtomicBool::new(replacement_requested),
+            after_rejection: trigger == Trigger::Rejected,
+            replacement_requested: AtomicBool::new(false),
         });
         self.current.store(Some(token.clone()));
-        Ok(token)
+        Ok((token, false))
     }
 
     /// Arranges a wake-up at `at` to refresh or retry if still due then, replacing any earlier

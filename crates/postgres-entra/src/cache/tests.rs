@@ -164,12 +164,12 @@ async fn tokens_are_refreshed_in_the_background_and_no_caller_waits() {
     provider.set_latency(Duration::from_secs(9));
     let first = cache.entry(None).await.unwrap();
     assert_eq!(cache.stats().waits, 1);
-    // Default margin: refresh 15 minutes before expiry.
+    // At half its life.
     let refresh_in = first
         .refresh_at()
         .duration_since(provider.clock.now())
         .unwrap();
-    assert_eq!(refresh_in, 45 * MINUTE);
+    assert_eq!(refresh_in, 30 * MINUTE);
 
     advance(refresh_in + Duration::from_secs(1)).await;
     settle().await;
@@ -193,13 +193,13 @@ async fn tokens_are_refreshed_in_the_background_and_no_caller_waits() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn short_lived_tokens_refresh_at_three_quarters_of_their_life() {
+async fn short_lived_tokens_refresh_at_half_their_life_too() {
     let (provider, cache) = setup(Duration::from_secs(4));
     let first = cache.entry(None).await.unwrap();
     let now = provider.clock.now();
     assert_eq!(
         first.refresh_at().duration_since(now).unwrap(),
-        Duration::from_secs(3)
+        Duration::from_secs(2)
     );
     // The expiry buffer is a tenth of the lifetime for short tokens.
     assert_eq!(
@@ -207,7 +207,7 @@ async fn short_lived_tokens_refresh_at_three_quarters_of_their_life() {
         Duration::from_millis(3600)
     );
 
-    // Across ten lifetimes, one request per three seconds and never a waiting caller after the first.
+    // Across ten lifetimes, one request per two seconds and never a waiting caller after the first.
     for _ in 0..40 {
         advance(Duration::from_secs(1)).await;
         settle().await;
@@ -216,7 +216,7 @@ async fn short_lived_tokens_refresh_at_three_quarters_of_their_life() {
     }
     assert_eq!(cache.stats().waits, 1);
     assert!(
-        (13..=14).contains(&provider.calls()),
+        (20..=21).contains(&provider.calls()),
         "{} requests",
         provider.calls()
     );
@@ -769,12 +769,6 @@ fn options_that_cannot_work_are_refused_at_build_time() {
             CacheOptions::default().fetch_timeout(Duration::ZERO),
             "fetch_timeout is zero",
         ),
-        (
-            CacheOptions::default()
-                .refresh_margin(ms(10_000))
-                .expiry_buffer(ms(20_000)),
-            "must exceed expiry_buffer",
-        ),
     ] {
         let error = build(options).unwrap_err();
         assert!(matches!(error, Error::Config { .. }), "{error}");
@@ -886,14 +880,14 @@ fn backoff_delay_grows_and_is_capped() {
     );
 }
 
-/// When the provider was called, as offsets from `start`, with a token lifetime of `lifetime`,
-/// after `run` of paused time: the cache over a direct source, or over one that caches like
-/// azure_identity.
+/// When the provider was called, as offsets from the first call, with a token lifetime of
+/// `lifetime`, after `run` of paused time, and the cache's counters then: the cache over a direct
+/// source, or over one that caches like azure_identity.
 async fn provider_calls(
     lifetime: Duration,
     run: Duration,
     like_azure_identity: bool,
-) -> Vec<Duration> {
+) -> (Vec<Duration>, CacheStats) {
     let provider = Provider::new(TokioClock::new(SystemTime::now()), lifetime);
     let builder = if like_azure_identity {
         TokenCache::builder(caching_like_azure_identity(&provider))
@@ -925,37 +919,117 @@ async fn provider_calls(
     }
     assert_eq!(cache.stats().waits, 1, "only the first caller waited");
     let times = provider.call_times.lock().unwrap().clone();
-    times.into_iter().map(|t| t - start).collect()
+    (
+        times.into_iter().map(|t| t - start).collect(),
+        cache.stats(),
+    )
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_hour_long_token_is_refreshed_fifteen_minutes_ahead_from_a_direct_source() {
-    let calls = provider_calls(HOUR, 2 * HOUR, false).await;
-    // At 45 min, then 45 min into each new token.
-    assert_eq!(calls, [Duration::ZERO, 45 * MINUTE, 90 * MINUTE]);
-}
-
-#[tokio::test(start_paused = true)]
-async fn an_hour_long_token_from_azure_identity_is_renewed_three_minutes_and_three_quarters_ahead()
-{
-    let calls = provider_calls(HOUR, 2 * HOUR, true).await;
-    // At 45 min the credential hands back the same token (its window is 5 minutes); the cache
-    // asks again a quarter of the remaining 15 minutes before expiry, at 56:15, and the credential
-    // renews: 3 min 45 s ahead of expiry.
-    let renewal = 56 * MINUTE + Duration::from_secs(15);
-    assert_eq!(calls, [Duration::ZERO, renewal, renewal + renewal]);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_day_long_managed_identity_token_is_renewed_on_the_same_schedule() {
-    const DAY: Duration = Duration::from_secs(24 * 3600);
-    let direct = provider_calls(DAY, DAY, false).await;
-    assert_eq!(direct, [Duration::ZERO, DAY - 15 * MINUTE]);
-    let cached = provider_calls(DAY, DAY, true).await;
+async fn an_hour_long_token_is_refreshed_at_half_its_life_from_a_direct_source() {
+    let (calls, stats) = provider_calls(HOUR, 2 * HOUR, false).await;
+    assert_eq!((stats.successes, stats.unchanged), (5, 0));
     assert_eq!(
-        cached,
-        [Duration::ZERO, DAY - 3 * MINUTE - Duration::from_secs(45)]
+        calls,
+        [
+            Duration::ZERO,
+            30 * MINUTE,
+            60 * MINUTE,
+            90 * MINUTE,
+            120 * MINUTE
+        ]
     );
+}
+
+/// A source with a cache of its own (azure_identity's credentials keep a token until 5 minutes
+/// before it expires) answers the refresh at half life with the token already held: the cache asks
+/// again at half of what remains of its usable life, until the source renews.
+#[tokio::test(start_paused = true)]
+async fn an_hour_long_token_from_a_source_with_its_own_cache_is_asked_for_at_half_of_what_remains()
+{
+    let (calls, stats) = provider_calls(HOUR, 65 * MINUTE, true).await;
+    // The provider itself is called when the source's cache gives up, 5 minutes before expiry:
+    // the cache asked the source at 30:00, 44:45, 52:07.5 and 55:48.75 (of the 59:30 the token is
+    // handed out for, half of what remained each time), the last one reaching the provider, seen
+    // at the end of the 15 s step of paused time it fell in.
+    assert_eq!(calls, [Duration::ZERO, 56 * MINUTE]);
+    assert_eq!(
+        (stats.requests, stats.successes, stats.unchanged),
+        (5, 2, 3)
+    );
+}
+
+/// A source whose cache answers with the same token to the end (a platform that never renews
+/// early): asked at half of what remains, never more than once a second, counted apart from
+/// successes; and its token is not handed out past its usable life however often it is offered.
+#[tokio::test(start_paused = true)]
+async fn a_source_that_never_renews_is_asked_at_half_of_what_remains_and_its_token_still_ends() {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
+    let inner = Arc::new(provider.source("never-renews"));
+    let held: Arc<Mutex<Option<AccessToken>>> = Arc::default();
+    let asked: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let source = {
+        let (held, asked) = (held.clone(), asked.clone());
+        fn_source("never-renews", move |scope| {
+            let (inner, held, asked, scope) =
+                (inner.clone(), held.clone(), asked.clone(), scope.to_owned());
+            async move {
+                asked.lock().unwrap().push(Instant::now());
+                let cached = held.lock().unwrap().clone();
+                match cached {
+                    Some(token) => Ok(token),
+                    None => {
+                        let token = inner.get_token(&scope).await?;
+                        *held.lock().unwrap() = Some(token.clone());
+                        Ok(token)
+                    }
+                }
+            }
+        })
+    };
+    let cache = TokenCache::builder(source)
+        .clock(Arc::new(provider.clock.clone()))
+        .build()
+        .unwrap();
+    let first = cache.entry(None).await.unwrap();
+    let start = Instant::now();
+    while provider.clock.now() < first.usable_until() {
+        assert!(provider.clock.now() + Duration::from_secs(30) <= first.expires_on());
+        assert_eq!(cache.get().await.unwrap().secret(), first.secret());
+        advance(Duration::from_millis(250)).await;
+        settle().await;
+    }
+    let error = cache.get().await.unwrap_err();
+    assert_eq!(error.kind(), TokenErrorKind::ExpiredOnArrival, "{error}");
+
+    let asked: Vec<Duration> = asked.lock().unwrap().iter().map(|t| *t - start).collect();
+    let stats = cache.stats();
+    assert_eq!(provider.calls(), 1);
+    assert_eq!(stats.successes, 1);
+    // While the token was handed out: from half its life (30 min), half of what remained each
+    // time (14:45, 7:22.5, ...), never less than a second apart (time moves in 250 ms steps here).
+    // Past its usable life the same answer is a failure, retried with backoff.
+    let unchanged = stats.unchanged as usize;
+    assert!((10..=13).contains(&unchanged), "{asked:?}");
+    assert_eq!(asked[1], 30 * MINUTE, "{asked:?}");
+    let gaps: Vec<Duration> = asked[..=unchanged]
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .collect();
+    assert!(
+        gaps.windows(2).all(|w| w[1] <= w[0])
+            && gaps.iter().all(|g| *g >= Duration::from_millis(750)),
+        "{gaps:?}"
+    );
+    assert!(stats.failures >= 1);
+    assert_eq!(stats.unchanged + 1 + stats.failures, stats.requests);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_day_long_managed_identity_token_is_renewed_at_half_its_life() {
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let (direct, _) = provider_calls(DAY, DAY, false).await;
+    assert_eq!(direct, [Duration::ZERO, DAY / 2, DAY]);
 }
 
 /// A log writer that holds every line containing `needle` until released: a slow log sink.
