@@ -1,5 +1,5 @@
 //! bb8 with Entra ID login: a connection manager whose connections log in with access tokens,
-//! with bb8's own max_lifetime, idle_timeout and test_on_check_out.
+//! with bb8's own lifetime and idle timeout off (sessions end with their token) and test_on_check_out.
 //!
 //! Run against the local emulator:   cargo run -p postgres-entra-examples --example bb8_quickstart
 //! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
@@ -24,8 +24,10 @@ async fn main() -> Result<(), BoxError> {
     manager.check().await?;
     let pool = bb8::Pool::builder()
         .max_size(8)
-        .max_lifetime(Some(Duration::from_secs(30 * 60)))
-        .idle_timeout(Some(Duration::from_secs(10 * 60)))
+        // Sessions end with their token (`PoolOptions::token_bound`), which keeps them while the
+        // identity provider is unavailable; bb8's own lifetime and idle timeout would not.
+        .max_lifetime(None)
+        .idle_timeout(None)
         .test_on_check_out(true)
         .connection_timeout(Duration::from_secs(20))
         .build(manager.clone())

@@ -129,6 +129,8 @@ async fn main() -> Result<(), BoxError> {
     let bb8 = bb8::Pool::builder()
         .max_size(POOL_SIZE as u32)
         .connection_timeout(Duration::from_secs(20))
+        .max_lifetime(None)
+        .idle_timeout(None)
         .build(bb8_manager.clone())
         .await?;
     let _bb8_observed = bb8_manager.observe(&bb8);

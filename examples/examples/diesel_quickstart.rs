@@ -50,6 +50,8 @@ async fn main() -> Result<(), BoxError> {
     let bb8_pool: Bb8Pool = postgres_entra_diesel::bb8::Pool::builder()
         .max_size(8)
         .connection_timeout(Duration::from_secs(20))
+        .max_lifetime(None)
+        .idle_timeout(None)
         .build(entra.manager())
         .await?;
     let mut connection = match bb8_pool.get().await {

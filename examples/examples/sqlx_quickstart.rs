@@ -40,7 +40,9 @@ async fn main() -> Result<(), BoxError> {
         options,
         PgPoolOptions::new()
             .max_connections(8)
-            .max_lifetime(Duration::from_secs(30 * 60))
+            // Sessions end with their token instead, kept through an identity-provider outage.
+            .max_lifetime(None)
+            .idle_timeout(None)
             .acquire_timeout(Duration::from_secs(20)),
         &target.connector,
         postgres_entra_sqlx::PoolOptions::new(),

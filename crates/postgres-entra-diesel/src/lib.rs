@@ -169,6 +169,87 @@ impl EntraDiesel {
     pub fn token_cache(&self) -> &TokenCache {
         self.inner.login.core().cache()
     }
+
+    /// Records `pool` (built on [`manager`](Self::manager): a [`DeadpoolPool`] or a [`Bb8Pool`])
+    /// in its metrics until the returned guard is dropped: `db.client.connection.count` (idle,
+    /// used), `db.client.connection.max`, `.pending_requests`, and bb8's `.timeouts`, read from
+    /// the pool when metrics are collected. The connections' `.create_time` and the sessions'
+    /// `postgres_entra.connection.retired` and `.oldest_token_age` are recorded whether or not a
+    /// pool is observed. Observing again replaces the earlier observation.
+    ///
+    /// The guard of a bb8 pool holds a handle to it (bb8 has no weak one): keep the guard beside
+    /// the pool and drop them together.
+    #[cfg(feature = "opentelemetry_0_33")]
+    pub fn observe(&self, pool: &impl ObservablePool) -> PoolObservation {
+        let reader = pool.reader();
+        self.inner.login.core().observe(Arc::downgrade(&reader));
+        PoolObservation { _reader: reader }
+    }
+}
+
+#[cfg(feature = "opentelemetry_0_33")]
+use postgres_entra_tokio_postgres::postgres_entra::__private::{PoolCounts, PoolReader};
+
+/// A pool [`EntraDiesel::observe`] reads: [`DeadpoolPool`] and [`Bb8Pool`]. Sealed.
+#[cfg(feature = "opentelemetry_0_33")]
+pub trait ObservablePool: sealed::Sealed {
+    #[doc(hidden)]
+    fn reader(&self) -> Arc<PoolReader>;
+}
+
+#[cfg(feature = "opentelemetry_0_33")]
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::DeadpoolPool {}
+    impl Sealed for super::Bb8Pool {}
+}
+
+#[cfg(feature = "opentelemetry_0_33")]
+impl ObservablePool for DeadpoolPool {
+    fn reader(&self) -> Arc<PoolReader> {
+        let weak = self.weak();
+        Arc::new(move || {
+            let status = weak.upgrade()?.status();
+            Some(PoolCounts {
+                idle: status.available as u64,
+                used: status.size.saturating_sub(status.available) as u64,
+                max: status.max_size as u64,
+                pending: Some(status.waiting as u64),
+                timeouts: None,
+            })
+        })
+    }
+}
+
+#[cfg(feature = "opentelemetry_0_33")]
+impl ObservablePool for Bb8Pool {
+    fn reader(&self) -> Arc<PoolReader> {
+        let pool = self.clone();
+        Arc::new(move || {
+            let state = pool.state();
+            Some(PoolCounts {
+                idle: u64::from(state.idle_connections),
+                used: u64::from(state.connections.saturating_sub(state.idle_connections)),
+                max: u64::from(pool.config().max_size),
+                pending: Some(state.statistics.pending_gets()),
+                timeouts: Some(state.statistics.get_timed_out),
+            })
+        })
+    }
+}
+
+/// A pool recorded in metrics (see [`EntraDiesel::observe`]); dropping it ends the observation.
+#[cfg(feature = "opentelemetry_0_33")]
+#[must_use = "the pool is observed only while this guard lives"]
+pub struct PoolObservation {
+    _reader: Arc<PoolReader>,
+}
+
+#[cfg(feature = "opentelemetry_0_33")]
+impl fmt::Debug for PoolObservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolObservation").finish_non_exhaustive()
+    }
 }
 
 impl Inner {

@@ -116,9 +116,12 @@ impl EntraPgPool {
     }
 }
 
-/// A pool for `url` (sqlx's `postgres://` URL syntax) with sqlx's default pool options, whose
-/// connections log in with tokens from `connector`; see [`connect_with`]. Without a user in the
-/// URL (`postgres://user@host/db` or `?user=`) or in `PGUSER`, the role comes from the connector or
+/// A pool for `url` (sqlx's `postgres://` URL syntax) whose connections log in with tokens from
+/// `connector`; see [`connect_with`]. The pool has sqlx's default options but for its own
+/// `max_lifetime` (30 minutes) and `idle_timeout` (10 minutes), which are off: sessions end with
+/// their token instead ([`PoolOptions::token_bound`]), and are kept while the identity provider
+/// is unavailable, when nothing could replace them. Without a user in the URL
+/// (`postgres://user@host/db` or `?user=`) or in `PGUSER`, the role comes from the connector or
 /// the token.
 pub async fn connect(
     url: &str,
@@ -128,7 +131,8 @@ pub async fn connect(
     let connect_options: PgConnectOptions = url
         .parse()
         .map_err(|e: sqlx::Error| config_error(format!("the URL: {}", flatten(&e))))?;
-    connect_with(connect_options, PgPoolOptions::new(), connector, options).await
+    let pool_options = PgPoolOptions::new().max_lifetime(None).idle_timeout(None);
+    connect_with(connect_options, pool_options, connector, options).await
 }
 
 /// The user explicitly named by `options`: not sqlx's fallback to the operating system's user

@@ -220,6 +220,14 @@ struct CoreInner {
     observed: crate::metrics::Observed,
 }
 
+/// How long a login waits for a token while the identity provider is unavailable, when its pool
+/// sets no limit of its own (bb8's connects, deadpool without a create timeout): bb8's default
+/// connection timeout, so that a bb8 connect failing after it has no backoff left to serve.
+pub(crate) const OUTAGE_WAIT: Duration = Duration::from_secs(30);
+
+/// The shortest pause between two waits for a token.
+const MIN_PAUSE: Duration = Duration::from_millis(20);
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every update is a single assignment, insert or remove: consistent across a panic elsewhere.
     mutex.lock().unwrap_or_else(|e| e.into_inner())
@@ -418,7 +426,7 @@ impl PoolCore {
     {
         let deadline = self.deadline();
         let cache = &self.inner.cache;
-        let entry = cache.entry(deadline).await.map_err(Error::Token)?;
+        let entry = self.token(deadline).await?;
         let role = self.role(&entry)?;
         let (code, message) = match attempt(role.0.clone(), entry.clone()).await {
             Attempt::LoggedIn(connection) => return Ok((connection, entry)),
@@ -462,6 +470,31 @@ impl PoolCore {
                 Err(self.rejected(&fresh, role, &code, &message, LoginRetry::FreshTokenRefused))
             }
             Attempt::Failed(error) => Err(error),
+        }
+    }
+
+    /// A token for a login that must have it by `deadline` (the pool's limit), or within
+    /// [`OUTAGE_WAIT`] when the pool sets none: while the identity provider is unavailable and no
+    /// token is cached, the login waits for the cache's next attempts (one per retry interval, or
+    /// as the provider asked) rather than failing at once, so that it goes ahead as soon as the
+    /// provider answers again. bb8 needs this: it backs off after each failed connect (up to half
+    /// its connection timeout), which would delay the recovery by as much. A refusal, or any
+    /// failure that is not the provider's unavailability, ends the wait at once.
+    async fn token(&self, deadline: Option<Instant>) -> Result<Arc<Entry>, Error> {
+        let give_up = deadline.unwrap_or_else(|| Instant::now() + OUTAGE_WAIT);
+        loop {
+            match self.inner.cache.entry(Some(give_up)).await {
+                Ok(entry) => return Ok(entry),
+                Err(error)
+                    if error.kind().is_unavailability() && Instant::now() + MIN_PAUSE < give_up =>
+                {
+                    // The cache paces its requests itself; this pause only keeps a wait that the
+                    // provider asked for (Retry-After) from spinning.
+                    let pause = error.retry_in().unwrap_or_default().max(MIN_PAUSE);
+                    tokio::time::sleep_until((Instant::now() + pause).min(give_up)).await;
+                }
+                Err(error) => return Err(Error::Token(error)),
+            }
         }
     }
 
@@ -990,5 +1023,103 @@ mod tests {
         assert_eq!(core.open_sessions(), 1);
         drop(session);
         assert_eq!(core.open_sessions(), 0);
+    }
+    /// A source failing with `failing` (none: answering) until told otherwise, counting calls.
+    #[derive(Debug, Clone, Default)]
+    struct Switched {
+        failing: Arc<Mutex<Option<crate::error::TokenErrorKind>>>,
+        calls: Arc<AtomicU32>,
+    }
+
+    impl TokenSource for Switched {
+        fn get_token<'a>(&'a self, _: &'a str) -> TokenFuture<'a> {
+            let failing = *lock(&self.failing);
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                match failing {
+                    Some(kind) => Err(TokenError::new(kind, "switched off")),
+                    None => Ok(AccessToken::new("token", SystemTime::now() + 60 * MINUTE)),
+                }
+            })
+        }
+        fn identity(&self) -> String {
+            "switched".to_owned()
+        }
+    }
+
+    /// A login with no limit from its pool waits out an unavailable provider (for up to
+    /// `OUTAGE_WAIT`) and goes ahead within a retry interval of its answering again, asking it
+    /// at the cache's steady rate meanwhile; a refusal ends the wait at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_login_waits_out_an_unavailable_provider_and_not_a_refusing_one() {
+        use crate::error::TokenErrorKind::{CredentialRejected, ServerError};
+        let source = Switched::default();
+        *lock(&source.failing) = Some(ServerError);
+        let connector = EntraConnector::builder(source.clone()).build().unwrap();
+        let core = PoolCore::new(
+            &connector,
+            &[("localhost", None, 5432)],
+            Some("app"),
+            PoolOptions::new(),
+            "p".to_owned(),
+            None,
+        )
+        .unwrap();
+        let login = core.login(|_, _| async { Attempt::LoggedIn(()) });
+        tokio::pin!(login);
+        let answered = tokio::select! {
+            _ = &mut login => panic!("logged in while the provider failed"),
+            () = tokio::time::sleep(Duration::from_secs(10)) => {
+                *lock(&source.failing) = None;
+                Instant::now()
+            }
+        };
+        let (_, session) = login.await.expect("logged in once the provider answered");
+        assert!(Instant::now() - answered <= Duration::from_millis(800));
+        let calls = source.calls.load(Ordering::SeqCst);
+        assert!((12..=15).contains(&calls), "{calls} requests in 10 s");
+        drop(session);
+
+        // Never answering: the login ends after the wait, with the provider's error.
+        let never = Switched::default();
+        *lock(&never.failing) = Some(ServerError);
+        let core = PoolCore::new(
+            &EntraConnector::builder(never).build().unwrap(),
+            &[("localhost", None, 5432)],
+            Some("app"),
+            PoolOptions::new(),
+            "p".to_owned(),
+            None,
+        )
+        .unwrap();
+        let started_again = Instant::now();
+        let error = core
+            .login(|_, _| async { Attempt::LoggedIn(()) })
+            .await
+            .unwrap_err();
+        assert!(matches!(error, Error::Token(_)), "{error}");
+        let waited = Instant::now() - started_again;
+        assert!(
+            waited >= OUTAGE_WAIT - Duration::from_secs(1) && waited <= OUTAGE_WAIT,
+            "{waited:?}"
+        );
+
+        // A refused credential: at once.
+        let refusing = Switched::default();
+        *lock(&refusing.failing) = Some(CredentialRejected);
+        let core = PoolCore::new(
+            &EntraConnector::builder(refusing).build().unwrap(),
+            &[("localhost", None, 5432)],
+            Some("app"),
+            PoolOptions::new(),
+            "p".to_owned(),
+            None,
+        )
+        .unwrap();
+        let at = Instant::now();
+        core.login(|_, _| async { Attempt::LoggedIn(()) })
+            .await
+            .unwrap_err();
+        assert_eq!(Instant::now(), at);
     }
 }

@@ -190,6 +190,15 @@ pub(crate) trait PoolUnderTest: Clone + Send + Sync + 'static {
     /// Whether the pool counts checkouts that timed out (`db.client.connection.timeouts`).
     const COUNTS_TIMEOUTS: bool;
 
+    /// Whether the pool tells how many checkouts wait (`db.client.connection.pending_requests`).
+    const COUNTS_PENDING: bool = true;
+
+    /// Whether a login waiting for a token ends before the pool's own limit on a connect, with our
+    /// error in the pool's: the adapter sees deadpool's create timeout and sqlx's acquire timeout,
+    /// and bb8 has no such limit. diesel-async's deadpool pool gives its manager no look at the
+    /// pool: its create timeout ends the login, and only `explain` gives our cause.
+    const SEES_POOL_LIMIT: bool = true;
+
     /// Builds the pool; an error is what the adapter reports when the pool is made.
     fn build(spec: PoolSpec) -> impl Future<Output = Result<Self, Error>> + Send;
 
@@ -359,9 +368,13 @@ impl PoolUnderTest for Bb8 {
             options = options.max_age(age, age / 5);
         }
         let manager = EntraConnectionManager::new(spec.server_config(), &spec.connector, options)?;
+        // As the README configures bb8: the token bound retires connections, not bb8's own
+        // lifetime and idle timeout (which close connections whatever the provider's state).
         let pool = bb8::Pool::builder()
             .max_size(spec.max_size as u32)
             .connection_timeout(spec.timeout)
+            .max_lifetime(None)
+            .idle_timeout(None)
             .test_on_check_out(true)
             .build(manager.clone())
             .await?;
@@ -407,6 +420,7 @@ pub(crate) struct Sqlx(postgres_entra_sqlx::EntraPgPool);
 impl PoolUnderTest for Sqlx {
     type Connection = sqlx::pool::PoolConnection<sqlx::Postgres>;
     const COUNTS_TIMEOUTS: bool = false;
+    const COUNTS_PENDING: bool = false;
 
     async fn build(spec: PoolSpec) -> Result<Self, Error> {
         use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
@@ -425,9 +439,12 @@ impl PoolUnderTest for Sqlx {
                 SslMode::Prefer => PgSslMode::Prefer,
                 _ => PgSslMode::Require,
             });
+        // As the README configures sqlx: no idle timeout of its own; its lifetime only when the
+        // test asks for an age limit.
         let pool = PgPoolOptions::new()
             .max_connections(spec.max_size as u32)
             .max_lifetime(spec.max_age)
+            .idle_timeout(None)
             .acquire_timeout(spec.timeout);
         postgres_entra_sqlx::connect_lazy_with(options, pool, &spec.connector, spec.options)
             .map(Sqlx)
@@ -495,12 +512,14 @@ async fn diesel_first_value(
 pub(crate) struct DieselDeadpool {
     pool: postgres_entra_diesel::DeadpoolPool,
     entra: EntraDiesel,
+    _observed: Arc<postgres_entra_diesel::PoolObservation>,
 }
 
 impl PoolUnderTest for DieselDeadpool {
     type Connection =
         diesel_async::pooled_connection::deadpool::Object<diesel_async::AsyncPgConnection>;
     const COUNTS_TIMEOUTS: bool = false;
+    const SEES_POOL_LIMIT: bool = false;
 
     async fn build(spec: PoolSpec) -> Result<Self, Error> {
         let mut options = spec.options.clone();
@@ -516,7 +535,12 @@ impl PoolUnderTest for DieselDeadpool {
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .expect("a valid deadpool configuration");
-        Ok(Self { pool, entra })
+        let observed = Arc::new(entra.observe(&pool));
+        Ok(Self {
+            pool,
+            entra,
+            _observed: observed,
+        })
     }
 
     async fn checkout(&self) -> Result<Self::Connection, Failure> {
@@ -552,6 +576,7 @@ impl PoolUnderTest for DieselDeadpool {
 pub(crate) struct DieselBb8 {
     pool: postgres_entra_diesel::Bb8Pool,
     entra: EntraDiesel,
+    _observed: Arc<postgres_entra_diesel::PoolObservation>,
 }
 
 impl PoolUnderTest for DieselBb8 {
@@ -567,11 +592,18 @@ impl PoolUnderTest for DieselBb8 {
         let pool = bb8::Pool::builder()
             .max_size(spec.max_size as u32)
             .connection_timeout(spec.timeout)
+            .max_lifetime(None)
+            .idle_timeout(None)
             .test_on_check_out(true)
             .build(entra.manager())
             .await
             .map_err(|e| postgres_entra::__private::config_error(e.to_string()))?;
-        Ok(Self { pool, entra })
+        let observed = Arc::new(entra.observe(&pool));
+        Ok(Self {
+            pool,
+            entra,
+            _observed: observed,
+        })
     }
 
     async fn checkout(&self) -> Result<Self::Connection, Failure> {
