@@ -45,6 +45,7 @@ macro_rules! for_pools {
     };
 }
 
+mod alerts;
 mod claims_corpus;
 mod deadpool_only;
 mod diesel_only;
