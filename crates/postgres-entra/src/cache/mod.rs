@@ -966,10 +966,27 @@ impl Inner {
             if !due {
                 return;
             }
-            // Outside a Tokio runtime there is no one to run it; the next caller will.
-            match self.begin_fetch(&mut state, Trigger::Background) {
-                Ok((_, effects)) => effects,
-                Err(_) => return,
+            // After a failure, never before the retry interval since the last attempt (perhaps a
+            // caller's): a failing provider hears at most one request per interval. (A
+            // `Retry-After` is already in the retry's time, up to the end of the token served.)
+            let spaced = state
+                .last_attempt
+                .filter(|_| state.last_error.is_some())
+                .map(|at| at + self.options.retry_interval)
+                .filter(|at| *at > now.mono);
+            if let Some(at) = spaced {
+                if !blocking {
+                    return;
+                }
+                let mut effects = Effects::default();
+                self.schedule(&mut state, at, &mut effects);
+                effects
+            } else {
+                // Outside a Tokio runtime there is no one to run it; the next caller will.
+                match self.begin_fetch(&mut state, Trigger::Background) {
+                    Ok((_, effects)) => effects,
+                    Err(_) => return,
+                }
             }
         };
         self.run(effects);

@@ -359,8 +359,10 @@ async fn without_a_token_callers_make_the_cache_ask_once_a_second_and_recovery_i
         assert!(failures >= 60, "{failures} answers in 60 s");
         longest = longest.max(waited);
     }
+    // One request per retry interval (0.8 s) at most, background retries included: 75 in 60 s,
+    // and the first.
     let calls = provider.calls();
-    assert!((72..=82).contains(&calls), "{calls} requests in 60 s");
+    assert!((72..=76).contains(&calls), "{calls} requests in 60 s");
     assert!(
         longest <= Duration::from_millis(800),
         "a caller waited {longest:?}"
