@@ -248,7 +248,8 @@ async fn an_entra_outage_seen_by_a_real_credential_counts_failures_as_the_token_
     .options(
         postgres_entra::CacheOptions::default()
             .expiry_buffer(Duration::from_millis(500))
-            .backoff(Duration::from_millis(200), Duration::from_millis(400)),
+            .backoff(Duration::from_millis(200), Duration::from_millis(400))
+            .retry_interval(Duration::from_millis(200)),
     )
     .build()
     .unwrap();
@@ -261,7 +262,9 @@ async fn an_entra_outage_seen_by_a_real_credential_counts_failures_as_the_token_
         .unwrap_or_default();
     tokio::time::sleep(refresh_in + Duration::from_millis(300)).await;
     let first = reader.collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Retries come at most 400 ms apart (the backoff's ceiling; the retry interval is
+    // 200 ms): a second spans at least two, and the token still has 2.7 s to live.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let second = reader.collect();
 
     let failed = [
