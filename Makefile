@@ -6,7 +6,7 @@ NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 CLIPPY_DRIVER := $(shell rustup which clippy-driver 2>/dev/null || command -v clippy-driver)
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
-.PHONY: test demo clippy-installed fresh-records deps fmt clippy lint build unit-tests examples package fuzz bench test-azure
+.PHONY: test demo clippy-installed fresh-records deps fmt clippy lint build unit-tests examples package fuzz bench test-azure figures
 
 ## Runs the main job against the local emulator (real Azure when PG*/AZURE_* are set, see README).
 demo: deps
@@ -27,7 +27,7 @@ test: clippy-installed fresh-records deps fmt build lint unit-tests examples pac
 	@scripts/check-leftovers.sh $(TEST_PROCESSES)
 
 fresh-records:
-	@rm -rf $(TEST_PROCESSES) && mkdir -p $(TEST_PROCESSES)
+	@rm -rf $(TEST_PROCESSES) $(TARGET_DIR)/tmp/figures && mkdir -p $(TEST_PROCESSES)
 
 clippy-installed:
 	@[ -n "$(CLIPPY_DRIVER)" ] || { echo "clippy is not installed: rustup component add clippy" >&2; exit 1; }
@@ -107,6 +107,13 @@ package:
 ## part of `make test`.
 test-azure:
 	$(CARGO) test --locked -p postgres-entra-tests --test live_azure -- --ignored --nocapture --test-threads=1
+
+## The figures the last `make test` printed (the end-to-end tests' `figure!` lines), as
+## docs/figures.txt: the record docs/reliability.md quotes, checked by the tests.
+figures:
+	@ls $(TARGET_DIR)/tmp/figures/*.txt >/dev/null 2>&1 || { echo "no figures recorded: run make test first" >&2; exit 1; }
+	cat $(TARGET_DIR)/tmp/figures/*.txt | LC_ALL=C sort > docs/figures.txt
+	@echo "docs/figures.txt: $$(wc -l < docs/figures.txt) figures"
 
 ## Criterion benches; the summary table goes to target/postgres-entra-bench.md and docs/benchmarks.md.
 bench: deps

@@ -59,5 +59,5 @@ fn the_fuzz_corpus_and_its_mutations_never_panic() {
         }
         inputs += feed(&input);
     }
-    println!("claims parser: {inputs} inputs, no panic");
+    figure!("claims parser: {inputs} inputs, no panic");
 }

@@ -68,6 +68,7 @@ async fn throttling_with_retry_after_is_honoured_without_a_request_storm() {
         2,
         "one retry once Retry-After passed"
     );
+    figure!("1 request until Retry-After passed, then 1");
     cache.get().await.unwrap();
 }
 
@@ -82,7 +83,7 @@ async fn server_errors_without_a_token_are_retried_at_a_steady_rate_without_a_re
     // Sixteen callers as fast as they can: one attempt per retry interval (800 ms), each caller
     // answered by the next attempt, none waiting longer.
     let requests = emulator.requests(Endpoint::Token);
-    println!("{errors} failed calls caused {requests} requests to the identity provider");
+    figure!("{errors} failed calls caused {requests} requests to the identity provider");
     assert!((4..=6).contains(&requests), "{requests} requests");
     assert!(
         errors >= 16 * 3,

@@ -67,5 +67,5 @@ async fn the_fuzz_corpus_and_its_mutations_never_panic_nor_let_a_non_host_throug
         }
         inputs += usize::from(feed(&input, &plain));
     }
-    println!("host guard: {inputs} inputs, no panic, no non-host let through");
+    figure!("host guard: {inputs} inputs, no panic, no non-host let through");
 }

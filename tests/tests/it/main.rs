@@ -45,10 +45,19 @@ macro_rules! for_pools {
     };
 }
 
+/// Prints a figure the test measured, and records it under the test's name for `make figures`
+/// (see [`record_figure`]).
+macro_rules! figure {
+    ($($arg:tt)*) => {
+        $crate::record_figure(format!($($arg)*))
+    };
+}
+
 mod alerts;
 mod claims_corpus;
 mod deadpool_only;
 mod diesel_only;
+mod docs;
 mod faults;
 mod hosts_corpus;
 mod metrics;
@@ -70,6 +79,50 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// Prints `text` and appends it, with the test's name, to `target/tmp/figures/<test>.txt`, from
+/// which `make figures` writes `docs/figures.txt`: the figures docs/reliability.md quotes, each
+/// checked against that file by `docs::the_figures_the_docs_quote_are_the_recorded_ones`. A
+/// test's file is rewritten by its first figure of a run. Call it from the test's own thread (its
+/// name is the test's).
+pub fn record_figure(text: String) {
+    use std::io::Write as _;
+    static STARTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    println!("{text}");
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed")
+        .to_owned();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("figures");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{test}.txt"));
+    let first = {
+        let mut started = STARTED.lock().unwrap();
+        let first = !started.contains(&test);
+        if first {
+            started.push(test.clone());
+        }
+        first
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(!first)
+        .truncate(first)
+        .open(path)
+        .unwrap();
+    writeln!(file, "{test}: {text}").unwrap();
+}
+
+/// `duration` in milliseconds, as the docs quote it.
+pub fn ms(duration: Duration) -> String {
+    format!("{:.0} ms", duration.as_secs_f64() * 1000.0)
+}
+
+/// `duration` in seconds, to a tenth, as the docs quote it.
+pub fn secs(duration: Duration) -> String {
+    format!("{:.1} s", duration.as_secs_f64())
+}
 
 /// Bytes captured so far.
 pub fn captured_len() -> usize {

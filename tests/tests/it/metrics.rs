@@ -147,7 +147,7 @@ async fn creating_and_dropping_pools_leaves_no_callback_or_memory_behind() {
     let collected = reader.collect();
     let growth = rss() - before;
 
-    println!(
+    figure!(
         "20,000 pools created and dropped: resident memory grew by {:.1} MiB",
         growth as f64 / (1024.0 * 1024.0)
     );

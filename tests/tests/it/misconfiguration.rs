@@ -125,7 +125,7 @@ async fn side_by_side(emulator: &Suite, connector: &TestConnector, run: Duration
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (rejected, other) = (sink.0.load(Ordering::SeqCst), sink.1.load(Ordering::SeqCst));
     assert_eq!(other, 0, "every failed connect was a rejected login");
-    println!(
+    figure!(
         "healthy pool: {} checkouts; wrong-role pool: {rejected} refused connects; cache {:?}",
         load.ok,
         connector.cache().stats()

@@ -51,18 +51,27 @@ async fn new_logins_resume_within_a_second_of_the_provider_answering_after_one_a
         emulator.set_fault(Endpoint::Token, Fault::ServerError);
         // Past the usable life, the sessions gone: every checkout needs a new login, which needs
         // a token, which the provider will not give. Two tasks keep checking out through the
-        // outage and a few seconds past it; each checkout's start and end are kept.
+        // outage and a few seconds past it; each checkout's start and end are kept. A task ends
+        // the sessions only while no checkout is under way (the lock), so that none is killed in
+        // use: what fails, fails for want of a token.
         let until = Instant::now() + outage + Duration::from_secs(3);
+        let under_way = Arc::new(tokio::sync::RwLock::new(()));
         let tasks: Vec<_> = (0..2)
             .map(|_| {
-                let (pool, emulator) = (pool.clone(), emulator.clone());
+                let (pool, emulator, under_way) =
+                    (pool.clone(), emulator.clone(), under_way.clone());
                 tokio::spawn(async move {
                     let mut checkouts = Vec::new();
                     while Instant::now() < until {
-                        kill_sessions(&emulator).await;
+                        {
+                            let _alone = under_way.write().await;
+                            kill_sessions(&emulator).await;
+                        }
+                        let checkout = under_way.read().await;
                         let started = Instant::now();
                         let outcome = pool.checkout_as(ROLE).await;
-                        checkouts.push((started, Instant::now(), outcome.is_ok()));
+                        checkouts.push((started, Instant::now(), outcome));
+                        drop(checkout);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     checkouts
@@ -80,7 +89,7 @@ async fn new_logins_resume_within_a_second_of_the_provider_answering_after_one_a
 
         let recovered = checkouts
             .iter()
-            .filter(|(_, ended, ok)| *ok && *ended > answered)
+            .filter(|(_, ended, outcome)| outcome.is_ok() && *ended > answered)
             .map(|(_, ended, _)| *ended - answered)
             .min()
             .expect("new logins resume");
@@ -89,12 +98,19 @@ async fn new_logins_resume_within_a_second_of_the_provider_answering_after_one_a
             .map(|(started, ended, _)| *ended - *started)
             .max()
             .unwrap();
-        let failed = checkouts.iter().filter(|(_, _, ok)| !ok).count();
+        let failed: Vec<&String> = checkouts
+            .iter()
+            .filter_map(|(_, _, outcome)| outcome.as_ref().err())
+            .collect();
         let rate = requests as f64 / outage.as_secs_f64();
-        println!(
-            "outage of {lives} token life (lives {LIFETIME:?}): {requests} requests to the provider ({rate:.2}/s); first checkout {recovered:?} after it answered again; {} checkouts, {failed} failed, the longest {longest:?}",
-            checkouts.len()
+        figure!(
+            "outage of {lives} token lives (2 s tokens): {requests} requests to the provider ({rate:.2} a second); the first checkout {} after it answered again; {} checkouts, {} failed, the longest {}",
+            crate::ms(recovered),
+            checkouts.len(),
+            failed.len(),
+            crate::secs(longest)
         );
+        assert!(failed.is_empty(), "checkouts failed: {failed:#?}");
         assert!(
             recovered <= Duration::from_secs(1),
             "recovered {recovered:?} after the provider answered"
@@ -183,10 +199,9 @@ async fn warm_pool_through<P: PoolUnderTest>(outage: Outage) {
         assert!(Instant::now() < deadline, "old sessions remain: {now:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!(
-        "{} checkouts through an outage ({outage:?}) of {:?} with tokens of {LIFETIME:?}, none failed",
-        load.ok,
-        3 * LIFETIME
+    figure!(
+        "{} checkouts through an outage ({outage:?}) of three token lives (2 s tokens), none failed",
+        load.ok
     );
 }
 
@@ -220,7 +235,11 @@ async fn during_a_stalled_provider_every_failed_checkout_carries_our_typed_cause
             failure.text
         );
     }
-    println!("failed after {took:?}: {}", failure.text);
+    figure!(
+        "failed after {} with our {} cause",
+        crate::secs(took),
+        reason.variant
+    );
 }
 
 async fn refused_logins_back_off_after_a_revocation<P: PoolUnderTest>() {
@@ -270,7 +289,7 @@ async fn refused_logins_back_off_after_a_revocation<P: PoolUnderTest>() {
                 .count()
         })
         .collect();
-    println!(
+    figure!(
         "refused logins after the revocation: {} in all, per second after the first: {per_second:?}",
         refused.len()
     );
@@ -344,9 +363,8 @@ async fn a_sixty_second_outage_under_churn_logs_tens_of_lines_per_pool_and_recov
         .collect();
     let about = |what: &str| ours.iter().filter(|l| l.contains(what)).count();
     let failed = d.failed + b.failed + s.failed;
-    println!(
-        "{} checkouts failed during a {OUTAGE:?} outage; {} log lines at INFO and WARN (of {} bytes logged at all levels):",
-        failed,
+    figure!(
+        "{failed} checkouts failed during a 60 s outage; {} log lines at INFO and WARN (of {} bytes logged at all levels)",
         ours.len(),
         window.len()
     );

@@ -97,8 +97,9 @@ async fn a_managed_identity_endpoint_answering_from_its_cache_is_asked_again_at_
     assert!(ok > 50, "{ok} checkouts");
     let stats = cache.stats();
     let renewed_with = renewed_with.expect("the endpoint renewed the token");
-    println!(
-        "renewed {renewed_with:?} before expiry; {} answers of the token already held; {stats:?}",
+    figure!(
+        "renewed {} before expiry; {} answers of the token already held; {stats:?}",
+        crate::secs(renewed_with),
         stats.unchanged
     );
     // Asked at 10 s (10 s left), then at half of what remained of the 18 s it is handed out for:
@@ -195,11 +196,15 @@ async fn eleven_minute_tokens_an_outage_from_sixty_percent_of_the_life_past_expi
     );
 
     let (fresh_stats, kept_stats) = (fresh.cache().stats(), kept.cache().stats());
-    println!(
-        "new credential per request: {fresh_load:?}, {fresh_burst} of {SIZE} new connections failed, {fresh_stats:?}"
+    figure!(
+        "new credential per request: {} checkouts, {} failed, {fresh_burst} of {SIZE} new connections failed after the first token's expiry; {fresh_stats:?}",
+        fresh_load.0,
+        fresh_load.1
     );
-    println!(
-        "one credential kept: {kept_load:?}, {kept_burst} of {SIZE} new connections failed, {kept_stats:?}"
+    figure!(
+        "one credential kept: {} checkouts, {} failed, {kept_burst} of {SIZE} new connections failed after the first token's expiry; {kept_stats:?}",
+        kept_load.0,
+        kept_load.1
     );
     assert_eq!(fresh_load.1, 0, "first failure: {:?}", fresh_load.2);
     assert_eq!(fresh_burst, 0);

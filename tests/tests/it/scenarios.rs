@@ -86,7 +86,7 @@ async fn churn_across_token_lifetimes_never_fails<P: PoolUnderTest>() {
 
     let requests = emulator.requests(Endpoint::Token);
     let logins = emulator.logins().len() as u64;
-    println!(
+    figure!(
         "{} checkouts, {logins} logins, {requests} token requests",
         load.ok
     );
@@ -244,9 +244,10 @@ async fn an_outage_past_expiry_is_a_typed_error_in_time_and_ends_when_the_provid
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!(
-        "typed error after {waited:?}; recovered {:?} after the provider came back",
-        healed.elapsed()
+    figure!(
+        "typed error after {:.1} ms; recovered {} after the provider came back",
+        waited.as_secs_f64() * 1000.0,
+        crate::secs(healed.elapsed())
     );
 }
 
@@ -299,9 +300,10 @@ async fn a_thirty_second_stall_of_the_token_endpoint_leaves_checkouts_unaffected
         "a checkout waited on the stalled token endpoint"
     );
     let slowest = *slowest.lock().unwrap();
-    println!(
-        "{} checkouts during the stall, slowest {slowest:?}",
-        load.ok
+    figure!(
+        "{} checkouts during the stall, slowest {}",
+        load.ok,
+        crate::ms(slowest)
     );
 }
 
@@ -319,9 +321,12 @@ async fn the_pool_recovers_when_the_server_restarts_mid_run<P: PoolUnderTest>() 
     restarter.await.unwrap();
     let after = churn(&pool, 16, Duration::from_secs(2)).await;
 
-    println!(
+    figure!(
         "during restart: {} ok, {} failed; after: {} ok, {} failed",
-        during.ok, during.failed, after.ok, after.failed
+        during.ok,
+        during.failed,
+        after.ok,
+        after.failed
     );
     assert!(during.ok > 0);
     assert!(after.ok > 100);
@@ -495,7 +500,10 @@ async fn a_login_dropped_at_any_point_never_wedges_the_pool<P: PoolUnderTest>() 
         }
     };
     assert_eq!(user, "late-readers");
-    println!("logged in {:?} after the role came back", back.elapsed());
+    figure!(
+        "logged in {} after the role came back",
+        crate::secs(back.elapsed())
+    );
 }
 
 /// Hosts that are no server of the token's cloud, nor loopback, nor allowed, and strings that are
@@ -609,9 +617,11 @@ async fn checkouts_fail_fast_when_connections_are_cut_and_the_pool_heals<P: Pool
     let slowest = *slowest_failure.lock().unwrap();
     let late = *late_failures.lock().unwrap();
 
-    println!(
-        "through a cut: {} ok, {} failed (slowest failure {slowest:?}), {late} failures in the last second",
-        load.ok, load.failed
+    figure!(
+        "through a cut: {} ok, {} failed (slowest failure {}), {late} failures in the last second",
+        load.ok,
+        load.failed,
+        crate::ms(slowest)
     );
     assert!(load.ok > 100);
     assert!(
@@ -643,7 +653,10 @@ async fn a_stalled_network_fails_checkouts_within_the_pool_timeouts_and_heals<P:
         waited < Duration::from_secs(6),
         "a stalled checkout ends with the pool's timeouts, not a hang: {waited:?}"
     );
-    println!("stalled checkout failed after {waited:?}: {error}");
+    figure!(
+        "stalled checkout failed after {}: {error}",
+        crate::secs(waited)
+    );
 
     relay.set_stalled(false);
     let healed = Instant::now();
@@ -681,8 +694,9 @@ async fn load_of_256_tasks_on_16_connections_for_30_seconds<P: PoolUnderTest>() 
     // Less what the TRACE capture itself grew by.
     let growth = (rss() as i64 - rss_before) - (captured_len() as i64 - capture_before);
 
-    println!(
-        "{} + {} checkouts, {} failed, {} logins, {} token requests, memory growth in the second half {:.1} MiB",
+    figure!(
+        "{} checkouts ({} + {}), {} failed, {} logins, {} token requests, memory growth in the second half {:.1} MiB",
+        first.ok + second.ok,
         first.ok,
         second.ok,
         first.failed + second.failed,

@@ -174,7 +174,7 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
         !issued.iter().any(|token| options.contains(token.as_str())),
         "sqlx's connect options hold a token"
     );
-    println!(
+    figure!(
         "{} renderings searched for {} tokens: 0 leaks",
         rendered.len(),
         issued.len()

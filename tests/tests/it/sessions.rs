@@ -209,8 +209,9 @@ async fn revoking_principals_mid_churn_ends_their_sessions_and_spares_the_others
         .collect();
     // The jitter is a tenth of the token's life at most (0.4 s here): spread within it.
     let most = most_in_any(&reconnects, Duration::from_millis(50));
-    println!(
-        "revoked sessions gone {gone_after:?} after the revocation (tokens live {LIFETIME:?}); control: {} checkouts, {} failed, {} reconnects, at most {most} in any 50 ms (pool of {CONTROL_SIZE})",
+    figure!(
+        "revoked sessions gone {} after the revocation (4 s tokens); control: {} checkouts, {} failed, {} reconnects, at most {most} in any 50 ms (pool of {CONTROL_SIZE})",
+        crate::secs(gone_after),
         control_seen.ok,
         control_seen.failures.len(),
         reconnects.len()
