@@ -2,7 +2,7 @@
 //! builder's `customize`; the reaper this adapter runs beside deadpool's lock.
 
 use deadpool_postgres::{ManagerConfig, RecyclingMethod};
-use postgres_entra_deadpool::{PoolOptions, create_pool};
+use postgres_entra_deadpool::{SessionOptions, create_pool};
 use std::time::Duration;
 
 use crate::pools::{Deadpool, PoolSpec};
@@ -17,7 +17,7 @@ async fn the_users_recycling_method_still_runs() {
             "SET application_name = 'recycled by the user''s method'".into(),
         ),
     });
-    let pool = create_pool(&config, &connector(&emulator), PoolOptions::new()).unwrap();
+    let pool = create_pool(&config, &connector(&emulator), SessionOptions::new()).unwrap();
 
     let first = pool.get().await.unwrap();
     let name: String = first
@@ -54,7 +54,7 @@ async fn a_create_timeout_set_in_customize_bounds_the_login() {
     let pool = create_pool_with(
         &config,
         &connector(&emulator),
-        PoolOptions::new(),
+        SessionOptions::new(),
         |builder| builder.create_timeout(Some(Duration::from_secs(2))),
     )
     .unwrap();
@@ -91,6 +91,16 @@ fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
             Ok(())
         }
     }
+    /// Lets every stuck writer go when dropped: a failing assertion must not leave the reaper's
+    /// thread stuck, or the runtime's shutdown would wait for it for ever.
+    struct Release(Arc<(Mutex<bool>, Condvar)>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            let (released, wake) = &*self.0;
+            *released.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            wake.notify_all();
+        }
+    }
     let (stuck_tx, stuck_rx) = mpsc::sync_channel(1);
     let sink = Stuck(stuck_tx, Arc::default());
     let make = sink.clone();
@@ -106,6 +116,8 @@ fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
         .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&dispatch)))
         .build()
         .unwrap();
+    // Dropped before the runtime (declared after it), whatever ends the test.
+    let release = Release(sink.1.clone());
     let (emulator, pool) = runtime.block_on(async {
         let emulator = Suite::start(LIFETIME).await;
         let mut config =
@@ -114,16 +126,19 @@ fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
         config.manager = Some(ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         });
-        let options = PoolOptions::new().reap_interval(Duration::from_millis(100));
-        let pool = create_pool(&config, &connector(&emulator), options).unwrap();
-        let held = (pool.get().await.unwrap(), pool.get().await.unwrap());
-        drop(held);
-        // The provider fails from now on: once their token has expired, the sessions are kept,
-        // and the reaper says so.
+        let options = SessionOptions::new().reap_interval(Duration::from_millis(100));
+        let connector = connector(&emulator);
+        let pool = create_pool(&config, &connector, options).unwrap();
+        // The first token, then the provider fails from now on, before its refresh at half the
+        // life however slow the machine: once that token has expired, the sessions logged in
+        // with it are kept, and the reaper says so.
+        connector.cache().get().await.unwrap();
         emulator.set_fault(
             postgres_entra_testkit::Endpoint::Token,
             postgres_entra_testkit::Fault::ServerError,
         );
+        let held = (pool.get().await.unwrap(), pool.get().await.unwrap());
+        drop(held);
         (emulator, pool)
     });
     stuck_rx
@@ -139,9 +154,7 @@ fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
         let _ = done_tx.send(got.is_ok());
     });
     let answered = done_rx.recv_timeout(Duration::from_secs(10));
-    let (released, wake) = &*sink.1;
-    *released.lock().unwrap() = true;
-    wake.notify_all();
+    drop(release);
     assert_eq!(
         answered,
         Ok(true),
