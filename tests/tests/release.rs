@@ -1,10 +1,12 @@
 //! What a release promises about its packages: each published crate declares a `rust-version` no
 //! lower than any of its dependencies declares (read from `cargo metadata`, the dependencies as
 //! `Cargo.lock` resolves them for this platform), since no older toolchain can be installed here
-//! to build with.
+//! to build with; and no crate reaches another's hidden items under a requirement a newer
+//! release could meet.
 
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const PUBLISHED: [&str; 6] = [
@@ -114,4 +116,148 @@ fn every_published_crate_declares_a_rust_version_its_dependencies_allow() {
         );
     }
     println!("{}", report.join("\n"));
+}
+
+// No published crate reaches another's hidden items (`__private`, exempt from semver by its own
+// words) under a requirement a newer release could meet: each crate on a path to a `__private`
+// module is required exactly (`=`), as serde requires serde_derive, so that the crates are
+// released in lockstep and `cargo update` never pairs an adapter with a core whose hidden items
+// changed.
+
+/// Every `a::b::__private` path in `source`, as its crate segments (`["a", "b"]`), leaving out
+/// the crate's own (`crate::`, `self::`, `super::`).
+fn private_paths(source: &str) -> BTreeSet<Vec<String>> {
+    let mut found = BTreeSet::new();
+    for (at, _) in source.match_indices("::__private") {
+        let before = &source[..at];
+        let start = before
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .map_or(0, |i| i + 1);
+        let segments: Vec<String> = before[start..]
+            .split("::")
+            .filter(|segment| !segment.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if let Some(first) = segments.first()
+            && !["crate", "self", "super"].contains(&first.as_str())
+        {
+            found.insert(segments);
+        }
+    }
+    found
+}
+
+fn rust_files(dir: &Path, files: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, files);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_crate_reaching_a_hidden_item_requires_its_version_exactly() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let packages = metadata["packages"].as_array().unwrap();
+    // What `package` requires of `dependency` (crate names as Rust writes them), if anything.
+    let requirement = |package: &str, dependency: &str| -> Option<String> {
+        packages
+            .iter()
+            .find(|p| p["name"].as_str().unwrap().replace('-', "_") == package)?["dependencies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| {
+                d["kind"].is_null()
+                    && d["rename"]
+                        .as_str()
+                        .unwrap_or(d["name"].as_str().unwrap())
+                        .replace('-', "_")
+                        == dependency
+            })
+            .map(|d| d["req"].as_str().unwrap().to_owned())
+    };
+
+    let mut checked = 0;
+    let mut problems = Vec::new();
+    for package in packages {
+        let name = package["name"].as_str().unwrap().replace('-', "_");
+        if !PUBLISHED.contains(&package["name"].as_str().unwrap()) {
+            continue;
+        }
+        let dir = Path::new(package["manifest_path"].as_str().unwrap())
+            .parent()
+            .unwrap()
+            .join("src");
+        let mut files = Vec::new();
+        rust_files(&dir, &mut files);
+        for file in files {
+            let source = std::fs::read_to_string(&file).unwrap();
+            for path in private_paths(&source) {
+                // `name` requires path[0]; path[0] re-exports path[1] and so requires it; ...
+                let mut from = name.clone();
+                for segment in &path {
+                    checked += 1;
+                    match requirement(&from, segment) {
+                        Some(req) if req.starts_with('=') => {}
+                        Some(req) => problems.push(format!(
+                            "{}: `{}::__private` while {from} requires {segment} `{req}`, not `=`",
+                            file.display(),
+                            path.join("::")
+                        )),
+                        None => problems.push(format!(
+                            "{}: `{}::__private`, and {from} has no normal dependency on {segment}",
+                            file.display(),
+                            path.join("::")
+                        )),
+                    }
+                    from = segment.clone();
+                }
+            }
+        }
+    }
+    assert!(
+        checked > 0,
+        "no hidden item reached: the check checks nothing"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn paths_to_hidden_items_are_read_with_every_crate_on_them() {
+    let paths = private_paths(
+        "use postgres_entra::__private::{A, B};\n\
+         let x = postgres_entra_tokio_postgres::postgres_entra::__private::flatten(&e);\n\
+         use crate::__private::C; (postgres_entra::__private::human(t))",
+    );
+    assert_eq!(
+        paths.into_iter().collect::<Vec<_>>(),
+        [
+            vec!["postgres_entra".to_owned()],
+            vec![
+                "postgres_entra_tokio_postgres".to_owned(),
+                "postgres_entra".to_owned()
+            ],
+        ]
+    );
 }
