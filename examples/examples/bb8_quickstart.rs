@@ -5,7 +5,7 @@
 //! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
 //! examples/src/lib.rs, then run the same command.
 
-use postgres_entra_bb8::{EntraConnectionManager, PoolOptions};
+use postgres_entra_bb8::{EntraConnectionManager, SessionOptions};
 use postgres_entra_examples::{BoxError, Target};
 use std::time::Duration;
 
@@ -19,12 +19,12 @@ async fn main() -> Result<(), BoxError> {
     let manager = EntraConnectionManager::new(
         target.pg_config.clone(),
         &target.connector,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )?;
     manager.check().await?;
     let pool = bb8::Pool::builder()
         .max_size(8)
-        // Sessions end with their token (`PoolOptions::token_bound`), which keeps them while the
+        // Sessions end with their token (`SessionOptions::token_bound`), which keeps them while the
         // identity provider is unavailable; bb8's own lifetime and idle timeout would not.
         .max_lifetime(None)
         .idle_timeout(None)

@@ -6,7 +6,7 @@
 //! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
 //! examples/src/lib.rs, then run the same command.
 
-use postgres_entra_deadpool::{PoolOptions, create_pool};
+use postgres_entra_deadpool::{SessionOptions, create_pool};
 use postgres_entra_examples::{BoxError, Target};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ async fn main() -> Result<(), BoxError> {
 
     let config = target.deadpool_config(8);
     // Checks sslmode, host and cloud now.
-    let pool = create_pool(&config, &target.connector, PoolOptions::new())?;
+    let pool = create_pool(&config, &target.connector, SessionOptions::new())?;
     // One login now: a wrong role or CA is reported at startup, typed.
     pool.manager().check().await?;
 

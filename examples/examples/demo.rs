@@ -9,7 +9,7 @@
 //! examples/src/lib.rs, then run the same command.
 
 use postgres_entra_bb8::EntraConnectionManager;
-use postgres_entra_deadpool::{Hook, PoolOptions, create_pool_with};
+use postgres_entra_deadpool::{Hook, SessionOptions, create_pool_with};
 use postgres_entra_examples::{
     BoxError, Target, install_prometheus_metrics, metrics_summary, prometheus_text,
 };
@@ -109,7 +109,7 @@ async fn main() -> Result<(), BoxError> {
     let deadpool = create_pool_with(
         &target.deadpool_config(POOL_SIZE),
         &target.connector,
-        PoolOptions::new()
+        SessionOptions::new()
             .max_age(MAX_AGE, MAX_AGE / 4)
             .pool_name("deadpool"),
         |builder| {
@@ -122,7 +122,7 @@ async fn main() -> Result<(), BoxError> {
     let bb8_manager = EntraConnectionManager::new(
         target.pg_config.clone(),
         &target.connector,
-        PoolOptions::new()
+        SessionOptions::new()
             .max_age(MAX_AGE, MAX_AGE / 4)
             .pool_name("bb8"),
     )?;

@@ -6,7 +6,7 @@
 //! examples/src/lib.rs, then run the same command.
 
 use postgres_entra_diesel::diesel_async::{AsyncPgConnection, RunQueryDsl};
-use postgres_entra_diesel::{Bb8Pool, DeadpoolPool, EntraDiesel, PoolOptions, diesel};
+use postgres_entra_diesel::{Bb8Pool, DeadpoolPool, EntraDiesel, SessionOptions, diesel};
 use postgres_entra_examples::{BoxError, Target};
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ async fn main() -> Result<(), BoxError> {
     let entra = EntraDiesel::new(
         target.pg_config.clone(),
         &target.connector,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )?;
     entra.check().await?;
 

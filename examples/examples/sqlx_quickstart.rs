@@ -45,7 +45,7 @@ async fn main() -> Result<(), BoxError> {
             .idle_timeout(None)
             .acquire_timeout(Duration::from_secs(20)),
         &target.connector,
-        postgres_entra_sqlx::PoolOptions::new(),
+        postgres_entra_sqlx::SessionOptions::new(),
     )
     .await?; // opens one connection now: a wrong role or CA is an error here
 

@@ -9,7 +9,7 @@
 //! Run against Azure: set PGHOST (and PGUSER, PGDATABASE) plus AZURE_* or IDENTITY_* as described in
 //! examples/src/lib.rs, then run the same command.
 
-use postgres_entra_deadpool::{PoolOptions, create_pool};
+use postgres_entra_deadpool::{SessionOptions, create_pool};
 use postgres_entra_examples::web::{http_get, router};
 use postgres_entra_examples::{BoxError, Target, install_prometheus_metrics, metrics_summary};
 use std::time::Duration;
@@ -22,7 +22,7 @@ async fn main() -> Result<(), BoxError> {
     let pool = create_pool(
         &target.deadpool_config(16),
         &target.connector,
-        PoolOptions::new().pool_name("web"),
+        SessionOptions::new().pool_name("web"),
     )?;
     let router = router(pool, registry);
     let port: u16 = std::env::var("PORT")

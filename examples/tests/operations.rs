@@ -5,7 +5,7 @@
 //! fires. Needs `promtool` and `prometheus` (`make test` installs Debian's `prometheus` package when
 //! they are missing).
 
-use postgres_entra::PoolOptions;
+use postgres_entra::SessionOptions;
 use postgres_entra_examples::web::{http_get, router};
 use postgres_entra_examples::{Target, install_prometheus_metrics};
 use postgres_entra_testkit::{Endpoint, Fault};
@@ -248,7 +248,7 @@ async fn the_service_metrics_pass_promtool_and_a_real_prometheus_fires_the_token
         .unwrap()
         .unwrap();
     let emulator = target.emulator.as_ref().unwrap();
-    let options = || PoolOptions::new().max_age(Duration::from_millis(300), Duration::ZERO);
+    let options = || SessionOptions::new().max_age(Duration::from_millis(300), Duration::ZERO);
     let web = postgres_entra_deadpool::create_pool(
         &target.deadpool_config(4),
         &target.connector,
@@ -277,7 +277,7 @@ async fn the_service_metrics_pass_promtool_and_a_real_prometheus_fires_the_token
             ))
             .build()
             .unwrap(),
-        PoolOptions::new().pool_name("wrong"),
+        SessionOptions::new().pool_name("wrong"),
     )
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -7,7 +7,7 @@
 //! `#[ignore]`d, so `make test` (and CI) never runs them.
 
 use postgres_entra::{
-    AccessToken, Cloud, EntraConnector, Error, PoolOptions, TlsRoots, TokenCache, TokenFuture,
+    AccessToken, Cloud, EntraConnector, Error, SessionOptions, TlsRoots, TokenCache, TokenFuture,
     TokenSource,
 };
 use postgres_entra_bb8::EntraConnectionManager;
@@ -152,7 +152,7 @@ async fn a_real_azure_server_and_credential_pass_the_emulators_checks() {
     deadpool_config.dbname = target.pg_config.get_dbname().map(str::to_owned);
     deadpool_config.user = target.pg_config.get_user().map(str::to_owned);
     let deadpool =
-        postgres_entra_deadpool::create_pool(&deadpool_config, &connector, PoolOptions::new())
+        postgres_entra_deadpool::create_pool(&deadpool_config, &connector, SessionOptions::new())
             .unwrap();
     let client = deadpool.get().await.unwrap();
     let via_deadpool: String = client
@@ -162,7 +162,7 @@ async fn a_real_azure_server_and_credential_pass_the_emulators_checks() {
         .get(0);
     drop(client);
     let manager =
-        EntraConnectionManager::new(target.pg_config.clone(), &connector, PoolOptions::new())
+        EntraConnectionManager::new(target.pg_config.clone(), &connector, SessionOptions::new())
             .unwrap();
     manager.check().await.unwrap();
     let bb8 = bb8::Pool::builder()

@@ -13,10 +13,41 @@ use postgres_entra_tokio_postgres::postgres_entra::__private::Session;
 pub use bb8;
 #[cfg(feature = "opentelemetry_0_33")]
 pub use postgres_entra_tokio_postgres::opentelemetry_0_33;
+/// The core crate, for what the adapters share: a token source of your own, its tokens and
+/// errors, all with this one dependency.
+///
+/// ```no_run
+/// use postgres_entra_bb8::EntraConnector;
+/// use postgres_entra_bb8::postgres_entra::{AccessToken, TokenError, TokenErrorKind, TokenFuture, TokenSource};
+/// use std::time::{Duration, SystemTime};
+///
+/// #[derive(Debug)]
+/// struct Vault;
+///
+/// impl TokenSource for Vault {
+///     fn get_token<'a>(&'a self, scope: &'a str) -> TokenFuture<'a> {
+///         Box::pin(async move {
+///             if scope.is_empty() {
+///                 return Err(TokenError::new(TokenErrorKind::Other, "no scope"));
+///             }
+///             Ok(AccessToken::new("eyJ...", SystemTime::now() + Duration::from_secs(3600)))
+///         })
+///     }
+///
+///     fn identity(&self) -> String {
+///         "vault (orders-api)".to_owned()
+///     }
+/// }
+///
+/// let connector = EntraConnector::builder(Vault).build()?;
+/// # Ok::<(), postgres_entra_bb8::Error>(())
+/// ```
+pub use postgres_entra_tokio_postgres::postgres_entra;
 #[cfg(feature = "azure")]
 pub use postgres_entra_tokio_postgres::{AzureTokenSource, azure_core, azure_identity};
 pub use postgres_entra_tokio_postgres::{
-    CacheOptions, Cloud, EntraConnector, Error, PoolOptions, TlsRoots, TokenCache, tokio_postgres,
+    CacheOptions, Cloud, EntraConnector, Error, SessionOptions, TlsRoots, TokenCache,
+    tokio_postgres,
 };
 
 use tokio_postgres::Client;
@@ -73,7 +104,7 @@ impl fmt::Debug for EntraClient {
 }
 
 /// A bb8 connection manager whose connections log in with Entra ID access tokens, and are retired
-/// once their login token has expired (see [`PoolOptions`]).
+/// once their login token has expired (see [`SessionOptions`]).
 ///
 /// `bb8_postgres::PostgresConnectionManager` cannot be wrapped (its fields are private), so this
 /// is a small manager of its own; every bb8 builder option (`max_lifetime`, `idle_timeout`,
@@ -105,7 +136,7 @@ impl EntraConnectionManager {
     pub fn new(
         config: tokio_postgres::Config,
         connector: &EntraConnector,
-        options: PoolOptions,
+        options: SessionOptions,
     ) -> Result<Self, Error> {
         Ok(Self {
             login: Arc::new(PgLogin::new(connector, &config, options, None)?),

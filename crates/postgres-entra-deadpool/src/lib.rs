@@ -16,10 +16,41 @@ use postgres_entra_tokio_postgres::postgres_entra::__private::{Session, config_e
 pub use deadpool_postgres;
 #[cfg(feature = "opentelemetry_0_33")]
 pub use postgres_entra_tokio_postgres::opentelemetry_0_33;
+/// The core crate, for what the adapters share: a token source of your own, its tokens and
+/// errors, all with this one dependency.
+///
+/// ```no_run
+/// use postgres_entra_deadpool::EntraConnector;
+/// use postgres_entra_deadpool::postgres_entra::{AccessToken, TokenError, TokenErrorKind, TokenFuture, TokenSource};
+/// use std::time::{Duration, SystemTime};
+///
+/// #[derive(Debug)]
+/// struct Vault;
+///
+/// impl TokenSource for Vault {
+///     fn get_token<'a>(&'a self, scope: &'a str) -> TokenFuture<'a> {
+///         Box::pin(async move {
+///             if scope.is_empty() {
+///                 return Err(TokenError::new(TokenErrorKind::Other, "no scope"));
+///             }
+///             Ok(AccessToken::new("eyJ...", SystemTime::now() + Duration::from_secs(3600)))
+///         })
+///     }
+///
+///     fn identity(&self) -> String {
+///         "vault (orders-api)".to_owned()
+///     }
+/// }
+///
+/// let connector = EntraConnector::builder(Vault).build()?;
+/// # Ok::<(), postgres_entra_deadpool::Error>(())
+/// ```
+pub use postgres_entra_tokio_postgres::postgres_entra;
 #[cfg(feature = "azure")]
 pub use postgres_entra_tokio_postgres::{AzureTokenSource, azure_core, azure_identity};
 pub use postgres_entra_tokio_postgres::{
-    CacheOptions, Cloud, EntraConnector, Error, PoolOptions, TlsRoots, TokenCache, tokio_postgres,
+    CacheOptions, Cloud, EntraConnector, Error, SessionOptions, TlsRoots, TokenCache,
+    tokio_postgres,
 };
 /// The pool: deadpool's, over this crate's [`Manager`].
 pub type Pool = managed::Pool<Manager>;
@@ -84,7 +115,7 @@ impl fmt::Debug for EntraClient {
 
 /// A deadpool manager whose connections log in with Entra ID access tokens, recycled as
 /// deadpool-postgres recycles them (`RecyclingMethod`), and retired once their login token has
-/// expired (see [`PoolOptions`]).
+/// expired (see [`SessionOptions`]).
 pub struct Manager {
     login: PgLogin,
     recycling: RecyclingMethod,
@@ -113,7 +144,7 @@ impl Manager {
     pub fn new(
         config: &deadpool_postgres::Config,
         connector: &EntraConnector,
-        options: PoolOptions,
+        options: SessionOptions,
     ) -> Result<Self, Error> {
         let mut pg_config = config
             .get_pg_config()
@@ -226,11 +257,11 @@ fn names_a_user(config: &deadpool_postgres::Config) -> bool {
 /// Your `deadpool_postgres::Config` (loaded from env or serde, as today) as a pool whose
 /// connections log in with Entra ID tokens from `connector`. The settings are checked now (TLS,
 /// host, cloud: see [`Manager::new`]); idle connections past their token are retired every
-/// [`PoolOptions::reap_interval`] by a task that ends with the pool. Call it within a Tokio
+/// [`SessionOptions::reap_interval`] by a task that ends with the pool. Call it within a Tokio
 /// runtime.
 ///
 /// With feature `opentelemetry_0_33`, the pool is recorded under its name
-/// (`db.client.connection.pool.name`, [`PoolOptions::pool_name`]): `db.client.connection.count`
+/// (`db.client.connection.pool.name`, [`SessionOptions::pool_name`]): `db.client.connection.count`
 /// (idle, used), `.max` and `.pending_requests` (read from `Pool::status` when metrics are
 /// collected), `.create_time`, and `postgres_entra.connection.retired` and `.oldest_token_age`.
 /// deadpool keeps no count of checkout timeouts and has no hook around a checkout, so
@@ -238,7 +269,7 @@ fn names_a_user(config: &deadpool_postgres::Config) -> bool {
 pub fn create_pool(
     config: &deadpool_postgres::Config,
     connector: &EntraConnector,
-    options: PoolOptions,
+    options: SessionOptions,
 ) -> Result<Pool, Error> {
     create_pool_with(config, connector, options, |builder| builder)
 }
@@ -249,7 +280,7 @@ pub fn create_pool(
 pub fn create_pool_with(
     config: &deadpool_postgres::Config,
     connector: &EntraConnector,
-    options: PoolOptions,
+    options: SessionOptions,
     customize: impl FnOnce(PoolBuilder) -> PoolBuilder,
 ) -> Result<Pool, Error> {
     let manager = Manager::new(config, connector, options)?;

@@ -19,10 +19,41 @@ use postgres_entra_tokio_postgres::postgres_entra::__private::Session;
 // The public interface is:
 #[cfg(feature = "opentelemetry_0_33")]
 pub use postgres_entra_tokio_postgres::opentelemetry_0_33;
+/// The core crate, for what the adapters share: a token source of your own, its tokens and
+/// errors, all with this one dependency.
+///
+/// ```no_run
+/// use postgres_entra_diesel::EntraConnector;
+/// use postgres_entra_diesel::postgres_entra::{AccessToken, TokenError, TokenErrorKind, TokenFuture, TokenSource};
+/// use std::time::{Duration, SystemTime};
+///
+/// #[derive(Debug)]
+/// struct Vault;
+///
+/// impl TokenSource for Vault {
+///     fn get_token<'a>(&'a self, scope: &'a str) -> TokenFuture<'a> {
+///         Box::pin(async move {
+///             if scope.is_empty() {
+///                 return Err(TokenError::new(TokenErrorKind::Other, "no scope"));
+///             }
+///             Ok(AccessToken::new("eyJ...", SystemTime::now() + Duration::from_secs(3600)))
+///         })
+///     }
+///
+///     fn identity(&self) -> String {
+///         "vault (orders-api)".to_owned()
+///     }
+/// }
+///
+/// let connector = EntraConnector::builder(Vault).build()?;
+/// # Ok::<(), postgres_entra_diesel::Error>(())
+/// ```
+pub use postgres_entra_tokio_postgres::postgres_entra;
 #[cfg(feature = "azure")]
 pub use postgres_entra_tokio_postgres::{AzureTokenSource, azure_core, azure_identity};
 pub use postgres_entra_tokio_postgres::{
-    CacheOptions, Cloud, EntraConnector, Error, PoolOptions, TlsRoots, TokenCache, tokio_postgres,
+    CacheOptions, Cloud, EntraConnector, Error, SessionOptions, TlsRoots, TokenCache,
+    tokio_postgres,
 };
 pub use {bb8, deadpool, diesel, diesel_async};
 
@@ -96,7 +127,7 @@ impl EntraDiesel {
     pub fn new(
         config: tokio_postgres::Config,
         connector: &EntraConnector,
-        options: PoolOptions,
+        options: SessionOptions,
     ) -> Result<Self, Error> {
         Ok(Self {
             inner: Arc::new(Inner {

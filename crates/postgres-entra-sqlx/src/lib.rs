@@ -19,14 +19,44 @@ mod relay;
 use crate::relay::{MARKER, Relay, Upstream};
 
 // The public interface is:
+/// The core crate, for what the adapters share: a token source of your own, its tokens and
+/// errors, all with this one dependency.
+///
+/// ```no_run
+/// use postgres_entra_sqlx::EntraConnector;
+/// use postgres_entra_sqlx::postgres_entra::{AccessToken, TokenError, TokenErrorKind, TokenFuture, TokenSource};
+/// use std::time::{Duration, SystemTime};
+///
+/// #[derive(Debug)]
+/// struct Vault;
+///
+/// impl TokenSource for Vault {
+///     fn get_token<'a>(&'a self, scope: &'a str) -> TokenFuture<'a> {
+///         Box::pin(async move {
+///             if scope.is_empty() {
+///                 return Err(TokenError::new(TokenErrorKind::Other, "no scope"));
+///             }
+///             Ok(AccessToken::new("eyJ...", SystemTime::now() + Duration::from_secs(3600)))
+///         })
+///     }
+///
+///     fn identity(&self) -> String {
+///         "vault (orders-api)".to_owned()
+///     }
+/// }
+///
+/// let connector = EntraConnector::builder(Vault).build()?;
+/// # Ok::<(), postgres_entra_sqlx::Error>(())
+/// ```
+pub use postgres_entra;
 #[cfg(feature = "opentelemetry_0_33")]
 pub use postgres_entra::opentelemetry_0_33;
 #[cfg(feature = "azure")]
 pub use postgres_entra::{AzureTokenSource, azure_core, azure_identity};
 pub use postgres_entra::{
-    CacheOptions, Cloud, EntraConnector, Error, PoolOptions, TlsRoots, TokenCache,
+    CacheOptions, Cloud, EntraConnector, Error, SessionOptions, TlsRoots, TokenCache,
 };
-pub use {postgres_entra, sqlx};
+pub use sqlx;
 
 /// A `sqlx::PgPool` whose new connections log in with Entra ID access tokens.
 ///
@@ -119,14 +149,14 @@ impl EntraPgPool {
 /// A pool for `url` (sqlx's `postgres://` URL syntax) whose connections log in with tokens from
 /// `connector`; see [`connect_with`]. The pool has sqlx's default options but for its own
 /// `max_lifetime` (30 minutes) and `idle_timeout` (10 minutes), which are off: sessions end with
-/// their token instead ([`PoolOptions::token_bound`]), and are kept while the identity provider
+/// their token instead ([`SessionOptions::token_bound`]), and are kept while the identity provider
 /// is unavailable, when nothing could replace them. Without a user in the URL
 /// (`postgres://user@host/db` or `?user=`) or in `PGUSER`, the role comes from the connector or
 /// the token.
 pub async fn connect(
     url: &str,
     connector: &EntraConnector,
-    options: PoolOptions,
+    options: SessionOptions,
 ) -> Result<EntraPgPool, Error> {
     let connect_options: PgConnectOptions = url
         .parse()
@@ -161,14 +191,14 @@ fn configured_user(options: &PgConnectOptions) -> Option<String> {
 /// the options' user when it is named (not sqlx's fallback to the operating system's user), else
 /// the token's name.
 ///
-/// With [`PoolOptions::token_bound`] (the default) or an age limit, this pool's `before_acquire`
+/// With [`SessionOptions::token_bound`] (the default) or an age limit, this pool's `before_acquire`
 /// and `after_release` retire connections due for retirement (replacing any you set); sqlx's own
 /// `max_lifetime` and `idle_timeout` still apply. Call it within a Tokio runtime.
 pub async fn connect_with(
     connect_options: PgConnectOptions,
     pool_options: PgPoolOptions,
     connector: &EntraConnector,
-    options: PoolOptions,
+    options: SessionOptions,
 ) -> Result<EntraPgPool, Error> {
     let pool = build(connect_options, pool_options, connector, options)?;
     pool.check().await?;
@@ -181,7 +211,7 @@ pub fn connect_lazy_with(
     connect_options: PgConnectOptions,
     pool_options: PgPoolOptions,
     connector: &EntraConnector,
-    options: PoolOptions,
+    options: SessionOptions,
 ) -> Result<EntraPgPool, Error> {
     build(connect_options, pool_options, connector, options)
 }
@@ -190,7 +220,7 @@ fn build(
     connect_options: PgConnectOptions,
     pool_options: PgPoolOptions,
     connector: &EntraConnector,
-    options: PoolOptions,
+    options: SessionOptions,
 ) -> Result<EntraPgPool, Error> {
     let user = configured_user(&connect_options);
     check_settings(&connect_options)?;

@@ -2,7 +2,7 @@
 
 use tokio_postgres::{Client, Config};
 
-use postgres_entra::{EntraConnector, Error, PoolOptions};
+use postgres_entra::{EntraConnector, Error, SessionOptions};
 
 use crate::connection::Connection;
 use crate::login::PgLogin;
@@ -23,7 +23,7 @@ pub async fn connect(
     let login = PgLogin::new(
         connector,
         config,
-        PoolOptions::new().token_bound(false),
+        SessionOptions::new().token_bound(false),
         None,
     )?;
     login

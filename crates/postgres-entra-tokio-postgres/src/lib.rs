@@ -9,7 +9,7 @@ pub use postgres_entra::opentelemetry_0_33;
 #[cfg(feature = "azure")]
 pub use postgres_entra::{AzureTokenSource, azure_core, azure_identity};
 pub use postgres_entra::{
-    CacheOptions, Cloud, EntraConnector, Error, PoolOptions, TlsRoots, TokenCache,
+    CacheOptions, Cloud, EntraConnector, Error, SessionOptions, TlsRoots, TokenCache,
 };
 pub use {postgres_entra, tokio_postgres};
 

@@ -14,7 +14,7 @@ use postgres_entra::__private::{
     Attempt, Entry, PoolCore, PoolHost, Session, config_error, connect_error, flatten,
     postgres_error, tls_config, tls_declined, tls_error,
 };
-use postgres_entra::{EntraConnector, Error, PoolOptions};
+use postgres_entra::{EntraConnector, Error, SessionOptions};
 
 use crate::connection::Connection;
 
@@ -183,7 +183,7 @@ impl PgLogin {
     pub fn new(
         connector: &EntraConnector,
         config: &Config,
-        options: PoolOptions,
+        options: SessionOptions,
         create_limit: Option<Duration>,
     ) -> Result<Self, Error> {
         let config = secure_config(config)?;

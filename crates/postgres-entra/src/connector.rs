@@ -109,9 +109,10 @@ impl fmt::Debug for EntraConnectorBuilder {
 }
 
 impl EntraConnectorBuilder {
-    /// The PostgreSQL role to log in as, overriding the pool's user. Needed for service
+    /// The PostgreSQL role to log in as, for every pool of this connector. Needed for service
     /// principals (their display name) when the pool's settings name no user; otherwise the
-    /// pool's user, or else the token's claims, decide.
+    /// pool's user, or else the token's claims, decide. A pool whose settings name another user
+    /// is refused when it is made (a token logs in as one role): nothing is overridden silently.
     pub fn role_name(mut self, role: impl Into<String>) -> Self {
         self.role_name = Some(role.into());
         self

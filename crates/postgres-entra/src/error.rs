@@ -252,7 +252,7 @@ impl TokenErrorKind {
     }
 
     /// Whether the provider is unavailable (rather than refusing): nothing could replace a
-    /// session whose token has run out, so pools keep their sessions (see `PoolOptions`).
+    /// session whose token has run out, so pools keep their sessions (see `SessionOptions`).
     pub(crate) fn is_unavailability(self) -> bool {
         matches!(
             self,

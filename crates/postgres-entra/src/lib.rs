@@ -11,7 +11,7 @@ pub use crate::clock::{Clock, TokioClock};
 pub use crate::connector::{EntraConnector, EntraConnectorBuilder};
 pub use crate::error::{Error, LoginRejected, LoginRetry, RoleSource, TokenError, TokenErrorKind};
 pub use crate::host::ALLOWED_HOSTS_VARIABLE;
-pub use crate::pool::PoolOptions;
+pub use crate::pool::SessionOptions;
 pub use crate::scope::Cloud;
 pub use crate::tls::TlsRoots;
 pub use crate::token::{AccessToken, TokenFuture, TokenSource};

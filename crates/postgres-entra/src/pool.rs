@@ -28,7 +28,7 @@ use crate::log::FailureLog;
 /// pool's name in metrics. The same options for every adapter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct PoolOptions {
+pub struct SessionOptions {
     token_bound: bool,
     token_grace: Duration,
     retire_jitter: Duration,
@@ -38,7 +38,7 @@ pub struct PoolOptions {
     pool_name: Option<String>,
 }
 
-impl Default for PoolOptions {
+impl Default for SessionOptions {
     fn default() -> Self {
         Self {
             token_bound: true,
@@ -52,7 +52,7 @@ impl Default for PoolOptions {
     }
 }
 
-impl PoolOptions {
+impl SessionOptions {
     /// Sessions bounded by their login token, no age limit, idle connections checked every 30 s.
     pub fn new() -> Self {
         Self::default()
@@ -204,7 +204,7 @@ struct CoreInner {
     connector: EntraConnector,
     cache: TokenCache,
     configured_user: Option<String>,
-    options: PoolOptions,
+    options: SessionOptions,
     name: String,
     /// `host:port` of each host, for messages.
     targets: String,
@@ -267,11 +267,19 @@ impl PoolCore {
         connector: &EntraConnector,
         hosts: &[PoolHost<'_>],
         configured_user: Option<&str>,
-        options: PoolOptions,
+        options: SessionOptions,
         default_name: String,
         create_limit: Option<Duration>,
     ) -> Result<Self, Error> {
         options.check()?;
+        let configured_user = configured_user.filter(|u| !u.is_empty());
+        if let (Some(role), Some(user)) = (&connector.inner.role_name, configured_user)
+            && role != user
+        {
+            return Err(Error::config(format!(
+                "the connector's role_name is `{role}` and the pool's settings name the user `{user}`: a token logs in as one role, so name it once (remove the user from the settings, or role_name from the connector)"
+            )));
+        }
         let names: Vec<(&str, Option<IpAddr>)> = hosts.iter().map(|(h, a, _)| (*h, *a)).collect();
         let cache = connector.cache_for(&names)?;
         let targets = hosts
@@ -286,7 +294,7 @@ impl PoolCore {
             log: FailureLog::new(format!("connections of pool {name}")),
             connector: connector.clone(),
             cache,
-            configured_user: configured_user.filter(|u| !u.is_empty()).map(str::to_owned),
+            configured_user: configured_user.map(str::to_owned),
             options,
             name,
             targets,
@@ -852,11 +860,11 @@ mod tests {
         }
     }
 
-    fn core(options: PoolOptions) -> PoolCore {
+    fn core(options: SessionOptions) -> PoolCore {
         try_core(options).unwrap()
     }
 
-    fn try_core(options: PoolOptions) -> Result<PoolCore, Error> {
+    fn try_core(options: SessionOptions) -> Result<PoolCore, Error> {
         let connector = EntraConnector::builder(Never).build().unwrap();
         PoolCore::new(
             &connector,
@@ -884,7 +892,7 @@ mod tests {
     #[test]
     fn jitter_is_a_tenth_of_the_token_life_at_most_and_never_overflows() {
         let _runtime = tokio::runtime::Runtime::new().unwrap().enter();
-        let core = core(PoolOptions::new());
+        let core = core(SessionOptions::new());
         // A 60 s token: retired within 6 s of its expiry, whatever the configured 5 minutes.
         for jitter in [0.0, 0.5, 1.0] {
             let after = due_after(&core, MINUTE, jitter).unwrap();
@@ -897,31 +905,31 @@ mod tests {
         let day = 24 * 60 * MINUTE;
         assert_eq!(due_after(&core, day, 1.0), Some(day + 5 * MINUTE));
         // A grace that overflows `SystemTime` is never due, not a panic.
-        let huge = self::core(PoolOptions::new().token_grace(Duration::MAX));
+        let huge = self::core(SessionOptions::new().token_grace(Duration::MAX));
         assert_eq!(due_after(&huge, MINUTE, 1.0), None);
-        let ageless = self::core(PoolOptions::new().max_age(Duration::MAX, Duration::ZERO));
+        let ageless = self::core(SessionOptions::new().max_age(Duration::MAX, Duration::ZERO));
         assert!(due_after(&ageless, MINUTE, 0.0).is_some_and(|d| d <= MINUTE));
         // The age limit, less its jitter, when it comes first.
-        let aged = self::core(PoolOptions::new().max_age(MINUTE, MINUTE / 2));
+        let aged = self::core(SessionOptions::new().max_age(MINUTE, MINUTE / 2));
         assert_eq!(due_after(&aged, 24 * 60 * MINUTE, 1.0), Some(MINUTE / 2));
     }
 
     #[test]
     fn without_a_bound_nothing_is_due_and_options_that_cannot_work_are_refused() {
         let _runtime = tokio::runtime::Runtime::new().unwrap().enter();
-        let unbounded = core(PoolOptions::new().token_bound(false));
+        let unbounded = core(SessionOptions::new().token_bound(false));
         assert_eq!(due_after(&unbounded, MINUTE, 1.0), None);
         assert!(!unbounded.retires_sessions());
         for (options, says) in [
             (
-                PoolOptions::new().reap_interval(Duration::ZERO),
+                SessionOptions::new().reap_interval(Duration::ZERO),
                 "reap_interval",
             ),
             (
-                PoolOptions::new().max_age(Duration::ZERO, Duration::ZERO),
+                SessionOptions::new().max_age(Duration::ZERO, Duration::ZERO),
                 "max_age",
             ),
-            (PoolOptions::new().max_age(MINUTE, 2 * MINUTE), "jitter"),
+            (SessionOptions::new().max_age(MINUTE, 2 * MINUTE), "jitter"),
         ] {
             let error = try_core(options).unwrap_err();
             assert!(error.to_string().contains(says), "{error}");
@@ -987,7 +995,7 @@ mod tests {
             &connector,
             &[("localhost", None, 5432)],
             Some("app"),
-            PoolOptions::new(),
+            SessionOptions::new(),
             "p".to_owned(),
             None,
         )
@@ -1060,7 +1068,7 @@ mod tests {
             &connector,
             &[("localhost", None, 5432)],
             Some("app"),
-            PoolOptions::new(),
+            SessionOptions::new(),
             "p".to_owned(),
             None,
         )
@@ -1087,7 +1095,7 @@ mod tests {
             &EntraConnector::builder(never).build().unwrap(),
             &[("localhost", None, 5432)],
             Some("app"),
-            PoolOptions::new(),
+            SessionOptions::new(),
             "p".to_owned(),
             None,
         )
@@ -1111,7 +1119,7 @@ mod tests {
             &EntraConnector::builder(refusing).build().unwrap(),
             &[("localhost", None, 5432)],
             Some("app"),
-            PoolOptions::new(),
+            SessionOptions::new(),
             "p".to_owned(),
             None,
         )

@@ -9,7 +9,7 @@
 //! exported.
 
 use postgres_entra::opentelemetry_0_33::metrics::{Meter, MeterProvider as _};
-use postgres_entra::{EntraConnector, PoolOptions, TlsRoots};
+use postgres_entra::{EntraConnector, SessionOptions, TlsRoots};
 use postgres_entra_testkit::{Endpoint, Fault};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -346,7 +346,7 @@ async fn connections_retired_fast_fires_when_sessions_are_retired_fast<P: PoolUn
     let pool: P = P::build(
         PoolSpec::new(&emulator, connector)
             .size(4)
-            .options(|o: PoolOptions| o.max_age(Duration::from_millis(100), Duration::ZERO)),
+            .options(|o: SessionOptions| o.max_age(Duration::from_millis(100), Duration::ZERO)),
     )
     .await
     .unwrap();

@@ -2,7 +2,7 @@
 //! the server process behind it (a pooler in front of the server hands one server process to many
 //! client connections, so `pg_backend_pid()` tells them apart no more).
 
-use postgres_entra::PoolOptions;
+use postgres_entra::SessionOptions;
 use postgres_entra_diesel::diesel_async::RunQueryDsl;
 use postgres_entra_diesel::{DeadpoolPool, EntraDiesel, diesel};
 use std::time::{Duration, Instant};
@@ -37,7 +37,8 @@ async fn sessions_that_share_a_server_process_id_are_each_retired_by_their_own_t
         .await
         .unwrap();
     let connector = connector(&emulator);
-    let entra = EntraDiesel::new(emulator.server_config(), &connector, PoolOptions::new()).unwrap();
+    let entra =
+        EntraDiesel::new(emulator.server_config(), &connector, SessionOptions::new()).unwrap();
     let pool = DeadpoolPool::builder(entra.manager())
         .max_size(2)
         .build()

@@ -129,7 +129,7 @@ async fn creating_and_dropping_pools_leaves_no_callback_or_memory_behind() {
     let emulator = Suite::start(HOUR).await;
     let (reader, connector) = metered_connector(&emulator);
     let config = Deadpool::user_config(&PoolSpec::new(&emulator, connector.clone()));
-    let options = postgres_entra::PoolOptions::new()
+    let options = postgres_entra::SessionOptions::new()
         .token_bound(false)
         .pool_name("short-lived");
     let make = |n: usize| {
@@ -171,7 +171,7 @@ async fn creating_and_dropping_pools_leaves_no_callback_or_memory_behind() {
     let manager = postgres_entra_bb8::EntraConnectionManager::new(
         emulator.server_config(),
         &connector,
-        postgres_entra::PoolOptions::new().pool_name("twice"),
+        postgres_entra::SessionOptions::new().pool_name("twice"),
     )
     .unwrap();
     let pool = ::bb8::Pool::builder()

@@ -4,7 +4,7 @@
 use bb8::RunError;
 use deadpool_postgres::Config;
 use postgres_entra::{
-    AzureTokenSource, CacheOptions, Cloud, EntraConnector, Error, LoginRetry, PoolOptions,
+    AzureTokenSource, CacheOptions, Cloud, EntraConnector, Error, LoginRetry, SessionOptions,
     TlsRoots, TokenCache,
 };
 use postgres_entra_bb8::EntraConnectionManager;
@@ -92,7 +92,7 @@ async fn side_by_side(emulator: &Suite, connector: &TestConnector, run: Duration
         .connection_timeout(Duration::from_secs(1))
         .error_sink(Box::new(sink.clone()))
         .build_unchecked(
-            EntraConnectionManager::new(wrong_role(emulator), connector, PoolOptions::new())
+            EntraConnectionManager::new(wrong_role(emulator), connector, SessionOptions::new())
                 .unwrap(),
         );
 
@@ -212,7 +212,7 @@ async fn deadpool_says_what_went_wrong_in_its_own_error_and_logs_it_once() {
     let emulator = Suite::start(Duration::from_secs(3600)).await;
     let mut config = healthy_config(&emulator);
     config.user = Some("nobody-mi".into());
-    let pool = create_pool(&config, &shared_connector(&emulator), PoolOptions::new()).unwrap();
+    let pool = create_pool(&config, &shared_connector(&emulator), SessionOptions::new()).unwrap();
 
     let error = pool.get().await.unwrap_err();
 
@@ -251,7 +251,7 @@ async fn deadpool_says_what_went_wrong_in_its_own_error_and_logs_it_once() {
     let pool = create_pool(
         &unreachable,
         &shared_connector(&emulator),
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .unwrap();
     let error = pool.get().await.unwrap_err();
@@ -274,9 +274,12 @@ async fn bb8_reports_permanent_mistakes_in_under_a_second() {
     // Checked when the manager is made.
     let mut plaintext = emulator.server_config();
     plaintext.ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let error =
-        EntraConnectionManager::new(plaintext, &shared_connector(&emulator), PoolOptions::new())
-            .unwrap_err();
+    let error = EntraConnectionManager::new(
+        plaintext,
+        &shared_connector(&emulator),
+        SessionOptions::new(),
+    )
+    .unwrap_err();
     assert!(error.to_string().contains("sslmode=disable"), "{error}");
 
     // Found by one login at startup, with its reason: a CA we do not trust, a missing role.
@@ -287,15 +290,19 @@ async fn bb8_reports_permanent_mistakes_in_under_a_second() {
         .unwrap();
     let cases = [
         (
-            EntraConnectionManager::new(emulator.server_config(), &untrusted, PoolOptions::new())
-                .unwrap(),
+            EntraConnectionManager::new(
+                emulator.server_config(),
+                &untrusted,
+                SessionOptions::new(),
+            )
+            .unwrap(),
             "TLS",
         ),
         (
             EntraConnectionManager::new(
                 wrong_role(&emulator),
                 &shared_connector(&emulator),
-                PoolOptions::new(),
+                SessionOptions::new(),
             )
             .unwrap(),
             "refused the Entra ID login as role `nobody-mi`",
@@ -343,14 +350,19 @@ async fn every_pool_takes_the_cloud_from_its_host_and_refuses_a_mismatch_when_cr
     let deadpool = create_pool(
         &deadpool_config_for(&emulator, gov),
         &connector,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .unwrap();
     assert_eq!(
         deadpool.manager().token_cache().scope(),
         Cloud::UsGovernment.scope()
     );
-    let public = create_pool(&healthy_config(&emulator), &connector, PoolOptions::new()).unwrap();
+    let public = create_pool(
+        &healthy_config(&emulator),
+        &connector,
+        SessionOptions::new(),
+    )
+    .unwrap();
     assert_eq!(
         public.manager().token_cache().scope(),
         Cloud::Public.scope()
@@ -363,7 +375,7 @@ async fn every_pool_takes_the_cloud_from_its_host_and_refuses_a_mismatch_when_cr
         .port(emulator.port())
         .dbname(emulator.database());
     let manager =
-        EntraConnectionManager::new(bb8_config.clone(), &connector, PoolOptions::new()).unwrap();
+        EntraConnectionManager::new(bb8_config.clone(), &connector, SessionOptions::new()).unwrap();
     assert_eq!(manager.token_cache().scope(), Cloud::UsGovernment.scope());
 
     // A connector told another cloud fails at pool creation, naming the fix.
@@ -386,17 +398,17 @@ async fn every_pool_takes_the_cloud_from_its_host_and_refuses_a_mismatch_when_cr
         sqlx_options(),
         sqlx::postgres::PgPoolOptions::new(),
         &china,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .unwrap_err();
     for error in [
         create_pool(
             &deadpool_config_for(&emulator, gov),
             &china,
-            PoolOptions::new(),
+            SessionOptions::new(),
         )
         .unwrap_err(),
-        EntraConnectionManager::new(bb8_config, &china, PoolOptions::new()).unwrap_err(),
+        EntraConnectionManager::new(bb8_config, &china, SessionOptions::new()).unwrap_err(),
         sqlx_error,
     ] {
         assert!(matches!(error, Error::Config { .. }), "{error}");
@@ -410,7 +422,7 @@ async fn every_pool_takes_the_cloud_from_its_host_and_refuses_a_mismatch_when_cr
         sqlx_options(),
         sqlx::postgres::PgPoolOptions::new(),
         &connector,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .unwrap();
     assert_eq!(pool.token_cache().scope(), Cloud::UsGovernment.scope());
@@ -432,9 +444,10 @@ async fn one_host_a_token_may_not_go_to_refuses_a_multi_host_pool() {
         .port(emulator.port())
         .dbname(emulator.database());
     let errors = [
-        create_pool(&deadpool, &connector, PoolOptions::new()).unwrap_err(),
-        EntraConnectionManager::new(two.clone(), &connector, PoolOptions::new()).unwrap_err(),
-        postgres_entra_diesel::EntraDiesel::new(two, &connector, PoolOptions::new()).unwrap_err(),
+        create_pool(&deadpool, &connector, SessionOptions::new()).unwrap_err(),
+        EntraConnectionManager::new(two.clone(), &connector, SessionOptions::new()).unwrap_err(),
+        postgres_entra_diesel::EntraDiesel::new(two, &connector, SessionOptions::new())
+            .unwrap_err(),
     ];
     for error in errors {
         assert!(matches!(error, Error::Config { .. }), "{error}");

@@ -2,7 +2,7 @@
 //! adapter. Adding an adapter means one more impl here and one more line in `scenarios.rs`.
 
 use deadpool_postgres::{ManagerConfig, PoolConfig, RecyclingMethod, Timeouts};
-use postgres_entra::{EntraConnector, Error, PoolOptions, TokenCache};
+use postgres_entra::{EntraConnector, Error, SessionOptions, TokenCache};
 use postgres_entra_bb8::{EntraConnectionManager, PoolObservation};
 use postgres_entra_deadpool::create_pool;
 use postgres_entra_diesel::{EntraDiesel, deadpool, diesel, diesel_async};
@@ -35,7 +35,7 @@ pub(crate) struct PoolSpec {
     /// deadpool: wait and create timeouts; bb8: `connection_timeout`.
     pub(crate) timeout: Duration,
     /// What this library adds to the pool (sessions bounded by their token, name, ...).
-    pub(crate) options: PoolOptions,
+    pub(crate) options: SessionOptions,
 }
 
 impl PoolSpec {
@@ -52,12 +52,12 @@ impl PoolSpec {
             max_size: 8,
             max_age: None,
             timeout: Duration::from_secs(10),
-            options: PoolOptions::new(),
+            options: SessionOptions::new(),
         }
     }
 
     /// The pool options, changed by `change`.
-    pub(crate) fn options(mut self, change: impl FnOnce(PoolOptions) -> PoolOptions) -> Self {
+    pub(crate) fn options(mut self, change: impl FnOnce(SessionOptions) -> SessionOptions) -> Self {
         self.options = change(self.options);
         self
     }

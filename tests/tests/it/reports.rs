@@ -1,7 +1,7 @@
 //! What users read: an error report that prints the whole chain (anyhow's and eyre's `{:#}`)
 //! shows each fact once, through every adapter; a pool's own error names the cause.
 
-use postgres_entra::{EntraConnector, Error, PoolOptions};
+use postgres_entra::{EntraConnector, Error, SessionOptions};
 use postgres_entra_testkit::{Endpoint, Fault};
 use std::time::Duration;
 
@@ -78,7 +78,8 @@ async fn token_configuration_and_login_errors_say_each_fact_once() {
     let mut config =
         crate::pools::Deadpool::user_config(&PoolSpec::new(&emulator, no_role.clone()));
     config.user = Some("nobody-mi".into());
-    let pool = postgres_entra_deadpool::create_pool(&config, &no_role, PoolOptions::new()).unwrap();
+    let pool =
+        postgres_entra_deadpool::create_pool(&config, &no_role, SessionOptions::new()).unwrap();
     let error = pool.get().await.unwrap_err();
     assert!(
         error
@@ -114,7 +115,7 @@ async fn what_deadpool_users_log_is_what_the_readme_shows() {
         config.user = Some(user.into());
         async move {
             let pool =
-                postgres_entra_deadpool::create_pool(&config, &connector, PoolOptions::new())
+                postgres_entra_deadpool::create_pool(&config, &connector, SessionOptions::new())
                     .unwrap();
             pool.get().await.unwrap_err().to_string()
         }

@@ -1,7 +1,7 @@
 //! The token is a password: never in Debug, Display or errors. (Never in logs: every test's TRACE
 //! capture is searched; never without TLS: the plaintext scenario in `scenarios.rs`.)
 
-use postgres_entra::{EntraConnector, PoolOptions, TlsRoots};
+use postgres_entra::{EntraConnector, SessionOptions, TlsRoots};
 use postgres_entra_bb8::EntraConnectionManager;
 use postgres_entra_testkit::Endpoint;
 use std::time::Duration;
@@ -27,10 +27,10 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
         .unwrap();
     let config = Deadpool::user_config(&PoolSpec::new(&emulator, wrong_role.clone()).size(2));
     let pool =
-        postgres_entra_deadpool::create_pool(&config, &wrong_role, PoolOptions::new()).unwrap();
+        postgres_entra_deadpool::create_pool(&config, &wrong_role, SessionOptions::new()).unwrap();
     let pool_error = pool.get().await.unwrap_err();
     let manager =
-        EntraConnectionManager::new(emulator.server_config(), &wrong_role, PoolOptions::new())
+        EntraConnectionManager::new(emulator.server_config(), &wrong_role, SessionOptions::new())
             .unwrap();
     let bb8_pool = bb8::Pool::builder()
         .max_size(1)
@@ -38,7 +38,8 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
         .build_unchecked(manager.clone());
     let bb8_error = bb8_pool.get().await.unwrap_err();
     let good_manager =
-        EntraConnectionManager::new(emulator.server_config(), &good, PoolOptions::new()).unwrap();
+        EntraConnectionManager::new(emulator.server_config(), &good, SessionOptions::new())
+            .unwrap();
     let bb8_client = bb8::ManageConnection::connect(&good_manager).await.unwrap();
     // sqlx: a pool (its connect options hold a token), and a refused login.
     let sqlx_options = || {
@@ -52,7 +53,7 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
         sqlx_options(),
         sqlx::postgres::PgPoolOptions::new().acquire_timeout(Duration::from_secs(2)),
         &good,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .await
     .unwrap();
@@ -60,7 +61,7 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
         sqlx_options(),
         sqlx::postgres::PgPoolOptions::new(),
         &wrong_role,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .await
     .unwrap_err();
@@ -69,7 +70,7 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
     let good_pool = postgres_entra_deadpool::create_pool(
         &Deadpool::user_config(&PoolSpec::new(&emulator, good.clone()).size(2)),
         &good,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .unwrap();
     let deadpool_object = good_pool.get().await.unwrap();
@@ -80,7 +81,7 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
     let entra_diesel = postgres_entra_diesel::EntraDiesel::new(
         emulator.server_config(),
         &good,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .unwrap();
     let diesel_pool = postgres_entra_diesel::DeadpoolPool::builder(entra_diesel.manager())
@@ -106,7 +107,7 @@ async fn no_public_type_or_error_shows_a_token_in_debug_or_display() {
             service_principal_source(&emulator),
         )),
         both(&postgres_entra::CacheOptions::default()),
-        both(&PoolOptions::new()),
+        both(&SessionOptions::new()),
         both(&TlsRoots::CaPem(emulator.ca_pem().to_owned())),
         both(&good_manager),
         both(&bb8_pool),

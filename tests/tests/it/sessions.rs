@@ -3,7 +3,7 @@
 //! checkouts never fail, retirements are spread out, and with the bound off a session outlives its
 //! token as before.
 
-use postgres_entra::{AzureTokenSource, EntraConnector, PoolOptions, TlsRoots};
+use postgres_entra::{AzureTokenSource, EntraConnector, SessionOptions, TlsRoots};
 use postgres_entra_testkit::Emulator;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -97,10 +97,10 @@ async fn revoking_principals_mid_churn_ends_their_sessions_and_spares_the_others
     let wi = emulator.workload_identity();
     // Left alone: the managed identity.
     let mi = emulator.managed_identity();
-    let quick = PoolOptions::new()
+    let quick = SessionOptions::new()
         .retire_jitter(Duration::from_secs(1))
         .reap_interval(REAP);
-    let spec = |connector: EntraConnector, size: usize, options: PoolOptions| {
+    let spec = |connector: EntraConnector, size: usize, options: SessionOptions| {
         PoolSpec::new(&emulator, connector)
             .size(size)
             .timeout(Duration::from_secs(1))
@@ -113,7 +113,7 @@ async fn revoking_principals_mid_churn_ends_their_sessions_and_spares_the_others
                 .build()
                 .unwrap(),
             CONTROL_SIZE,
-            PoolOptions::new()
+            SessionOptions::new()
                 .retire_jitter(Duration::from_secs(3))
                 .reap_interval(REAP),
         )

@@ -3,7 +3,7 @@
 //! startups and killed processes), the user named by a URL or by sqlx's defaults, sessions retired
 //! however many tokens came since, a typed answer when no token can be had, and its metrics.
 
-use postgres_entra::{AccessToken, EntraConnector, Error, PoolOptions, TlsRoots};
+use postgres_entra::{AccessToken, EntraConnector, Error, SessionOptions, TlsRoots};
 use postgres_entra_sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use postgres_entra_testkit::{Endpoint, FnTokenSource, Rejection, TokenOptions};
 use postgres_entra_testkit::{in_child, run_test_in_child};
@@ -39,7 +39,7 @@ async fn plain_pool(emulator: &Suite) -> postgres_entra_sqlx::EntraPgPool {
         options(emulator),
         PgPoolOptions::new(),
         &connector(emulator),
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .await
     .unwrap()
@@ -51,7 +51,7 @@ fn lazy_pool(emulator: &Suite) -> postgres_entra_sqlx::EntraPgPool {
         options(emulator),
         PgPoolOptions::new(),
         &connector(emulator),
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .unwrap()
 }
@@ -189,7 +189,7 @@ async fn out_of_file_descriptors() {
         options(&emulator),
         PgPoolOptions::new().acquire_timeout(Duration::from_secs(1)),
         &connector(&emulator),
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .await
     .unwrap();
@@ -286,7 +286,7 @@ fn a_pool_made_outside_a_tokio_runtime_is_an_error_not_a_panic() {
         PgConnectOptions::new_without_pgpass().host("localhost"),
         PgPoolOptions::new(),
         &connector,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .unwrap_err();
     assert!(matches!(error, Error::Config { .. }), "{error}");
@@ -302,7 +302,7 @@ async fn an_idle_session_is_retired_however_many_tokens_came_since() {
         options(&emulator),
         PgPoolOptions::new().max_connections(1),
         &connector,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .await
     .unwrap();
@@ -341,7 +341,7 @@ async fn every_connect_logs_in_with_a_token_still_usable_past_the_first_ones_lif
         options(&emulator),
         PgPoolOptions::new().max_lifetime(Duration::from_millis(300)),
         &connector,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .await
     .unwrap();
@@ -369,10 +369,13 @@ async fn every_connect_logs_in_with_a_token_still_usable_past_the_first_ones_lif
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_url_without_a_user_takes_the_role_from_the_connector_and_plaintext_is_refused() {
     let emulator = Suite::start(Duration::from_secs(3600)).await;
-    let pool =
-        postgres_entra_sqlx::connect(&url(&emulator), &connector(&emulator), PoolOptions::new())
-            .await
-            .unwrap();
+    let pool = postgres_entra_sqlx::connect(
+        &url(&emulator),
+        &connector(&emulator),
+        SessionOptions::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(current_user(&pool).await.unwrap(), "orders-api");
     let ssl: (bool,) = sqlx::query_as("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
         .fetch_one(&*pool)
@@ -383,7 +386,7 @@ async fn a_url_without_a_user_takes_the_role_from_the_connector_and_plaintext_is
     let error = postgres_entra_sqlx::connect(
         &format!("{}?sslmode=disable", url(&emulator)),
         &connector_builder(&emulator).build().unwrap(),
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .await
     .unwrap_err();
@@ -415,7 +418,7 @@ async fn the_user_named_by_the_url_or_options_is_the_role_and_sqlx_defaults_are_
         format!("{base}?user=nobody-mi"),
         format!("postgres://nobody-mi@{host}:{port}/postgres"),
     ] {
-        let error = postgres_entra_sqlx::connect(&url, &connector, PoolOptions::new())
+        let error = postgres_entra_sqlx::connect(&url, &connector, SessionOptions::new())
             .await
             .unwrap_err();
         let Error::LoginRejected(rejected) = &error else {
@@ -433,7 +436,7 @@ async fn the_user_named_by_the_url_or_options_is_the_role_and_sqlx_defaults_are_
 
     // Not named: the identity's own role, from the token. `PgConnectOptions::new()` fills in the
     // operating system's user; that is not a configured role.
-    let pool = postgres_entra_sqlx::connect(&base, &connector, PoolOptions::new())
+    let pool = postgres_entra_sqlx::connect(&base, &connector, SessionOptions::new())
         .await
         .unwrap();
     assert_eq!(current_user(&pool).await.unwrap(), "orders-mi");
@@ -445,7 +448,7 @@ async fn the_user_named_by_the_url_or_options_is_the_role_and_sqlx_defaults_are_
         defaults,
         PgPoolOptions::new(),
         &connector,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .await
     .unwrap();
@@ -481,7 +484,7 @@ async fn a_token_that_cannot_log_in_never_leaves_an_expired_one_in_the_options()
             .max_lifetime(Duration::from_millis(200))
             .acquire_timeout(Duration::from_secs(2)),
         &connector,
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .await
     .unwrap();
@@ -517,7 +520,7 @@ async fn without_a_token_a_connect_fails_saying_so_and_explain_names_the_cause()
         options(&emulator),
         PgPoolOptions::new().acquire_timeout(Duration::from_secs(2)),
         &wrong_secret_connector(&emulator),
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .unwrap();
 
@@ -542,7 +545,7 @@ async fn without_a_token_a_connect_fails_saying_so_and_explain_names_the_cause()
         options(&slow),
         PgPoolOptions::new().acquire_timeout(Duration::from_millis(500)),
         &connector(&slow),
-        PoolOptions::new(),
+        SessionOptions::new(),
     )
     .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -563,7 +566,7 @@ async fn the_pool_and_its_tokens_are_recorded_as_metrics() {
         options(&emulator),
         PgPoolOptions::new().max_connections(3),
         &connector,
-        PoolOptions::new().pool_name("orders"),
+        SessionOptions::new().pool_name("orders"),
     )
     .await
     .unwrap();

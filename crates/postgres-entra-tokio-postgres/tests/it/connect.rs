@@ -36,7 +36,7 @@ async fn a_user_logs_in_as_their_user_principal_name() {
 }
 
 #[tokio::test]
-async fn the_configured_role_wins_over_the_connection_user_and_the_claims() {
+async fn the_configured_role_wins_over_the_claims_and_a_different_user_is_refused() {
     let emulator = Arc::new(Emulator::start_async().await.unwrap());
     let mi = emulator.managed_identity();
     let (source, _) = minting(&emulator, mi.clone(), |_| TokenOptions::default());
@@ -48,9 +48,24 @@ async fn the_configured_role_wins_over_the_connection_user_and_the_claims() {
         current_user(&from_config, &config).await.unwrap(),
         "orders-mi"
     );
-    // ...and the configured role overrides it.
-    let configured = connector(&emulator, source, Some("orders-api"));
+    // ...the same name in both is that role...
+    let same = connector(&emulator, source.clone(), Some("orders-mi"));
+    assert_eq!(current_user(&same, &config).await.unwrap(), "orders-mi");
+    // ...and another one is refused before any login, naming both: neither overrides the other.
+    let logins = emulator.logins().len();
+    let configured = connector(&emulator, source.clone(), Some("orders-api"));
     let error = current_user(&configured, &config).await.unwrap_err();
+    assert!(matches!(error, Error::Config { .. }), "{error:?}");
+    let text = error.to_string();
+    assert!(
+        text.contains("`orders-api`") && text.contains("`orders-mi`"),
+        "{text}"
+    );
+    assert_eq!(emulator.logins().len(), logins, "no login was tried");
+    // Without a user in the settings, the configured role wins over the token's name.
+    let error = current_user(&configured, &emulator.server_config())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&error, Error::LoginRejected(r) if r.role() == "orders-api" && *r.role_source() == RoleSource::Connector),
         "{error}"
