@@ -6,10 +6,12 @@ use criterion::{BenchmarkId, Criterion};
 use std::future::Future;
 use std::time::Duration;
 
-use crate::support::harness::{BASELINE, Bench};
+use crate::support::harness::{BASELINE, Bench, STATIC_PASSWORD, STATIC_ROLE};
 use crate::support::recorder::Recorder;
 
 pub(crate) const CONNECT: &str = "connect: TLS login + select 1 + close";
+/// The strategy of sqlx's own connect with a password (tokio-postgres's is the baseline).
+const SQLX_OWN: &str = "sqlx's own connect, static password";
 const SCOPE: &str = "https://ossrdbms-aad.database.windows.net/.default";
 
 /// Finishes a connection: the query, then close, waiting for the connection task to end.
@@ -30,6 +32,23 @@ async fn with_static_password(bench: &Bench) {
         .await
         .unwrap();
     use_and_close(client, connection).await;
+}
+
+/// sqlx's own connect, over its own TLS (rustls, verify-full) with the password: what sqlx users
+/// pay today, against tokio-postgres's connect to the same server.
+async fn with_sqlx_static_password(bench: &Bench) {
+    use sqlx::{Connection as _, Executor as _};
+    let options = sqlx::postgres::PgConnectOptions::new_without_pgpass()
+        .host(bench.emulator.host())
+        .port(bench.emulator.port())
+        .database(bench.emulator.database())
+        .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
+        .ssl_root_cert_from_pem(bench.emulator.ca_pem().as_bytes().to_vec())
+        .username(STATIC_ROLE)
+        .password(STATIC_PASSWORD);
+    let mut connection = sqlx::PgConnection::connect_with(&options).await.unwrap();
+    connection.execute("select 1").await.unwrap();
+    connection.close().await.unwrap();
 }
 
 async fn with_cached_token(bench: &Bench) {
@@ -76,6 +95,16 @@ pub(crate) fn criterion(c: &mut Criterion, bench: &Bench) {
 /// `scale` shrinks the rounds for `--quick`.
 pub(crate) fn paired(bench: &Bench, scale: usize) {
     let rounds = |n: usize| (n / scale).max(2);
+    // sqlx's own connect against tokio-postgres's, both with the password: whether sqlx's
+    // connects are as fast (sqlx 0.9.0 left Nagle's algorithm on and waited out delayed ACKs,
+    // transact-rs/sqlx#4335; 0.9.1 sets TCP_NODELAY).
+    bench.paired(
+        CONNECT,
+        || with_static_password(bench),
+        (SQLX_OWN, || with_sqlx_static_password(bench)),
+        rounds(40),
+        20,
+    );
     let strategies: [(&str, bool, u64, usize, usize); 5] = [
         ("cached token", true, 0, 40, 20),
         ("cached token, IdP +200 ms", true, 200, 40, 20),
@@ -115,6 +144,12 @@ pub(crate) fn targets(recorder: &Recorder) -> Vec<String> {
         lines.push(format!(
             "cached-token connect ÷ static connect (median): {r:.3} (target ≤ 1.03: {})",
             if r <= 1.03 { "met" } else { "missed" }
+        ));
+    }
+    if let Some(r) = recorder.median_ratio(CONNECT, SQLX_OWN) {
+        lines.push(format!(
+            "sqlx's own connect ÷ tokio-postgres's, both with the password (median): {r:.3} (target ≤ 1.2: {})",
+            if r <= 1.2 { "met" } else { "missed" }
         ));
     }
     if let (Some((cached, base)), Some(naive)) = (

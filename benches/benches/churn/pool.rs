@@ -6,7 +6,7 @@
 //! sessions bounded by their login token (the default) against unbounded ones.
 
 use criterion::{BenchmarkId, Criterion};
-use postgres_entra::{EntraConnector, PoolOptions};
+use postgres_entra::{EntraConnector, SessionOptions};
 use postgres_entra_bb8::{EntraConnectionManager, PoolObservation};
 use postgres_entra_deadpool::create_pool;
 use postgres_entra_diesel::diesel_async::pooled_connection::{
@@ -184,7 +184,7 @@ impl Pools {
             create_pool(
                 &deadpool_config("orders-api"),
                 connector,
-                PoolOptions::new()
+                SessionOptions::new()
                     .max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5)
                     .pool_name(name)
                     .token_bound(bound),
@@ -220,7 +220,7 @@ impl Pools {
             let manager = EntraConnectionManager::new(
                 bench.token_config.clone(),
                 connector,
-                PoolOptions::new().pool_name("bb8").token_bound(bound),
+                SessionOptions::new().pool_name("bb8").token_bound(bound),
             )
             .unwrap();
             let pool = bench
@@ -256,7 +256,7 @@ impl Pools {
             sqlx_options().username(""),
             sqlx_pool(),
             &bench.connector,
-            PoolOptions::new(),
+            SessionOptions::new(),
         )
         .unwrap();
         let held = |pool: &sqlx::PgPool| {
@@ -279,7 +279,7 @@ impl Pools {
                     sqlx_options().username(""),
                     sqlx::postgres::PgPoolOptions::new().max_connections(1),
                     &bench.connector,
-                    PoolOptions::new(),
+                    SessionOptions::new(),
                 )
                 .unwrap(),
             ),
@@ -288,7 +288,7 @@ impl Pools {
         let entra = EntraDiesel::new(
             bench.token_config.clone(),
             &bench.connector,
-            PoolOptions::new()
+            SessionOptions::new()
                 .max_age(POOL_MAX_AGE, POOL_MAX_AGE / 5)
                 .pool_name("diesel"),
         )
@@ -383,17 +383,14 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
         rounds,
         250,
     );
-    // sqlx 0.9.0 leaves Nagle's algorithm on (transact-rs/sqlx#4335, fixed upstream by #4336):
-    // its own connects wait out the server's delayed ACKs, ~90 ms on loopback, longer than the
-    // 50 ms lifetime, so every static-password checkout opens a connection. The token pool's
-    // connects go through the relay, whose connection to the server sets TCP_NODELAY. Fewer
-    // rounds, then, for the same run time.
+    // sqlx's own connects (the baseline) and the relay's both set TCP_NODELAY (sqlx 0.9.1;
+    // 0.9.0 did not, transact-rs/sqlx#4335, and its logins waited out delayed ACKs).
     bench.paired(
         SQLX,
         || checkout_sqlx(&pools.sqlx_static),
         ("cached token", || checkout_sqlx(&pools.sqlx_token)),
-        (rounds / 2).max(2),
-        50,
+        rounds,
+        250,
     );
     // What the relay costs once connected: a query on a held connection, sqlx's own TLS to the
     // server against the relay's Unix socket and its TLS.
@@ -466,7 +463,7 @@ pub(crate) fn targets(recorder: &Recorder, pools: &Pools) -> Vec<String> {
         ratio(DIESEL, "cached token"),
     ) {
         lines.push(format!(
-            "pool churn, cached token ÷ static password (median): deadpool {deadpool:.3}, bb8 {bb8:.3}, sqlx {sqlx:.3}, diesel-async {diesel:.3} (target ≤ 1.03: {}; sqlx 0.9.0's own connects take ~90 ms without TCP_NODELAY, transact-rs/sqlx#4335, the relay's do not)",
+            "pool churn, cached token ÷ static password (median): deadpool {deadpool:.3}, bb8 {bb8:.3}, sqlx {sqlx:.3}, diesel-async {diesel:.3} (target ≤ 1.03: {})",
             met(deadpool.max(bb8).max(sqlx).max(diesel), 1.03)
         ));
     }
