@@ -96,7 +96,11 @@ fn crypto_provider() -> Result<Arc<CryptoProvider>, Error> {
     }
     #[cfg(feature = "aws-lc-rs")]
     return Ok(Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    // rustls 0.23.48 deprecates its ring provider ("no support for post-quantum algorithms"):
+    // still a working TLS 1.3 provider, kept for builds that cannot build aws-lc; the feature's
+    // documentation says so.
     #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+    #[allow(deprecated)]
     return Ok(Arc::new(rustls::crypto::ring::default_provider()));
     #[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
     Err(Error::config(
