@@ -26,9 +26,25 @@ fn version(text: &str) -> (u64, u64) {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
+/// `cargo metadata` of the workspace, offline, with `args`.
+fn metadata(args: &[&str]) -> Value {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
+    let output = Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--offline"])
+        .args(["--manifest-path", root])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 #[test]
 fn every_published_crate_declares_a_rust_version_its_dependencies_allow() {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
     let host = String::from_utf8(
         Command::new("rustc")
             .args(["--print", "host-tuple"])
@@ -37,17 +53,7 @@ fn every_published_crate_declares_a_rust_version_its_dependencies_allow() {
             .stdout,
     )
     .unwrap();
-    let output = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
-        .args(["--manifest-path", root, "--filter-platform", host.trim()])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let metadata: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let metadata = metadata(&["--locked", "--filter-platform", host.trim()]);
     let packages: BTreeMap<&str, &Value> = metadata["packages"]
         .as_array()
         .unwrap()
@@ -160,24 +166,7 @@ fn rust_files(dir: &Path, files: &mut Vec<PathBuf>) {
 
 #[test]
 fn every_crate_reaching_a_hidden_item_requires_its_version_exactly() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let output = Command::new(env!("CARGO"))
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--no-deps",
-            "--offline",
-        ])
-        .current_dir(&root)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let metadata = metadata(&["--no-deps"]);
     let packages = metadata["packages"].as_array().unwrap();
     // What `package` requires of `dependency` (crate names as Rust writes them), if anything.
     let requirement = |package: &str, dependency: &str| -> Option<String> {
