@@ -865,11 +865,20 @@ mod tests {
     }
 
     fn try_core(options: SessionOptions) -> Result<PoolCore, Error> {
-        let connector = EntraConnector::builder(Never).build().unwrap();
+        core_over(Never, None, options)
+    }
+
+    /// A pool on localhost whose logins take tokens from `source`, as `user`.
+    fn core_over(
+        source: impl TokenSource + 'static,
+        user: Option<&str>,
+        options: SessionOptions,
+    ) -> Result<PoolCore, Error> {
+        let connector = EntraConnector::builder(source).build().unwrap();
         PoolCore::new(
             &connector,
             &[("localhost", None, 5432)],
-            None,
+            user,
             options,
             "p".to_owned(),
             None,
@@ -990,16 +999,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_login_dropped_at_any_point_leaves_nothing_held_and_the_next_one_is_admitted() {
-        let connector = EntraConnector::builder(Fresh::default()).build().unwrap();
-        let core = PoolCore::new(
-            &connector,
-            &[("localhost", None, 5432)],
-            Some("app"),
-            SessionOptions::new(),
-            "p".to_owned(),
-            None,
-        )
-        .unwrap();
+        let core = core_over(Fresh::default(), Some("app"), SessionOptions::new()).unwrap();
         let refusing = Arc::new(AtomicBool::new(true));
         let login = || {
             let refusing = refusing.clone();
@@ -1063,16 +1063,7 @@ mod tests {
         use crate::error::TokenErrorKind::{CredentialRejected, ServerError};
         let source = Switched::default();
         *lock(&source.failing) = Some(ServerError);
-        let connector = EntraConnector::builder(source.clone()).build().unwrap();
-        let core = PoolCore::new(
-            &connector,
-            &[("localhost", None, 5432)],
-            Some("app"),
-            SessionOptions::new(),
-            "p".to_owned(),
-            None,
-        )
-        .unwrap();
+        let core = core_over(source.clone(), Some("app"), SessionOptions::new()).unwrap();
         let login = core.login(|_, _| async { Attempt::LoggedIn(()) });
         tokio::pin!(login);
         let answered = tokio::select! {
@@ -1091,15 +1082,7 @@ mod tests {
         // Never answering: the login ends after the wait, with the provider's error.
         let never = Switched::default();
         *lock(&never.failing) = Some(ServerError);
-        let core = PoolCore::new(
-            &EntraConnector::builder(never).build().unwrap(),
-            &[("localhost", None, 5432)],
-            Some("app"),
-            SessionOptions::new(),
-            "p".to_owned(),
-            None,
-        )
-        .unwrap();
+        let core = core_over(never, Some("app"), SessionOptions::new()).unwrap();
         let started_again = Instant::now();
         let error = core
             .login(|_, _| async { Attempt::LoggedIn(()) })
@@ -1115,15 +1098,7 @@ mod tests {
         // A refused credential: at once.
         let refusing = Switched::default();
         *lock(&refusing.failing) = Some(CredentialRejected);
-        let core = PoolCore::new(
-            &EntraConnector::builder(refusing).build().unwrap(),
-            &[("localhost", None, 5432)],
-            Some("app"),
-            SessionOptions::new(),
-            "p".to_owned(),
-            None,
-        )
-        .unwrap();
+        let core = core_over(refusing, Some("app"), SessionOptions::new()).unwrap();
         let at = Instant::now();
         core.login(|_, _| async { Attempt::LoggedIn(()) })
             .await

@@ -213,6 +213,30 @@ async fn churn_while<P: PoolUnderTest>(pool: &P, scrapes: &mut Scrapes, count: u
     let ((), _) = tokio::join!(scrapes.take(count), load);
 }
 
+/// A pool of two whose checkouts give up after 500 ms: for conditions that make them fail.
+async fn failing_pool<P: PoolUnderTest>(emulator: &Suite, connector: EntraConnector) -> P {
+    P::build(
+        PoolSpec::new(emulator, connector)
+            .size(2)
+            .timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap()
+}
+
+/// `times` checkouts as `role`, `every` apart, whatever each one's outcome.
+async fn checkouts_every<P: PoolUnderTest>(
+    pool: &P,
+    role: &'static str,
+    times: usize,
+    every: Duration,
+) {
+    for _ in 0..times {
+        let _ = pool.checkout_as(role).await;
+        tokio::time::sleep(every).await;
+    }
+}
+
 async fn a_healthy_run_fires_no_alert_and_exports_every_series_from_the_start<P: PoolUnderTest>() {
     let emulator = Suite::start(Duration::from_secs(3600)).await;
     let mut scrapes = Scrapes::new();
@@ -263,19 +287,8 @@ async fn no_token_fires_when_the_secret_is_wrong_from_the_start<P: PoolUnderTest
         .meter(scrapes.meter())
         .build()
         .unwrap();
-    let pool: P = P::build(
-        PoolSpec::new(&emulator, connector)
-            .size(2)
-            .timeout(Duration::from_millis(500)),
-    )
-    .await
-    .unwrap();
-    let checkouts = async {
-        for _ in 0..10 {
-            let _ = pool.checkout_as("orders-api").await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    };
+    let pool: P = failing_pool(&emulator, connector).await;
+    let checkouts = checkouts_every(&pool, "orders-api", 10, Duration::from_millis(300));
     tokio::join!(scrapes.take(12), checkouts);
     scrapes.assert_alerts(
         &name::<P>("no-token"),
@@ -315,22 +328,11 @@ async fn logins_rejected_fires_when_the_principal_is_revoked<P: PoolUnderTest>()
         .meter(scrapes.meter())
         .build()
         .unwrap();
-    let pool: P = P::build(
-        PoolSpec::new(&emulator, connector)
-            .size(2)
-            .timeout(Duration::from_millis(500)),
-    )
-    .await
-    .unwrap();
+    let pool: P = failing_pool(&emulator, connector).await;
     pool.checkout_as("db-readers").await.unwrap();
     emulator.remove_group_member(&readers, &sp).unwrap();
     emulator.terminate_sessions_of("db-readers").await.unwrap();
-    let checkouts = async {
-        for _ in 0..20 {
-            let _ = pool.checkout_as("db-readers").await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
+    let checkouts = checkouts_every(&pool, "db-readers", 20, Duration::from_millis(200));
     tokio::join!(scrapes.take(20), checkouts);
     scrapes.assert_alerts(
         &name::<P>("logins-rejected"),
