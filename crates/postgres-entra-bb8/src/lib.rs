@@ -226,7 +226,7 @@ impl bb8::ManageConnection for EntraConnectionManager {
         conn.client.simple_query("").await.map(drop).map_err(|e| {
             postgres_entra_tokio_postgres::postgres_entra::__private::connect_error(
                 "the pooled connection",
-                postgres_entra_tokio_postgres::postgres_entra::__private::flatten(&e),
+                std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e),
             )
         })
     }

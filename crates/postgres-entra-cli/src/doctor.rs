@@ -1,6 +1,7 @@
 //! `postgres-entra doctor`: the login path taken apart, one step at a time, each with its time,
 //! and on failure its cause and fix. A step that needs a failed one is skipped; the others run.
 
+use postgres_entra::__private::flatten;
 use postgres_entra::{
     AccessToken, Cloud, EntraConnector, Error, LoginRejected, RoleSource, TokenClaims,
     TokenErrorKind, TokenSource,
@@ -350,10 +351,13 @@ async fn token_step(
         Err(Error::Token(e)) => {
             // The error's own advice goes to the fix.
             let text = e.to_string();
-            let cause = text
+            let mut cause = text
                 .strip_suffix(&format!("; {}", e.kind().advice()))
                 .unwrap_or(&text)
                 .to_owned();
+            if let Some(source) = std::error::Error::source(&e) {
+                cause = format!("{cause}: {}", flatten(source));
+            }
             steps.push(step.fail(cause, token_fix(e.kind(), server)));
             None
         }
@@ -599,7 +603,7 @@ async fn query(
         }
         Err(e) => {
             steps.push(step.fail(
-                postgres_entra::__private::flatten(&e),
+                flatten(&e),
                 "the login worked but the query did not: check the role's privileges",
             ));
             None
@@ -749,7 +753,7 @@ fn login_failure(error: &Error, server: &Server, claims: Option<&TokenClaims>) -
     match error {
         Error::LoginRejected(rejected) => {
             // The error's own list of likely fixes gives way to the doctor's, which knows more.
-            let text = error.to_string();
+            let text = flatten(error);
             let cause = text
                 .split(". Likely fixes:")
                 .next()
@@ -760,22 +764,22 @@ fn login_failure(error: &Error, server: &Server, claims: Option<&TokenClaims>) -
         Error::Postgres {
             code: Some(code), ..
         } if code == "3D000" => (
-            error.to_string(),
+            flatten(error),
             format!(
                 "the database `{}` does not exist on this server: set PGDATABASE (or --dbname) to one that does (`postgres` always exists)",
                 server.dbname
             ),
         ),
         Error::Tls { .. } => (
-            error.to_string(),
+            flatten(error),
             "see step 6; the same roots are used here".to_owned(),
         ),
         Error::Connect { .. } => (
-            error.to_string(),
+            flatten(error),
             "see step 5: the server could be reached a moment ago".to_owned(),
         ),
-        Error::Postgres { .. } => (error.to_string(), "see the server's message".to_owned()),
-        _ => (error.to_string(), "see the message".to_owned()),
+        Error::Postgres { .. } => (flatten(error), "see the server's message".to_owned()),
+        _ => (flatten(error), "see the message".to_owned()),
     }
 }
 

@@ -121,7 +121,7 @@ impl EntraPgPool {
             }
             Err(error) => Err(self
                 .explain(&error)
-                .unwrap_or_else(|| postgres_error(None, flatten(&error)))),
+                .unwrap_or_else(|| postgres_error(None, flatten(&error), None))),
         }
     }
 
@@ -135,7 +135,10 @@ impl EntraPgPool {
         match error {
             sqlx::Error::Database(db) if db.message().starts_with(MARKER) => shared.core.explain(),
             sqlx::Error::PoolTimedOut => shared.core.explain(),
-            sqlx::Error::Io(io) => Some(connect_error(shared.core.targets(), io.to_string())),
+            sqlx::Error::Io(io) => Some(connect_error(
+                shared.core.targets(),
+                std::io::Error::new(io.kind(), io.to_string()),
+            )),
             _ => None,
         }
     }

@@ -11,8 +11,8 @@ use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use postgres_entra::__private::{
-    Attempt, Entry, PoolCore, PoolHost, Session, config_error, connect_error, flatten,
-    postgres_error, tls_config, tls_declined, tls_error,
+    Attempt, Entry, PoolCore, PoolHost, Session, certificate_error, config_error, connect_error,
+    flatten, postgres_error, tls_config, tls_declined, tls_error,
 };
 use postgres_entra::{EntraConnector, Error, SessionOptions};
 
@@ -147,33 +147,39 @@ const NETWORK: [&str; 3] = [
     "connection closed",
 ];
 
-/// Sorts a failed connect that was not a refused login into TLS, network or server.
-fn classify(error: &tokio_postgres::Error, config: &Config) -> Error {
+/// Sorts a failed connect that was not a refused login into TLS, network or server, keeping the
+/// typed cause underneath (the server's `DbError`, rustls' error, the `io::Error`) as the source.
+fn classify(error: tokio_postgres::Error, config: &Config) -> Error {
     if let Some(db) = error.as_db_error() {
         return postgres_error(
             Some(db.code().code()),
             format!("{}: {}", db.severity(), db.message()),
+            Some(Arc::new(db.clone())),
         );
     }
-    let text = flatten(error);
+    let text = flatten(&error);
     if text.contains(TLS_DECLINED) {
         return tls_declined();
     }
-    if let Some(tls) = rustls_cause(error) {
-        return tls_error(format!(
-            "{tls}; the server's certificate must chain to a trusted root (TlsRoots) and name the host you connect to"
-        ));
+    if let Some(tls) = rustls_cause(&error) {
+        return certificate_error(tls.clone());
     }
     if text.starts_with(TLS_HANDSHAKE) {
-        return tls_error(text);
+        return tls_error(
+            "the TLS handshake failed",
+            error.into_source().map(Arc::from),
+        );
     }
     if NETWORK.iter().any(|prefix| text.starts_with(prefix)) {
-        let reason = text
-            .split_once(": ")
-            .map_or(text.as_str(), |(_, cause)| cause);
-        return connect_error(targets(config), reason);
+        let io = match error.into_source().map(|e| e.downcast::<std::io::Error>()) {
+            Some(Ok(io)) => *io,
+            // tokio-postgres's "connection closed" has no cause.
+            _ => std::io::Error::new(std::io::ErrorKind::UnexpectedEof, text),
+        };
+        return connect_error(targets(config), io);
     }
-    postgres_error(None, text)
+    // tokio-postgres prints its cause and returns it as the source too: the text says both.
+    postgres_error(None, text, None)
 }
 
 impl PgLogin {
@@ -222,7 +228,7 @@ impl PgLogin {
             .simple_query("")
             .await
             .map(drop)
-            .map_err(|e| classify(&e, &self.config));
+            .map_err(|e| classify(e, &self.config));
         drop(client);
         let _ = task.await;
         outcome
@@ -239,7 +245,7 @@ impl PgLogin {
                     code: code.to_owned(),
                     message: message.to_owned(),
                 },
-                None => Attempt::Failed(classify(&error, &self.config)),
+                None => Attempt::Failed(classify(error, &self.config)),
             },
         }
     }
@@ -300,7 +306,7 @@ mod tests {
             _ => config.connect(tls()).await.err(),
         }
         .expect("the connect fails");
-        (flatten(&error), classify(&error, config))
+        (flatten(&error), classify(error, config))
     }
 
     #[tokio::test]

@@ -262,22 +262,16 @@ impl fmt::Debug for AzureTokenSource {
     }
 }
 
-/// The longest provider description kept in an error: Entra's run to a few hundred bytes.
-const MAX_DESCRIPTION: usize = 600;
-
 /// What the provider said, from the first HTTP answer in `error`'s chain (credentials wrap the
-/// HTTP error in an authentication error), else the kind of the transport failure; the message is
-/// the whole chain, each part once, cut at a readable length.
-fn classify(error: &azure_core::Error) -> TokenError {
-    let mut message = crate::error::flatten(error);
-    if message.len() > MAX_DESCRIPTION {
-        let cut = (0..=MAX_DESCRIPTION)
-            .rev()
-            .find(|i| message.is_char_boundary(*i))
-            .unwrap_or(0);
-        message.truncate(cut);
-        message.push('…');
-    }
+/// HTTP error in an authentication error), else the kind of the transport failure. The error is
+/// kept as the source.
+fn classify(error: azure_core::Error) -> TokenError {
+    what_failed(&error).with_source(error)
+}
+
+/// The classification of `error`, with no message: the error itself is the source.
+fn what_failed(error: &azure_core::Error) -> TokenError {
+    let message = "";
     let mut kind = TokenErrorKind::Other;
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = next {
@@ -348,14 +342,14 @@ impl TokenSource for AzureTokenSource {
         Box::pin(async move {
             let credential = match &self.credential {
                 Credential::Kept(credential) => credential.clone(),
-                Credential::Fresh(build) => build().map_err(|e| classify(&e))?,
+                Credential::Fresh(build) => build().map_err(classify)?,
             };
             match credential.get_token(&[scope], None).await {
                 Ok(token) => Ok(AccessToken::new(
                     token.token.secret(),
                     SystemTime::from(token.expires_on),
                 )),
-                Err(error) => Err(classify(&error)),
+                Err(error) => Err(classify(error)),
             }
         })
     }

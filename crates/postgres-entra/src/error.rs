@@ -1,9 +1,10 @@
 //! Errors: one enum, a variant per cause a user acts on differently, each saying what to do.
 //!
-//! Every error here prints everything it knows, once, and has no `source()`: what another crate
-//! reported (the identity provider's answer, the driver's error) is flattened into the message
-//! with repeated parts dropped, so a report that prints the chain (`{:#}` with anyhow or eyre)
-//! shows each fact once, and `{e}` alone says what went wrong.
+//! Every error keeps what another crate reported underneath it as its `source()`, typed: an
+//! [`std::io::Error`] for a network failure, the driver's server error (with its SQLSTATE) for a
+//! refused session, rustls' error for a certificate, the identity provider's error for a token.
+//! An error's own text never repeats its source's, so a report that prints the chain (`{:#}` with
+//! anyhow or eyre) shows each fact once; `{e}` alone says what failed and what to do.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -12,32 +13,37 @@ use std::time::Duration;
 
 use crate::claims::TokenClaims;
 
+/// An error another crate reported, kept as the `source()` of ours.
+pub(crate) type Cause = Arc<dyn StdError + Send + Sync + 'static>;
+
 /// Everything that can go wrong getting a token or logging in with it.
 ///
-/// Cheap to clone: every caller waiting on one failed fetch or login gets the same error.
-#[derive(Debug, Clone, thiserror::Error)]
+/// Cheap to clone: every caller waiting on one failed fetch or login gets the same error. The
+/// error underneath, when there is one, is its [`source()`](StdError::source): downcast it to
+/// [`std::io::Error`], `tokio_postgres::error::DbError`, `rustls::Error` or
+/// `azure_core::Error`.
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Error {
-    /// No valid access token could be had from the identity provider.
-    #[error(transparent)]
+    /// No valid access token could be had from the identity provider. Its source is the
+    /// provider's error (see [`TokenError`]).
     Token(TokenError),
 
     /// The server refused the login, and another token would not help (see [`LoginRejected`]).
-    #[error(transparent)]
     LoginRejected(Box<LoginRejected>),
 
     /// TLS could not be set up: the server declined it, or its certificate did not verify. No
     /// token was sent.
-    #[error("TLS to the PostgreSQL server failed, so no token was sent: {message}")]
     #[non_exhaustive]
     Tls {
         /// What failed, and what to check.
         message: String,
+        /// What rustls (or the network) said, when it said something.
+        source: Option<Arc<dyn StdError + Send + Sync + 'static>>,
     },
 
     /// The configuration cannot work (plaintext requested, a bad scope, no role name, a server
     /// in another cloud, ...).
-    #[error("invalid configuration: {message}")]
     #[non_exhaustive]
     Config {
         /// What is wrong and how to fix it.
@@ -46,27 +52,72 @@ pub enum Error {
 
     /// The server could not be reached, or the connection broke before the login finished (DNS,
     /// connection refused, timeout, reset).
-    #[error(
-        "could not reach PostgreSQL at {target}: {reason}; check the host name, the port, firewall rules or the private endpoint, and that the server is running"
-    )]
     #[non_exhaustive]
     Connect {
         /// `host:port` (several, comma-separated, when the settings name several).
         target: String,
-        /// What the network said.
-        reason: String,
+        /// What the network said: an [`std::io::Error`] (its `kind()` is e.g. `ConnectionRefused`
+        /// or, for the pool's create limit, `TimedOut`).
+        source: Arc<std::io::Error>,
     },
 
     /// The server refused the session for another reason than the token (an unknown database,
     /// too many connections, ...).
-    #[error("PostgreSQL refused the session: {message}")]
     #[non_exhaustive]
     Postgres {
         /// The SQLSTATE, when the server sent one.
         code: Option<String>,
         /// The server's message (or the driver's, when the server sent none).
         message: String,
+        /// The driver's error for it, when there is one (tokio-postgres's `DbError`).
+        source: Option<Arc<dyn StdError + Send + Sync + 'static>>,
     },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Token(error) => error.fmt(f),
+            Error::LoginRejected(rejected) => rejected.fmt(f),
+            Error::Tls { message, .. } => write!(
+                f,
+                "TLS to the PostgreSQL server failed, so no token was sent: {message}"
+            ),
+            Error::Config { message } => write!(f, "invalid configuration: {message}"),
+            Error::Connect { target, .. } => write!(
+                f,
+                "could not reach PostgreSQL at {target} (check the host name, the port, firewall \
+                 rules or the private endpoint, and that the server is running)"
+            ),
+            Error::Postgres {
+                code,
+                message,
+                source,
+            } => {
+                f.write_str("PostgreSQL refused the session")?;
+                if let Some(code) = code {
+                    write!(f, " with SQLSTATE {code}")?;
+                }
+                match source {
+                    Some(_) => Ok(()),
+                    None => write!(f, ": {message}"),
+                }
+            }
+        }
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Error::Token(error) => error.source(),
+            Error::LoginRejected(_) | Error::Config { .. } => None,
+            Error::Tls { source, .. } | Error::Postgres { source, .. } => {
+                source.as_deref().map(|e| e as &(dyn StdError + 'static))
+            }
+            Error::Connect { source, .. } => Some(source.as_ref()),
+        }
+    }
 }
 
 impl Error {
@@ -76,33 +127,38 @@ impl Error {
         }
     }
 
-    pub(crate) fn tls(message: impl Into<String>) -> Self {
+    pub(crate) fn tls(message: impl Into<String>, source: Option<Cause>) -> Self {
         Error::Tls {
             message: message.into(),
+            source,
         }
     }
 
-    pub(crate) fn connect(target: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn connect(target: impl Into<String>, source: std::io::Error) -> Self {
         Error::Connect {
             target: target.into(),
-            reason: reason.into(),
+            source: Arc::new(source),
         }
     }
 
-    pub(crate) fn postgres(code: Option<&str>, message: impl Into<String>) -> Self {
-        let message = message.into();
+    pub(crate) fn postgres(
+        code: Option<&str>,
+        message: impl Into<String>,
+        source: Option<Cause>,
+    ) -> Self {
         Error::Postgres {
-            message: match code {
-                Some(code) => format!("{message} (SQLSTATE {code})"),
-                None => message,
-            },
+            message: message.into(),
             code: code.map(str::to_owned),
+            source,
         }
     }
 
     /// The server declined TLS: the token was never sent.
     pub(crate) fn tls_declined() -> Self {
-        Self::tls("the server declined TLS; token login needs a server with TLS enabled")
+        Self::tls(
+            "the server declined TLS; token login needs a server with TLS enabled",
+            None,
+        )
     }
 
     /// Whether retrying later may succeed without a change of configuration: network and server
@@ -156,6 +212,15 @@ pub(crate) fn flatten(error: &(dyn StdError + 'static)) -> String {
         next = e.source();
     }
     text
+}
+
+/// `error` and its sources, each part once, on one line: how the library logs an error.
+pub(crate) struct Report<'a>(pub(crate) &'a (dyn StdError + 'static));
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&flatten(self.0))
+    }
 }
 
 /// Appends `part` (made one line) to `text` after `: `, unless `text` already says it.
@@ -373,7 +438,9 @@ impl TokenError {
         self.edit(|w| w.retry_after = Some(retry_after))
     }
 
-    /// The underlying error; its text (each part once) becomes part of this error's message.
+    /// The underlying error: this error's [`source()`](StdError::source) (see there), printed
+    /// after this error's own text by reports that print the chain, and
+    /// [`provider_error`](TokenError::provider_error).
     #[must_use]
     pub fn with_source(self, source: impl StdError + Send + Sync + 'static) -> Self {
         self.edit(|w| w.source = Some(Arc::new(source)))
@@ -395,13 +462,16 @@ impl TokenError {
         self.what.kind
     }
 
-    /// What the provider (or the cache) said went wrong, with the underlying error's text.
-    pub fn message(&self) -> String {
-        let mut text = self.what.message.clone();
-        if let Some(source) = &self.what.source {
-            append_part(&mut text, &flatten(source.as_ref()));
-        }
-        text
+    /// What the token source (or the cache) said went wrong, without the underlying error's
+    /// text (that is [`source()`](StdError::source)).
+    pub fn message(&self) -> &str {
+        &self.what.message
+    }
+
+    /// The underlying error as the token source gave it ([`TokenError::with_source`]): for
+    /// `AzureTokenSource`, the `azure_core::Error` its credential returned, to downcast.
+    pub fn provider_error(&self) -> Option<&(dyn StdError + Send + Sync + 'static)> {
+        self.what.source.as_deref()
     }
 
     /// The HTTP status the identity provider answered with, if it answered.
@@ -434,10 +504,15 @@ impl TokenError {
         self.what.retry_after
     }
 
-    /// `HTTP 401 invalid_client: <the provider's text>`, each fact once.
+    /// `HTTP 401 invalid_client: <the message>`, each fact once (a part of the provider code that
+    /// the message or the source already says is left out).
     fn what_failed(&self) -> String {
         let what = &self.what;
-        let text = self.message();
+        let text = what.message.as_str();
+        let mut said = text.to_owned();
+        if let Some(source) = &what.source {
+            said.push_str(&flatten(source.as_ref()));
+        }
         let mut head = Vec::new();
         if let Some(status) = what.http_status {
             head.push(format!("HTTP {status}"));
@@ -446,12 +521,12 @@ impl TokenError {
             // Entra's description usually repeats its AADSTS number: print what it does not say.
             head.extend(
                 code.split_whitespace()
-                    .filter(|part| !text.contains(part.trim_matches(|c| c == '(' || c == ')')))
+                    .filter(|part| !said.contains(part.trim_matches(|c| c == '(' || c == ')')))
                     .map(str::to_owned),
             );
         }
         match (head.is_empty(), text.is_empty()) {
-            (true, _) => text,
+            (true, _) => text.to_owned(),
             (false, true) => head.join(" "),
             (false, false) => format!("{}: {text}", head.join(" ")),
         }
@@ -465,7 +540,8 @@ impl fmt::Debug for TokenError {
             .field("kind", &what.kind)
             .field("identity", &what.identity)
             .field("scope", &what.scope)
-            .field("message", &self.message())
+            .field("message", &what.message)
+            .field("source", &what.source.as_deref().map(|e| flatten(e)))
             .field("http_status", &what.http_status)
             .field("provider_code", &what.provider_code)
             .field("retry_in", &what.retry_in)
@@ -483,7 +559,11 @@ impl fmt::Display for TokenError {
         if !what.scope.is_empty() {
             write!(f, " (scope {})", what.scope)?;
         }
-        write!(f, ": {}; {}", self.what_failed(), what.kind.advice())?;
+        let what_failed = self.what_failed();
+        if !what_failed.is_empty() {
+            write!(f, ": {what_failed}")?;
+        }
+        write!(f, "; {}", what.kind.advice())?;
         if let Some(retry_in) = what.retry_in {
             write!(f, " (next attempt in {:.1} s)", retry_in.as_secs_f64())?;
         }
@@ -491,7 +571,21 @@ impl fmt::Display for TokenError {
     }
 }
 
-impl StdError for TokenError {}
+impl StdError for TokenError {
+    /// The underlying error, less the errors at the top of its chain that print their own source
+    /// too (azure_core's errors print their inner error and return it as their source), so that a
+    /// report of the chain says each part once. [`TokenError::provider_error`] is the error as
+    /// given.
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        let mut error: &(dyn StdError + 'static) = self.what.source.as_deref()?;
+        while let Some(inner) = error.source()
+            && error.to_string().contains(inner.to_string().trim())
+        {
+            error = inner;
+        }
+        Some(error)
+    }
+}
 
 /// Where the role a login asked for came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -602,9 +696,11 @@ impl fmt::Display for LoginRejected {
                 "the token is valid for another {valid_for} and the identity provider returns the same one, so a new token would not help"
             )?,
             LoginRetry::NotRetried => write!(f, "the token was valid for another {valid_for}")?,
-            LoginRetry::NoNewToken(why) => {
-                write!(f, "no fresh token could be had to retry with ({why})")?
-            }
+            LoginRetry::NoNewToken(why) => write!(
+                f,
+                "no fresh token could be had to retry with ({})",
+                flatten(why)
+            )?,
         }
         // Ids and resource names only: a person's names (upn and the like) stay out of what is
         // logged at warn; `token_claims()` has them, and the pool logs them at debug.
@@ -671,7 +767,7 @@ mod tests {
     }
 
     #[test]
-    fn a_token_error_names_status_and_code_once_and_has_no_source() {
+    fn a_token_error_names_status_and_code_once_and_keeps_its_source() {
         let error = TokenError::new(TokenErrorKind::CredentialRejected, "")
             .with_http_status(401)
             .with_provider_code("invalid_client (AADSTS7000215)")
@@ -680,15 +776,20 @@ mod tests {
                 "ClientSecretCredential (client id 2d97)",
                 "https://x/.default",
             );
-        let text = error.to_string();
         assert_eq!(
-            text,
+            error.to_string(),
             "could not get an Entra ID access token for ClientSecretCredential (client id 2d97) (scope https://x/.default): \
-             HTTP 401 invalid_client: AADSTS7000215: Invalid client secret provided; check the credential: tenant id, \
+             HTTP 401 invalid_client; check the credential: tenant id, \
              client id, secret or federated token, that the principal is enabled, and that the managed identity is \
              assigned to this resource"
         );
-        assert!(error.source().is_none());
+        let source = error.source().expect("the source is kept");
+        assert!(source.downcast_ref::<Layer>().is_some());
+        let text = flatten(&error);
+        assert!(
+            text.ends_with(": AADSTS7000215: Invalid client secret provided"),
+            "{text}"
+        );
         assert_eq!(text.matches("AADSTS7000215").count(), 1);
         let bare = TokenError::new(TokenErrorKind::ServerError, "").with_http_status(500);
         assert!(bare.to_string().contains(": HTTP 500; "), "{bare}");
@@ -751,9 +852,10 @@ mod tests {
         assert!(!TokenErrorKind::CredentialRejected.is_transient());
         assert!(TokenErrorKind::ServerError.is_transient());
         assert!(!Error::config("x").is_transient());
-        assert!(Error::connect("h:5432", "refused").is_transient());
-        assert!(!Error::postgres(Some("3D000"), "no such database").is_transient());
-        assert!(Error::postgres(Some("53300"), "too many connections").is_transient());
-        assert!(!Error::postgres(None, "unexpected message from server").is_transient());
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(Error::connect("h:5432", refused).is_transient());
+        assert!(!Error::postgres(Some("3D000"), "no such database", None).is_transient());
+        assert!(Error::postgres(Some("53300"), "too many connections", None).is_transient());
+        assert!(!Error::postgres(None, "unexpected message from server", None).is_transient());
     }
 }

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 pub use crate::cache::Now;
 use crate::cache::{Entry, TokenCache};
 use crate::connector::EntraConnector;
-use crate::error::{Error, LoginRejected, LoginRetry, RoleSource, human};
+use crate::error::{Error, LoginRejected, LoginRetry, Report, RoleSource, human};
 use crate::log::FailureLog;
 
 /// What this library adds to a pool: sessions bounded by their login token, an age limit, the
@@ -415,9 +415,12 @@ impl PoolCore {
             .unwrap_or_else(|_| {
                 Err(Error::connect(
                     self.inner.targets.clone(),
-                    format!(
-                        "no connection within {} (the pool's create or connection timeout)",
-                        human(limit)
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no connection within {} (the pool's create or connection timeout)",
+                            human(limit)
+                        ),
                     ),
                 ))
             })
@@ -625,7 +628,7 @@ impl PoolCore {
     /// [`PoolCore::explain`].
     fn failed(&self, error: &Error) {
         let inner = &self.inner;
-        inner.log.failure(&failure_key(error), error);
+        inner.log.failure(&failure_key(error), &Report(error));
         *lock(&inner.last_failure) = Some(error.clone());
     }
 

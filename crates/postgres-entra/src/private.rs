@@ -22,9 +22,21 @@ pub fn config_error(message: impl Into<String>) -> Error {
     Error::config(message)
 }
 
+/// An error another crate reported, kept as the `source()` of ours.
+pub type Cause = Arc<dyn StdError + Send + Sync + 'static>;
+
 /// [`Error::Tls`].
-pub fn tls_error(message: impl Into<String>) -> Error {
-    Error::tls(message)
+pub fn tls_error(message: impl Into<String>, source: Option<Cause>) -> Error {
+    Error::tls(message, source)
+}
+
+/// [`Error::Tls`]: the server's certificate did not verify.
+pub fn certificate_error(error: rustls::Error) -> Error {
+    Error::tls(
+        "the server's certificate did not verify (it must chain to a trusted root, see \
+         TlsRoots, and name the host you connect to)",
+        Some(Arc::new(error)),
+    )
 }
 
 /// [`Error::Tls`]: the server declined TLS.
@@ -33,13 +45,17 @@ pub fn tls_declined() -> Error {
 }
 
 /// [`Error::Connect`].
-pub fn connect_error(target: impl Into<String>, reason: impl Into<String>) -> Error {
-    Error::connect(target, reason)
+pub fn connect_error(target: impl Into<String>, source: std::io::Error) -> Error {
+    Error::connect(target, source)
 }
 
 /// [`Error::Postgres`].
-pub fn postgres_error(code: Option<&str>, message: impl Into<String>) -> Error {
-    Error::postgres(code, message)
+pub fn postgres_error(
+    code: Option<&str>,
+    message: impl Into<String>,
+    source: Option<Cause>,
+) -> Error {
+    Error::postgres(code, message, source)
 }
 
 /// `error` and its sources as one line, each part once.

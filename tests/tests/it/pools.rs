@@ -160,7 +160,7 @@ impl Reason {
         };
         Self {
             variant,
-            text: error.to_string(),
+            text: crate::chain(error),
             error: error.clone(),
         }
     }

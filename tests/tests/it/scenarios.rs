@@ -384,9 +384,12 @@ async fn a_token_failure_reaches_the_caller_as_our_typed_error<P: PoolUnderTest>
         "{reason:?}"
     );
     assert!(
-        reason.text.contains(
-            "HTTP 401 invalid_client: ClientSecretCredential authentication failed. AADSTS7000215"
-        ),
+        reason
+            .text
+            .contains("HTTP 401 invalid_client; check the credential")
+            && reason
+                .text
+                .ends_with(": AADSTS7000215: Invalid client secret or client assertion provided"),
         "{reason:?}"
     );
     assert!(emulator.logins().is_empty());

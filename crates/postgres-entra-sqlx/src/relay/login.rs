@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use postgres_entra::__private::{
-    Attempt, Entry, connect_error, postgres_error, tls_declined, tls_error,
+    Attempt, Entry, certificate_error, connect_error, postgres_error, tls_declined, tls_error,
 };
 use postgres_entra::Error;
 
@@ -85,17 +85,14 @@ impl Link {
         {
             Ok(Ok(after_ok)) => Attempt::LoggedIn((server, after_ok)),
             Ok(Err(refused)) => refused,
-            Err(error) => Attempt::Failed(connect_error(
-                self.targets(),
-                format!("the connection broke during the login: {error}"),
-            )),
+            Err(error) => Attempt::Failed(connect_error(self.targets(), error)),
         }
     }
 
     /// TCP to the server, then TLS (declined: an error, and no token is sent).
     async fn open(&self) -> Result<Server, Error> {
         let Upstream { host, port } = &self.upstream;
-        let network = |e: io::Error| connect_error(self.targets(), e.to_string());
+        let network = |e: io::Error| connect_error(self.targets(), e);
         let mut tcp = TcpStream::connect((host.as_str(), *port))
             .await
             .map_err(network)?;
@@ -109,18 +106,19 @@ impl Link {
             _ => {
                 return Err(tls_error(
                     "the server answered the TLS request with something else than yes or no",
+                    None,
                 ));
             }
         }
         self.tls
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(|e| match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
-                Some(tls) => tls_error(format!(
-                    "{tls}; the server's certificate must chain to a trusted root (TlsRoots) and name the host you connect to"
-                )),
-                None => connect_error(self.targets(), format!("during the TLS handshake: {e}")),
-            })
+            .map_err(
+                |e| match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                    Some(tls) => certificate_error(tls.clone()),
+                    None => connect_error(self.targets(), e),
+                },
+            )
     }
 
     /// The startup and the password exchange. `Ok(Err(..))`: the server refused (or failed) the
@@ -197,6 +195,7 @@ impl Link {
                                 format!(
                                     "the server asked for an authentication method this relay does not support ({other})"
                                 ),
+                                None,
                             ))));
                         }
                     }
@@ -209,9 +208,11 @@ impl Link {
                             code: code.to_owned(),
                             message,
                         },
-                        code => {
-                            Attempt::Failed(postgres_error(code, format!("{severity}: {message}")))
-                        }
+                        code => Attempt::Failed(postgres_error(
+                            code,
+                            format!("{severity}: {message}"),
+                            None,
+                        )),
                     }));
                 }
                 b'N' => {}
@@ -227,6 +228,7 @@ impl Link {
                 return Ok(Err(Attempt::Failed(postgres_error(
                     code.as_deref(),
                     format!("{severity}: {message}"),
+                    None,
                 ))));
             }
             after_ok.put_u8(tag);

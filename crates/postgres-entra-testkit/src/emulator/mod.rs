@@ -32,8 +32,9 @@ const END_SESSIONS: &str = "select pg_terminate_backend(pid) from pg_stat_activi
 const LEFT_OBJECTS: &str = "select exists (select 1 from pg_depend \
      where refclassid = 'pg_namespace'::regclass and refobjid = 'public'::regnamespace)";
 /// Resets the settings made for the current database alone (`alter database ... set`, `alter role
-/// ... in database ... set`), which outlive the schema.
+/// ... in database ... set`, its connection limit), which outlive the schema.
 const RESET_SETTINGS: &str = "do $$ declare setting record; begin \
+     execute format('alter database %I connection limit -1', current_database()); \
      for setting in select setrole from pg_db_role_setting where setdatabase = \
          (select oid from pg_database where datname = current_database()) loop \
        if setting.setrole = 0 then \

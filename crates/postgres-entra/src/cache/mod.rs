@@ -32,7 +32,7 @@ use tracing::Instrument as _;
 
 use crate::claims::{ClaimsError, TokenClaims};
 use crate::clock::{Clock, SystemClock};
-use crate::error::{Error, TokenError, TokenErrorKind, human};
+use crate::error::{Error, Report, TokenError, TokenErrorKind, human};
 use crate::log::FailureLog;
 use crate::scope::{Cloud, validate_scope};
 use crate::token::{AccessToken, TokenSource};
@@ -1196,14 +1196,16 @@ impl Inner {
                         Some(token) => LogLine::Failed {
                             key: format!("refresh/{}", error.kind().as_str()),
                             message: format!(
-                                "refreshing the token failed; the current one is still handed out for {}: {error}",
-                                human(token.usable_for(now))
+                                "refreshing the token failed; the current one is still handed out for {}: {}",
+                                human(token.usable_for(now)),
+                                Report(error)
                             ),
                         },
                         None => LogLine::Failed {
                             key: format!("no_token/{}", error.kind().as_str()),
                             message: format!(
-                                "{error} (callers make the cache ask again every {})",
+                                "{} (callers make the cache ask again every {})",
+                                Report(error),
                                 human(self.options.retry_interval)
                             ),
                         },
