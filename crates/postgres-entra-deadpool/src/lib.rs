@@ -3,7 +3,7 @@
 
 use deadpool::Runtime;
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
-use deadpool_postgres::{ClientWrapper, RecyclingMethod, StatementCache};
+use deadpool_postgres::{ClientWrapper, ManagerConfig, RecyclingMethod, StatementCache};
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, Weak};
@@ -153,13 +153,37 @@ impl Manager {
             pg_config.user("");
         }
         let create_limit = config.get_pool_config().timeouts.create;
-        Ok(Self {
-            login: PgLogin::new(connector, &pg_config, options, create_limit)?,
-            recycling: config.get_manager_config().recycling_method,
+        Ok(Self::with(
+            PgLogin::new(connector, &pg_config, options, create_limit)?,
+            config.get_manager_config(),
+        ))
+    }
+
+    /// A manager over `pg_config` with `manager_config`'s recycling, as deadpool-postgres's
+    /// `Manager::from_config` makes one, for a pool you build with `Pool::builder(manager)`. The
+    /// settings are checked as [`Manager::new`] checks them. The pool's create timeout, set on
+    /// the builder, is not known here: a login waits up to 30 s for the identity provider (a
+    /// pool from [`create_pool`] waits up to its create timeout).
+    pub fn from_config(
+        pg_config: tokio_postgres::Config,
+        connector: &EntraConnector,
+        manager_config: ManagerConfig,
+        options: SessionOptions,
+    ) -> Result<Self, Error> {
+        Ok(Self::with(
+            PgLogin::new(connector, &pg_config, options, None)?,
+            manager_config,
+        ))
+    }
+
+    fn with(login: PgLogin, manager_config: ManagerConfig) -> Self {
+        Self {
+            login,
+            recycling: manager_config.recycling_method,
             statement_caches: Mutex::default(),
             #[cfg(feature = "opentelemetry_0_33")]
             reader: std::sync::OnceLock::new(),
-        })
+        }
     }
 
     /// Opens one connection and closes it: a startup check that reports a permanent mistake at

@@ -141,14 +141,28 @@ impl EntraDiesel {
 
     /// diesel-async's manager for a deadpool or bb8 pool, its connections logging in through
     /// this: `DeadpoolPool::builder(entra.manager()).max_size(16).build()?`, or
-    /// `bb8::Pool::builder().build(entra.manager()).await?`.
+    /// `bb8::Pool::builder().build(entra.manager()).await?`. Connections are recycled as
+    /// diesel-async's default `RecyclingMethod::Verified` does; [`EntraDiesel::manager_with`]
+    /// takes another method.
     pub fn manager(&self) -> Manager {
+        self.manager_with(RecyclingMethod::Verified)
+    }
+
+    /// [`EntraDiesel::manager`] with your recycling method, as diesel-async's `ManagerConfig`
+    /// takes it: a connection past its token's bound is retired first, then `recycling` runs
+    /// (`Fast`: nothing more; `Verified`: `select 1`; `CustomQuery`; `CustomFunction`: yours).
+    /// The rest of `ManagerConfig` is the connect itself (`custom_setup`), which this crate
+    /// makes; for a step after each connect, use your pool's hook (deadpool's `post_create`,
+    /// bb8's `connection_customizer`).
+    pub fn manager_with(&self, recycling: RecyclingMethod<AsyncPgConnection>) -> Manager {
         let mut config = ManagerConfig::default();
         let setup = self.inner.clone();
         config.custom_setup = Box::new(move |_url| Box::pin(setup.clone().open()));
         let recycle = self.inner.clone();
+        let recycling = Arc::new(recycling);
         config.recycling_method = RecyclingMethod::CustomFunction(Box::new(move |connection| {
             let inner = recycle.clone();
+            let recycling = recycling.clone();
             let key = connection
                 .instrumentation()
                 .downcast_ref::<SessionTag>()
@@ -157,11 +171,21 @@ impl EntraDiesel {
                 if inner.retire(key) {
                     return Err(diesel::result::Error::QueryBuilderError(RETIRED.into()));
                 }
-                // diesel-async's own check (`RecyclingMethod::Verified`).
-                diesel::select(1_i32.into_sql::<diesel::sql_types::Integer>())
-                    .get_result::<i32>(connection)
-                    .await
-                    .map(drop)
+                match &*recycling {
+                    RecyclingMethod::Fast => Ok(()),
+                    // diesel-async's own check.
+                    RecyclingMethod::Verified => {
+                        diesel::select(1_i32.into_sql::<diesel::sql_types::Integer>())
+                            .get_result::<i32>(connection)
+                            .await
+                            .map(drop)
+                    }
+                    RecyclingMethod::CustomQuery(query) => diesel::sql_query(query.as_ref())
+                        .execute(connection)
+                        .await
+                        .map(drop),
+                    RecyclingMethod::CustomFunction(check) => check(connection).await,
+                }
             })
         }));
         // diesel-async's manager connects with `custom_setup`; the URL is not used.

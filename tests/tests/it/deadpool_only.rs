@@ -8,34 +8,76 @@ use std::time::Duration;
 use crate::pools::{Deadpool, PoolSpec};
 use crate::{Suite, connector};
 
+/// The user's recycling method, which sets the application name.
+fn renaming() -> ManagerConfig {
+    ManagerConfig {
+        recycling_method: RecyclingMethod::Custom(
+            "SET application_name = 'recycled by the user''s method'".into(),
+        ),
+    }
+}
+
+/// The application name of a first connection, and of the same connection once recycled.
+async fn names_before_and_after_recycling(pool: &postgres_entra_deadpool::Pool) -> [String; 2] {
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        let connection = pool.get().await.unwrap();
+        let row = connection.query_one("show application_name", &[]).await;
+        names.push(row.unwrap().get(0));
+    }
+    names.try_into().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_users_recycling_method_still_runs() {
     let emulator = Suite::start(Duration::from_secs(3600)).await;
     let mut config = Deadpool::user_config(&PoolSpec::new(&emulator, connector(&emulator)).size(1));
-    config.manager = Some(ManagerConfig {
-        recycling_method: RecyclingMethod::Custom(
-            "SET application_name = 'recycled by the user''s method'".into(),
-        ),
-    });
+    config.manager = Some(renaming());
     let pool = create_pool(&config, &connector(&emulator), SessionOptions::new()).unwrap();
 
-    let first = pool.get().await.unwrap();
-    let name: String = first
-        .query_one("show application_name", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_ne!(name, "recycled by the user's method");
-    drop(first);
-    let recycled = pool.get().await.unwrap();
-    let name: String = recycled
-        .query_one("show application_name", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let [first, recycled] = names_before_and_after_recycling(&pool).await;
 
-    assert_eq!(name, "recycled by the user's method");
+    assert_ne!(first, "recycled by the user's method");
+    assert_eq!(recycled, "recycled by the user's method");
     assert_eq!(emulator.logins().len(), 1, "the same connection, recycled");
+}
+
+/// deadpool-postgres's other way in: a manager from a `tokio_postgres::Config` and a
+/// `ManagerConfig`, and deadpool's pool builder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_from_config_logs_in_and_keeps_the_users_recycling_method() {
+    use postgres_entra_deadpool::{Manager, Pool};
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
+    let manager = Manager::from_config(
+        emulator.server_config(),
+        &connector(&emulator),
+        renaming(),
+        SessionOptions::new(),
+    )
+    .unwrap();
+    let pool = Pool::builder(manager).max_size(1).build().unwrap();
+
+    let [first, recycled] = names_before_and_after_recycling(&pool).await;
+
+    assert_ne!(first, "recycled by the user's method");
+    assert_eq!(recycled, "recycled by the user's method");
+    assert_eq!(emulator.logins().len(), 1, "the same connection, recycled");
+    let login = &emulator.logins()[0];
+    assert!(login.outcome.is_ok(), "{login:?}");
+
+    // Checked as `create_pool` checks: no plaintext.
+    let mut plaintext = emulator.server_config();
+    plaintext.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let refused = Manager::from_config(
+        plaintext,
+        &connector(&emulator),
+        ManagerConfig::default(),
+        SessionOptions::new(),
+    );
+    assert!(
+        matches!(refused, Err(postgres_entra::Error::Config { .. })),
+        "{refused:?}"
+    );
 }
 
 /// A create timeout set in `customize` (not in the config) bounds the login too: the checkout
@@ -71,13 +113,24 @@ async fn a_create_timeout_set_in_customize_bounds_the_login() {
 /// whether sessions may go (and logs) before it takes deadpool's lock.
 #[test]
 fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Condvar, Mutex, mpsc};
-    const LIFETIME: Duration = Duration::from_secs(2);
+    // Long enough for the set-up's token and two logins on a loaded machine.
+    const LIFETIME: Duration = Duration::from_secs(6);
+    /// A log sink that, once armed, holds up every thread writing the reaper's line until
+    /// released. Armed only after the set-up: a set-up slower than the token's life would
+    /// otherwise have its own threads held up (and wait for ever).
     #[derive(Clone)]
-    struct Stuck(mpsc::SyncSender<()>, Arc<(Mutex<bool>, Condvar)>);
+    struct Stuck(
+        mpsc::SyncSender<()>,
+        Arc<(Mutex<bool>, Condvar)>,
+        Arc<AtomicBool>,
+    );
     impl std::io::Write for Stuck {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            if String::from_utf8_lossy(buf).contains("keeping sessions past their retirement") {
+            if self.2.load(Ordering::SeqCst)
+                && String::from_utf8_lossy(buf).contains("keeping sessions past their retirement")
+            {
                 let _ = self.0.try_send(());
                 let (released, wake) = &*self.1;
                 let mut released = released.lock().unwrap();
@@ -102,7 +155,7 @@ fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
         }
     }
     let (stuck_tx, stuck_rx) = mpsc::sync_channel(1);
-    let sink = Stuck(stuck_tx, Arc::default());
+    let sink = Stuck(stuck_tx, Arc::default(), Arc::default());
     let make = sink.clone();
     let dispatch = tracing::Dispatch::new(
         tracing_subscriber::fmt()
@@ -141,6 +194,7 @@ fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
         drop(held);
         (emulator, pool)
     });
+    sink.2.store(true, Ordering::SeqCst);
     stuck_rx
         .recv_timeout(LIFETIME * 5)
         .expect("the reaper said it keeps the sessions");

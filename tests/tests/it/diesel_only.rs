@@ -70,3 +70,49 @@ async fn sessions_that_share_a_server_process_id_are_each_retired_by_their_own_t
         "B was retired with A's token: {now:?}"
     );
 }
+
+/// The user's recycling method (diesel-async's `ManagerConfig::recycling_method`) runs on every
+/// recycle, after the token's bound: a connection past it is retired without asking the user's
+/// check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_recycling_method_runs_after_the_token_bound() {
+    use postgres_entra_diesel::diesel_async::pooled_connection::RecyclingMethod;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const LIFETIME: Duration = Duration::from_secs(3);
+    let emulator = Suite::start(LIFETIME).await;
+    let entra = EntraDiesel::new(
+        emulator.server_config(),
+        &connector(&emulator),
+        SessionOptions::new(),
+    )
+    .unwrap();
+    let checks = Arc::new(AtomicUsize::new(0));
+    let counted = checks.clone();
+    let recycling = RecyclingMethod::CustomFunction(Box::new(move |connection| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            diesel::sql_query("select 1").execute(connection).await?;
+            Ok(())
+        })
+    }));
+    let pool = DeadpoolPool::builder(entra.manager_with(recycling))
+        .max_size(1)
+        .build()
+        .unwrap();
+
+    let mut first = pool.get().await.unwrap();
+    let pid = real_pid(&mut first).await;
+    drop(first);
+    let mut recycled = pool.get().await.unwrap();
+    assert_eq!(real_pid(&mut recycled).await, pid, "kept");
+    assert_eq!(checks.load(Ordering::SeqCst), 1, "the user's check ran");
+    drop(recycled);
+
+    // Past the token (and its jitter): retired by the bound, the user's check not asked.
+    tokio::time::sleep(LIFETIME + LIFETIME / 10 + Duration::from_millis(300)).await;
+    let mut replaced = pool.get().await.unwrap();
+    assert_ne!(real_pid(&mut replaced).await, pid, "retired");
+    assert_eq!(checks.load(Ordering::SeqCst), 1);
+    assert_eq!(emulator.logins().len(), 2);
+}
