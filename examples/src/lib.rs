@@ -1,13 +1,15 @@
 //! Shared set-up for the examples: where to connect and with which credential.
 //!
 //! With `PGHOST` set, the examples run against that server (real Azure Database for PostgreSQL),
-//! with a credential chosen from the usual variables:
+//! with a credential chosen from the usual variables by `postgres_entra::EnvCredential`'s rules
+//! (`AzureTokenSource::from_env`):
 //!
 //! | variables set | credential |
 //! |---|---|
+//! | `AZURE_TOKEN_CREDENTIALS` | the one it names (`ManagedIdentityCredential`, `dev`, ...) |
 //! | `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET` | `ClientSecretCredential` |
 //! | `AZURE_FEDERATED_TOKEN_FILE` (+ tenant, client id) | `WorkloadIdentityCredential` (AKS) |
-//! | `IDENTITY_ENDPOINT` + `IDENTITY_HEADER`, or `AZURE_MANAGED_IDENTITY=1` | `ManagedIdentityCredential` (`AZURE_CLIENT_ID` picks a user-assigned one) |
+//! | `IDENTITY_ENDPOINT` or `MSI_ENDPOINT`, or `AZURE_MANAGED_IDENTITY=1` (a VM) | `ManagedIdentityCredential` (`AZURE_CLIENT_ID` picks a user-assigned one) |
 //! | none of these | `DeveloperToolsCredential` (`az login` / `azd auth login`) |
 //!
 //! plus `PGPORT` (5432), `PGDATABASE` (postgres), `PGUSER` (the role; needed for service

@@ -1,24 +1,13 @@
 //! What the tool (and the examples) read from the environment: the server (`PG*`) and the
 //! credential (`AZURE_*`, `IDENTITY_*`), chosen as the README documents.
 
-use postgres_entra::azure_identity::UserAssignedId;
-use postgres_entra::{AzureTokenSource, CacheOptions, EntraConnector, Error, TlsRoots};
+use postgres_entra::{
+    AzureTokenSource, CacheOptions, EntraConnector, EnvCredential, Error, TlsRoots,
+};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The variables the credential choice looks at. Only their names are ever shown.
-pub const CREDENTIAL_VARIABLES: [&str; 8] = [
-    "AZURE_TENANT_ID",
-    "AZURE_CLIENT_ID",
-    "AZURE_CLIENT_SECRET",
-    "AZURE_FEDERATED_TOKEN_FILE",
-    "IDENTITY_ENDPOINT",
-    "IDENTITY_HEADER",
-    "AZURE_MANAGED_IDENTITY",
-    "AZURE_AUTHORITY_HOST",
-];
 
 /// Where to connect: libpq's variables, or the flags that override them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,66 +205,39 @@ impl std::fmt::Debug for ChosenCredential {
     }
 }
 
-/// The credential the environment names, in the README's order: a client secret, a federated
-/// token file, a managed-identity endpoint (or `AZURE_MANAGED_IDENTITY=1`), else the developer
-/// tools; `force` picks the kind instead.
+/// The credential the environment names, by the library's rules
+/// (`postgres_entra::EnvCredential`, as `AzureTokenSource::from_env` chooses); `force` picks the
+/// kind instead, as `AZURE_TOKEN_CREDENTIALS` would.
 pub fn credential_from_env(force: Option<CredentialKind>) -> Result<ChosenCredential, String> {
-    let seen: Vec<&'static str> = CREDENTIAL_VARIABLES
-        .into_iter()
-        .filter(|name| set(name).is_some())
-        .collect();
-    let (kind, reason) = match force {
-        Some(kind) => (kind, "chosen with --credential".to_owned()),
-        None if set("AZURE_CLIENT_SECRET").is_some() => (
-            CredentialKind::ClientSecret,
-            "AZURE_CLIENT_SECRET is set".to_owned(),
-        ),
-        None if set("AZURE_FEDERATED_TOKEN_FILE").is_some() => (
-            CredentialKind::WorkloadIdentity,
-            "AZURE_FEDERATED_TOKEN_FILE is set (and no AZURE_CLIENT_SECRET)".to_owned(),
-        ),
-        None if set("IDENTITY_ENDPOINT").is_some() => (
-            CredentialKind::ManagedIdentity,
-            "IDENTITY_ENDPOINT is set (App Service, Functions, Container Apps)".to_owned(),
-        ),
-        None if set("AZURE_MANAGED_IDENTITY").is_some() => (
-            CredentialKind::ManagedIdentity,
-            "AZURE_MANAGED_IDENTITY is set (the VM's instance metadata service)".to_owned(),
-        ),
-        None => (
-            CredentialKind::DeveloperTools,
-            "none of AZURE_CLIENT_SECRET, AZURE_FEDERATED_TOKEN_FILE, IDENTITY_ENDPOINT or AZURE_MANAGED_IDENTITY is set".to_owned(),
-        ),
+    let forced = force.map(|kind| match kind {
+        CredentialKind::ClientSecret => "EnvironmentCredential",
+        CredentialKind::WorkloadIdentity => "WorkloadIdentityCredential",
+        CredentialKind::ManagedIdentity => "ManagedIdentityCredential",
+        CredentialKind::DeveloperTools => "dev",
+    });
+    let chosen = EnvCredential::choose_from(|name| match (name, forced) {
+        ("AZURE_TOKEN_CREDENTIALS", Some(value)) => Some(value.to_owned()),
+        _ => std::env::var(name).ok(),
+    })
+    .map_err(|e| e.to_string())?;
+    let kind = match chosen.kind() {
+        postgres_entra::CredentialKind::ClientSecret => CredentialKind::ClientSecret,
+        postgres_entra::CredentialKind::WorkloadIdentity => CredentialKind::WorkloadIdentity,
+        postgres_entra::CredentialKind::ManagedIdentity => CredentialKind::ManagedIdentity,
+        _ => CredentialKind::DeveloperTools,
     };
-    let source = build(kind).map_err(|e| format!("{kind:?} credential: {e}"))?;
+    let source = chosen
+        .source()
+        .map_err(|e| format!("{kind:?} credential: {e}"))?;
     Ok(ChosenCredential {
         source: Arc::new(source),
         kind,
-        reason,
-        seen,
+        reason: match force {
+            Some(_) => "chosen with --credential".to_owned(),
+            None => chosen.reason().to_owned(),
+        },
+        seen: chosen.variables_set().to_vec(),
     })
-}
-
-fn required(name: &str, because: &str) -> Result<String, String> {
-    set(name).ok_or_else(|| format!("{name} is not set, and {because} needs it"))
-}
-
-/// The credential of `kind`, built with the library's constructors: the same credentials, and
-/// the same retry behaviour, as an application following the README.
-fn build(kind: CredentialKind) -> Result<AzureTokenSource, String> {
-    let built = match kind {
-        CredentialKind::ClientSecret => AzureTokenSource::client_secret(
-            &required("AZURE_TENANT_ID", "a client secret credential")?,
-            required("AZURE_CLIENT_ID", "a client secret credential")?,
-            required("AZURE_CLIENT_SECRET", "a client secret credential")?,
-        ),
-        CredentialKind::WorkloadIdentity => AzureTokenSource::workload_identity(),
-        CredentialKind::ManagedIdentity => {
-            AzureTokenSource::managed_identity(set("AZURE_CLIENT_ID").map(UserAssignedId::ClientId))
-        }
-        CredentialKind::DeveloperTools => AzureTokenSource::developer_tools(),
-    };
-    built.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -132,7 +132,7 @@ impl AzureTokenSource {
         Self::managed_identity_over(user_assigned, new_http_client(None))
     }
 
-    fn managed_identity_over(
+    pub(crate) fn managed_identity_over(
         user_assigned: Option<UserAssignedId>,
         http: Arc<dyn HttpClient>,
     ) -> Result<Self, Error> {
@@ -157,7 +157,7 @@ impl AzureTokenSource {
         )
     }
 
-    fn workload_identity_over(
+    pub(crate) fn workload_identity_over(
         settings: WorkloadIdentityCredentialOptions,
         http: Arc<dyn HttpClient>,
     ) -> Result<Self, Error> {
@@ -192,19 +192,18 @@ impl AzureTokenSource {
         Self::client_secret_over(
             tenant_id,
             client_id.into(),
-            secret.into(),
+            Secret::new(secret.into()),
             new_http_client(None),
         )
     }
 
-    fn client_secret_over(
+    pub(crate) fn client_secret_over(
         tenant_id: &str,
         client_id: String,
-        secret: String,
+        secret: Secret,
         http: Arc<dyn HttpClient>,
     ) -> Result<Self, Error> {
         let tenant_id = tenant_id.to_owned();
-        let secret = Secret::new(secret);
         Self::fresh_as("client secret", move || {
             ClientSecretCredential::new(
                 &tenant_id,

@@ -59,6 +59,7 @@ mod deadpool_only;
 mod diesel_only;
 mod docs;
 mod faults;
+mod from_env;
 mod hosts_corpus;
 mod metrics;
 mod misconfiguration;

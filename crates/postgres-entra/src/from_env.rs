@@ -1,0 +1,408 @@
+//! A credential chosen from the environment, by fixed rules over the variables the Azure SDKs and
+//! Azure's hosts set. Nothing is tried and nothing on the network is probed to decide: the first
+//! rule whose variables are set wins, and a choice that lacks a variable it needs is an error
+//! naming it (never a fall-through to the next rule).
+
+use azure_core::credentials::Secret;
+use azure_core::http::{HttpClient, new_http_client};
+use azure_identity::{UserAssignedId, WorkloadIdentityCredentialOptions};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::azure::AzureTokenSource;
+use crate::error::Error;
+
+/// The credentials [`EnvCredential`] chooses from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CredentialKind {
+    /// An app registration's client secret: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`,
+    /// `AZURE_CLIENT_SECRET` ([`AzureTokenSource::client_secret`]).
+    ClientSecret,
+    /// AKS workload identity: `AZURE_FEDERATED_TOKEN_FILE`, `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`
+    /// ([`AzureTokenSource::workload_identity`]).
+    WorkloadIdentity,
+    /// The Azure resource's managed identity ([`AzureTokenSource::managed_identity`]); a
+    /// user-assigned one when `AZURE_CLIENT_ID` is set.
+    ManagedIdentity,
+    /// A developer's `az login` or `azd auth login` ([`AzureTokenSource::developer_tools`]).
+    DeveloperTools,
+}
+
+impl CredentialKind {
+    /// A short name, for logs: `client_secret`, `workload_identity`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::ClientSecret => "client_secret",
+            CredentialKind::WorkloadIdentity => "workload_identity",
+            CredentialKind::ManagedIdentity => "managed_identity",
+            CredentialKind::DeveloperTools => "developer_tools",
+        }
+    }
+}
+
+/// The variables the rules read. Their names may be shown; their values never are.
+pub(crate) const CREDENTIAL_VARIABLES: [&str; 12] = [
+    "AZURE_TOKEN_CREDENTIALS",
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_ID",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_CLIENT_CERTIFICATE_PATH",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+    "AZURE_MANAGED_IDENTITY",
+    "AZURE_AUTHORITY_HOST",
+];
+
+/// The credential the environment names, and why: what [`AzureTokenSource::from_env`] builds.
+///
+/// The rules, in order (a variable set to the empty string counts as unset):
+///
+/// 1. `AZURE_TOKEN_CREDENTIALS` (the Azure SDKs' variable for `DefaultAzureCredential`), when
+///    set, decides: `ManagedIdentityCredential`, `WorkloadIdentityCredential`,
+///    `EnvironmentCredential` (a client secret), `AzureCliCredential`,
+///    `AzureDeveloperCliCredential` or `dev` (the developer tools); `prod` applies rules 2-5 and
+///    then takes the managed identity. Any other value is an error.
+/// 2. `AZURE_CLIENT_SECRET`: the client secret of `AZURE_CLIENT_ID` in `AZURE_TENANT_ID`.
+///    `AZURE_CLIENT_CERTIFICATE_PATH` is an error: certificates need azure_identity's
+///    `client_certificate` feature (OpenSSL); build that credential with
+///    [`AzureTokenSource::fresh`].
+/// 3. `AZURE_FEDERATED_TOKEN_FILE`: workload identity (the variables AKS's webhook sets).
+/// 4. `IDENTITY_ENDPOINT` (App Service, Functions, Container Apps, Azure Arc, Service Fabric) or
+///    `MSI_ENDPOINT` (Cloud Shell, Azure ML): the managed identity at that endpoint.
+/// 5. `AZURE_MANAGED_IDENTITY` (this library's, for a VM): the managed identity from the
+///    instance metadata service. A VM sets no variable, and the rules never probe the address.
+/// 6. Otherwise the developer tools (`az`, then `azd`): they run a local program, no request is
+///    made to find out.
+///
+/// A managed identity is the user-assigned one with client id `AZURE_CLIENT_ID` when that is set,
+/// else the system-assigned one.
+#[derive(Clone)]
+pub struct EnvCredential {
+    kind: CredentialKind,
+    reason: String,
+    seen: Vec<&'static str>,
+    tenant_id: Option<String>,
+    client_id: Option<String>,
+    secret: Option<Secret>,
+    token_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for EnvCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnvCredential")
+            .field("kind", &self.kind)
+            .field("reason", &self.reason)
+            .field("seen", &self.seen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EnvCredential {
+    /// The credential this process's environment names (see the rules above).
+    pub fn choose() -> Result<Self, Error> {
+        Self::choose_from(|name| std::env::var(name).ok())
+    }
+
+    /// The credential the variables `lookup` returns name: the same rules over values of your
+    /// own (a configuration file's, or a test's).
+    pub fn choose_from(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        let var = |name: &str| lookup(name).filter(|value| !value.is_empty());
+        let required = |name: &'static str, kind: CredentialKind| {
+            var(name).ok_or_else(|| {
+                Error::config(format!(
+                    "{name} is not set, and the {} credential needs it",
+                    kind.as_str()
+                ))
+            })
+        };
+        let wanted = var("AZURE_TOKEN_CREDENTIALS");
+        let (kind, reason) = match wanted.as_deref().map(str::trim) {
+            Some(value) => match value.to_ascii_lowercase().as_str() {
+                "managedidentitycredential" => (CredentialKind::ManagedIdentity, None),
+                "workloadidentitycredential" => (CredentialKind::WorkloadIdentity, None),
+                "environmentcredential" => (CredentialKind::ClientSecret, None),
+                "azureclicredential" | "azuredeveloperclicredential" | "dev" => {
+                    (CredentialKind::DeveloperTools, None)
+                }
+                "prod" => match by_variables(&var)? {
+                    Some(found) => (found.0, Some(found.1)),
+                    None => (CredentialKind::ManagedIdentity, None),
+                },
+                _ => {
+                    return Err(Error::config(format!(
+                        "AZURE_TOKEN_CREDENTIALS is `{value}`; give ManagedIdentityCredential, \
+                         WorkloadIdentityCredential, EnvironmentCredential, AzureCliCredential, \
+                         AzureDeveloperCliCredential, dev or prod"
+                    )));
+                }
+            },
+            None => match by_variables(&var)? {
+                Some(found) => (found.0, Some(found.1)),
+                None => (
+                    CredentialKind::DeveloperTools,
+                    Some(
+                        "none of AZURE_CLIENT_SECRET, AZURE_FEDERATED_TOKEN_FILE, \
+                         IDENTITY_ENDPOINT, MSI_ENDPOINT or AZURE_MANAGED_IDENTITY is set"
+                            .to_owned(),
+                    ),
+                ),
+            },
+        };
+        let reason = match (reason, &wanted) {
+            (Some(reason), Some(wanted)) => format!("AZURE_TOKEN_CREDENTIALS={wanted}, {reason}"),
+            (Some(reason), None) => reason,
+            (None, wanted) => format!(
+                "AZURE_TOKEN_CREDENTIALS={}",
+                wanted.as_deref().unwrap_or_default()
+            ),
+        };
+        let mut chosen = Self {
+            kind,
+            reason,
+            seen: CREDENTIAL_VARIABLES
+                .into_iter()
+                .filter(|name| var(name).is_some())
+                .collect(),
+            tenant_id: None,
+            client_id: var("AZURE_CLIENT_ID"),
+            secret: None,
+            token_file: None,
+        };
+        match kind {
+            CredentialKind::ClientSecret => {
+                chosen.tenant_id = Some(required("AZURE_TENANT_ID", kind)?);
+                chosen.client_id = Some(required("AZURE_CLIENT_ID", kind)?);
+                chosen.secret = Some(Secret::new(required("AZURE_CLIENT_SECRET", kind)?));
+            }
+            CredentialKind::WorkloadIdentity => {
+                chosen.tenant_id = Some(required("AZURE_TENANT_ID", kind)?);
+                chosen.client_id = Some(required("AZURE_CLIENT_ID", kind)?);
+                chosen.token_file = Some(required("AZURE_FEDERATED_TOKEN_FILE", kind)?.into());
+            }
+            CredentialKind::ManagedIdentity | CredentialKind::DeveloperTools => {}
+        }
+        Ok(chosen)
+    }
+
+    /// Which credential.
+    pub fn kind(&self) -> CredentialKind {
+        self.kind
+    }
+
+    /// Why this one: the variables that decided (names, never values).
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// The credential variables that are set (names only): those the rules read, and
+    /// `IDENTITY_HEADER`, `MSI_SECRET` and `AZURE_AUTHORITY_HOST`, which the credentials read.
+    pub fn variables_set(&self) -> &[&'static str] {
+        &self.seen
+    }
+
+    /// The token source over this credential, built as [`AzureTokenSource`]'s constructors build
+    /// it.
+    pub fn source(&self) -> Result<AzureTokenSource, Error> {
+        self.source_over(new_http_client(None))
+    }
+
+    /// [`EnvCredential::source`] with its requests sent through `http` (your proxy or client).
+    /// The developer tools make no request of their own and do not use it.
+    pub fn source_over(&self, http: Arc<dyn HttpClient>) -> Result<AzureTokenSource, Error> {
+        let text = |value: &Option<String>| value.clone().unwrap_or_default();
+        match self.kind {
+            CredentialKind::ClientSecret => AzureTokenSource::client_secret_over(
+                &text(&self.tenant_id),
+                text(&self.client_id),
+                self.secret.clone().unwrap_or_else(|| Secret::new("")),
+                http,
+            ),
+            CredentialKind::WorkloadIdentity => AzureTokenSource::workload_identity_over(
+                WorkloadIdentityCredentialOptions {
+                    client_id: self.client_id.clone(),
+                    tenant_id: self.tenant_id.clone(),
+                    token_file_path: self.token_file.clone(),
+                    ..Default::default()
+                },
+                http,
+            ),
+            CredentialKind::ManagedIdentity => AzureTokenSource::managed_identity_over(
+                self.client_id.clone().map(UserAssignedId::ClientId),
+                http,
+            ),
+            CredentialKind::DeveloperTools => AzureTokenSource::developer_tools(),
+        }
+    }
+}
+
+/// Rules 2-5: the credential the variables name, if any.
+fn by_variables(
+    var: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<(CredentialKind, String)>, Error> {
+    if var("AZURE_CLIENT_SECRET").is_some() {
+        return Ok(Some((
+            CredentialKind::ClientSecret,
+            "AZURE_CLIENT_SECRET is set".to_owned(),
+        )));
+    }
+    if var("AZURE_CLIENT_CERTIFICATE_PATH").is_some() {
+        return Err(Error::config(
+            "AZURE_CLIENT_CERTIFICATE_PATH is set, and certificates need azure_identity's \
+             client_certificate feature (OpenSSL): build a ClientCertificateCredential with \
+             AzureTokenSource::fresh",
+        ));
+    }
+    if var("AZURE_FEDERATED_TOKEN_FILE").is_some() {
+        return Ok(Some((
+            CredentialKind::WorkloadIdentity,
+            "AZURE_FEDERATED_TOKEN_FILE is set (and no AZURE_CLIENT_SECRET)".to_owned(),
+        )));
+    }
+    for (name, hosts) in [
+        (
+            "IDENTITY_ENDPOINT",
+            "App Service, Functions, Container Apps, Azure Arc, Service Fabric",
+        ),
+        ("MSI_ENDPOINT", "Cloud Shell, Azure ML"),
+    ] {
+        if var(name).is_some() {
+            return Ok(Some((
+                CredentialKind::ManagedIdentity,
+                format!("{name} is set ({hosts})"),
+            )));
+        }
+    }
+    if var("AZURE_MANAGED_IDENTITY").is_some() {
+        return Ok(Some((
+            CredentialKind::ManagedIdentity,
+            "AZURE_MANAGED_IDENTITY is set (the instance metadata service of a VM)".to_owned(),
+        )));
+    }
+    Ok(None)
+}
+
+impl AzureTokenSource {
+    /// The credential this process's environment names, by [`EnvCredential`]'s rules (no
+    /// network probe), its choice and the reason logged at info.
+    pub fn from_env() -> Result<Self, Error> {
+        let chosen = EnvCredential::choose()?;
+        tracing::info!(
+            credential = chosen.kind().as_str(),
+            reason = chosen.reason(),
+            "Entra ID credential chosen from the environment"
+        );
+        chosen.source()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn choose(vars: &[(&str, &str)]) -> Result<EnvCredential, Error> {
+        EnvCredential::choose_from(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+        })
+    }
+
+    fn kind(vars: &[(&str, &str)]) -> CredentialKind {
+        choose(vars).unwrap().kind()
+    }
+
+    fn refusal(vars: &[(&str, &str)]) -> String {
+        choose(vars).unwrap_err().to_string()
+    }
+
+    const SP: [(&str, &str); 3] = [
+        ("AZURE_TENANT_ID", "t"),
+        ("AZURE_CLIENT_ID", "c"),
+        ("AZURE_CLIENT_SECRET", "s3cr3t-value"),
+    ];
+
+    #[test]
+    fn the_first_rule_whose_variables_are_set_decides() {
+        use CredentialKind::*;
+        let wif = [
+            ("AZURE_TENANT_ID", "t"),
+            ("AZURE_CLIENT_ID", "c"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/var/run/token"),
+        ];
+        assert_eq!(kind(&SP), ClientSecret);
+        assert_eq!(kind(&[SP[0], SP[1], SP[2], wif[2]]), ClientSecret);
+        assert_eq!(kind(&wif), WorkloadIdentity);
+        assert_eq!(
+            kind(&[wif[0], wif[1], wif[2], ("IDENTITY_ENDPOINT", "http://x")]),
+            WorkloadIdentity
+        );
+        assert_eq!(kind(&[("IDENTITY_ENDPOINT", "http://x")]), ManagedIdentity);
+        assert_eq!(kind(&[("MSI_ENDPOINT", "http://x")]), ManagedIdentity);
+        assert_eq!(kind(&[("AZURE_MANAGED_IDENTITY", "1")]), ManagedIdentity);
+        assert_eq!(kind(&[]), DeveloperTools);
+        // An empty variable is unset.
+        assert_eq!(kind(&[("AZURE_CLIENT_SECRET", "")]), DeveloperTools);
+        let chosen = choose(&[("MSI_ENDPOINT", "http://x")]).unwrap();
+        assert_eq!(
+            chosen.reason(),
+            "MSI_ENDPOINT is set (Cloud Shell, Azure ML)"
+        );
+        assert_eq!(chosen.variables_set(), ["MSI_ENDPOINT"]);
+    }
+
+    #[test]
+    fn azure_token_credentials_names_the_credential_over_every_other_variable() {
+        use CredentialKind::*;
+        let with = |value| {
+            let mut vars = SP.to_vec();
+            vars.push(("AZURE_TOKEN_CREDENTIALS", value));
+            kind(&vars)
+        };
+        assert_eq!(with("ManagedIdentityCredential"), ManagedIdentity);
+        assert_eq!(with("managedidentitycredential "), ManagedIdentity);
+        assert_eq!(with("dev"), DeveloperTools);
+        assert_eq!(with("AzureCliCredential"), DeveloperTools);
+        assert_eq!(with("EnvironmentCredential"), ClientSecret);
+        assert_eq!(with("prod"), ClientSecret);
+        assert_eq!(
+            kind(&[("AZURE_TOKEN_CREDENTIALS", "prod")]),
+            ManagedIdentity
+        );
+        let text = refusal(&[("AZURE_TOKEN_CREDENTIALS", "ChainedTokenCredential")]);
+        assert!(text.contains("`ChainedTokenCredential`"), "{text}");
+        let text = refusal(&[("AZURE_TOKEN_CREDENTIALS", "WorkloadIdentityCredential")]);
+        assert!(text.contains("AZURE_TENANT_ID is not set"), "{text}");
+    }
+
+    #[test]
+    fn a_choice_missing_what_it_needs_is_an_error_naming_it_not_the_next_rule() {
+        let text = refusal(&[SP[0], SP[2]]);
+        assert!(
+            text.contains("AZURE_CLIENT_ID is not set, and the client_secret credential needs it"),
+            "{text}"
+        );
+        let text = refusal(&[
+            ("AZURE_FEDERATED_TOKEN_FILE", "/t"),
+            ("IDENTITY_ENDPOINT", "x"),
+        ]);
+        assert!(text.contains("AZURE_TENANT_ID is not set"), "{text}");
+        let text = refusal(&[("AZURE_CLIENT_CERTIFICATE_PATH", "/c.pfx")]);
+        assert!(text.contains("client_certificate feature"), "{text}");
+    }
+
+    #[test]
+    fn no_value_is_shown_only_names() {
+        let chosen = choose(&SP).unwrap();
+        let shown = format!("{chosen:?} {:#?} {}", chosen, chosen.reason());
+        assert!(!shown.contains("s3cr3t-value"), "{shown}");
+        assert_eq!(
+            chosen.variables_set(),
+            ["AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET"]
+        );
+    }
+}
