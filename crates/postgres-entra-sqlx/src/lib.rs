@@ -7,7 +7,7 @@ compile_error!(
 );
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
-use sqlx::{Connection as _, Executor as _, PgPool};
+use sqlx::{Connection as _, PgPool};
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use postgres_entra::__private::{PoolCore, config_error, connect_error, flatten, 
 
 mod relay;
 
-use crate::relay::{MARKER, Relay, Upstream};
+use crate::relay::{MARKER, Relay, RetireAt, Upstream};
 
 // The public interface is:
 /// The core crate, for what the adapters share: a token source of your own, its tokens and
@@ -78,7 +78,6 @@ pub struct EntraPgPool {
 struct Shared {
     pool: PgPool,
     core: PoolCore,
-    _relay: Arc<Relay>,
     #[cfg(feature = "opentelemetry_0_33")]
     _reader: Arc<postgres_entra::__private::PoolReader>,
 }
@@ -194,9 +193,11 @@ fn configured_user(options: &PgConnectOptions) -> Option<String> {
 /// the options' user when it is named (not sqlx's fallback to the operating system's user), else
 /// the token's name.
 ///
-/// With [`SessionOptions::token_bound`] (the default) or an age limit, this pool's `before_acquire`
-/// and `after_release` retire connections due for retirement (replacing any you set); sqlx's own
-/// `max_lifetime` and `idle_timeout` still apply. Call it within a Tokio runtime.
+/// With [`SessionOptions::token_bound`] (the default) or an age limit, a connection due for
+/// retirement is closed at sqlx's ping before its next checkout (`test_before_acquire`, sqlx's
+/// default; without it, at the ping when it is given back, which sqlx logs as a warning). Your
+/// pool options are used as given: your `before_acquire`, `after_release` and `after_connect` run,
+/// and sqlx's own `max_lifetime` and `idle_timeout` apply. Call it within a Tokio runtime.
 pub async fn connect_with(
     connect_options: PgConnectOptions,
     pool_options: PgPoolOptions,
@@ -245,8 +246,14 @@ fn build(
         name,
         Some(pool_options.get_acquire_timeout()),
     )?;
-    let relay = Arc::new(Relay::start(&core, upstream)?);
-    let pool_options = callbacks(pool_options, &core, &relay);
+    // Without a ping before each checkout, a session can end only at the ping made when a
+    // connection is given back.
+    let retire_at = if pool_options.get_test_before_acquire() {
+        RetireAt::AcquirePing
+    } else {
+        RetireAt::AnyPing
+    };
+    let relay = Relay::start(&core, upstream, retire_at)?;
     let pool = pool_options.connect_lazy_with(relay.options(&connect_options));
     relay.stop_on(pool.close_event());
     #[cfg(feature = "opentelemetry_0_33")]
@@ -269,46 +276,10 @@ fn build(
         shared: Arc::new(Shared {
             pool,
             core,
-            _relay: relay,
             #[cfg(feature = "opentelemetry_0_33")]
             _reader: reader,
         }),
     })
-}
-
-/// The pool's callbacks: with sessions bounded, `before_acquire` and `after_release` ask the relay
-/// whether a connection is due (and sqlx closes it if so); either way the relay lives as long as
-/// the pool's options, which hold it.
-fn callbacks(pool_options: PgPoolOptions, core: &PoolCore, relay: &Arc<Relay>) -> PgPoolOptions {
-    if !core.retires_sessions() {
-        let relay = relay.clone();
-        return pool_options.after_release(move |_, _| {
-            let _serving = &relay;
-            Box::pin(async { Ok(true) })
-        });
-    }
-    let (before, after) = (relay.clone(), relay.clone());
-    pool_options
-        .before_acquire(move |connection, _| {
-            let question = before.due_query();
-            Box::pin(async move { Ok(!is_due(connection, question).await) })
-        })
-        .after_release(move |connection, _| {
-            let question = after.due_query();
-            Box::pin(async move { Ok(!is_due(connection, question).await) })
-        })
-}
-
-/// Whether the relay says `connection`'s session is due (one round trip to the relay, not to the
-/// server); a connection that cannot answer is let go too.
-async fn is_due(connection: &mut sqlx::PgConnection, question: Arc<str>) -> bool {
-    match connection
-        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(question)))
-        .await
-    {
-        Ok(answer) => answer.rows_affected() == 1,
-        Err(_) => true,
-    }
 }
 
 /// The checks of the other adapters: TLS required, a TCP host.

@@ -332,6 +332,67 @@ async fn an_idle_session_is_retired_however_many_tokens_came_since() {
     );
 }
 
+/// The pool's own callbacks are the user's alone: sessions end at sqlx's ping (before a checkout,
+/// or, without that ping, when a connection is given back), so the user's `before_acquire` and
+/// `after_release` run as set, and each checkout's server process changes once its token has run
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_callbacks_run_and_sessions_still_end_with_their_token() {
+    const LIFETIME: Duration = Duration::from_secs(2);
+    for test_before_acquire in [true, false] {
+        let emulator = Suite::start(LIFETIME).await;
+        let (acquired, released) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, r) = (acquired.clone(), released.clone());
+        let pool_options = PgPoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(test_before_acquire)
+            .before_acquire(move |_, _| {
+                a.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async { Ok(true) })
+            })
+            .after_release(move |_, _| {
+                r.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async { Ok(true) })
+            });
+        let pool = postgres_entra_sqlx::connect_with(
+            options(&emulator),
+            pool_options,
+            &connector(&emulator),
+            SessionOptions::new(),
+        )
+        .await
+        .unwrap();
+        let pid = || async {
+            let pid: (i32,) = sqlx::query_as("select pg_backend_pid()")
+                .fetch_one(&*pool)
+                .await
+                .unwrap();
+            pid.0
+        };
+
+        let first = pid().await;
+        assert_eq!(pid().await, first, "kept while its token is valid");
+        // Past the token and its jitter (a tenth of the life).
+        tokio::time::sleep(LIFETIME + LIFETIME / 10 + Duration::from_millis(300)).await;
+        let mut later = pid().await;
+        if !test_before_acquire {
+            // The session ends when its connection is given back, after that checkout.
+            later = pid().await;
+        }
+
+        assert_ne!(later, first, "test_before_acquire {test_before_acquire}");
+        assert!(
+            acquired.load(Ordering::SeqCst) >= 1,
+            "the user's before_acquire ran"
+        );
+        // sqlx gives a connection back in a task of its own: the last may still be on its way.
+        assert!(
+            released.load(Ordering::SeqCst) >= 2,
+            "the user's after_release ran: {released:?} (before_acquire {acquired:?})"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_connect_logs_in_with_a_token_still_usable_past_the_first_ones_life() {
     const LIFETIME: Duration = Duration::from_secs(3);

@@ -11,9 +11,13 @@
 //! (checked by the peer's credentials). Its file is removed when the pool is dropped or closed; a
 //! process killed before that leaves the file, which the next pool of this user removes.
 //!
-//! sqlx keeps nothing beside a connection, so the pool's `before_acquire` and `after_release` ask
-//! the relay whether a connection's session is due for retirement with an in-band query carrying
-//! the relay's nonce, which the relay answers itself, without a round trip to the server.
+//! sqlx keeps nothing beside a connection, and pings a connection before handing it out
+//! (`test_before_acquire`, its default): the relay fails that ping when the connection's session is
+//! due for retirement, and sqlx closes the connection and hands out another, with no callback of
+//! the pool's and no round trip of its own (see [`pipe::RetireAt`]).
+//!
+//! The relay accepts until the pool is closed or its last handle dropped (sqlx's close event), so
+//! a `sqlx::PgPool` cloned out of the adapter's pool keeps logging in.
 
 use bytes::{Buf, BufMut, BytesMut};
 use rustls::pki_types::ServerName;
@@ -32,7 +36,7 @@ use postgres_entra::Error;
 mod login;
 mod pipe;
 
-use crate::relay::pipe::due_query;
+pub(crate) use crate::relay::pipe::RetireAt;
 
 /// The start of every error the relay answers with, by which `explain` recognises it.
 pub(crate) const MARKER: &str = "postgres-entra: ";
@@ -53,22 +57,13 @@ pub(crate) struct Upstream {
     pub(crate) port: u16,
 }
 
-/// A pool's relay: its socket, and the task accepting on it (which ends when this is dropped,
+/// A pool's relay: its socket, and the task accepting on it (which ends when told to stop,
 /// or when the pool closes).
 #[derive(Debug)]
 pub(crate) struct Relay {
     directory: PathBuf,
     port: u16,
-    question: Arc<str>,
-    accepting: tokio::task::AbortHandle,
     stop: Arc<tokio::sync::Notify>,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        // The accepting task owns the socket's file: it goes with the task.
-        self.accepting.abort();
-    }
 }
 
 /// A socket's file, removed when the task serving it ends, whichever way it ends.
@@ -157,9 +152,14 @@ fn bind(directory: &Path) -> io::Result<(UnixListener, u16)> {
 }
 
 impl Relay {
-    /// Starts the relay of `core`'s pool, reaching the server at `upstream`, until it is dropped
-    /// (or told to stop with [`Relay::stop_on`]).
-    pub(crate) fn start(core: &PoolCore, upstream: Upstream) -> Result<Self, Error> {
+    /// Starts the relay of `core`'s pool, reaching the server at `upstream`, until told to stop
+    /// ([`Relay::stop_on`]) or its runtime ends; the accepting task owns the socket's file, which
+    /// goes with it. Sessions that are due end at the pings `retire_at` names.
+    pub(crate) fn start(
+        core: &PoolCore,
+        upstream: Upstream,
+        retire_at: RetireAt,
+    ) -> Result<Self, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             config_error(
                 "the sqlx pool must be created within a Tokio runtime (its logins run on it)",
@@ -183,17 +183,14 @@ impl Relay {
             upstream,
             server_name,
             tls: TlsConnector::from(tls_config(core.connector())),
-            nonce: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            retire_at,
         });
-        let question = due_query(&link.nonce).into();
         let stop = Arc::new(tokio::sync::Notify::new());
         let file = SocketFile(socket_path(&directory, port));
-        let accepting = runtime.spawn(accept(listener, file, link, stop.clone()));
+        runtime.spawn(accept(listener, file, link, stop.clone()));
         Ok(Self {
             directory,
             port,
-            question,
-            accepting: accepting.abort_handle(),
             stop,
         })
     }
@@ -216,11 +213,6 @@ impl Relay {
             .ssl_mode(PgSslMode::Disable)
             .password("")
     }
-
-    /// The query by which a pool's callback asks whether its connection's session is due.
-    pub(crate) fn due_query(&self) -> Arc<str> {
-        self.question.clone()
-    }
 }
 
 /// What every relayed connection of a pool shares.
@@ -229,7 +221,7 @@ struct Link {
     upstream: Upstream,
     server_name: ServerName<'static>,
     tls: TlsConnector,
-    nonce: String,
+    retire_at: RetireAt,
 }
 
 /// Accepts connections from this process until told to stop (or the relay is dropped), and

@@ -1,8 +1,6 @@
 //! A relayed connection once logged in: bytes both ways, framed only to count the `ReadyForQuery`
-//! messages the server owes and to find the pool's question, which the relay answers itself.
+//! messages the server owes and to find sqlx's pings, one of which ends a session that is due.
 
-use bytes::BytesMut;
-use postgres_protocol::message::frontend;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,7 +40,11 @@ pub(crate) enum Found {
     /// A message's body byte at `at` (only the first is reported: the status of `Z`).
     FirstByte { tag: u8, at: usize },
     /// The message in progress ends at `at`.
-    End { tag: u8, at: usize },
+    End {
+        tag: u8,
+        #[cfg_attr(not(test), allow(dead_code))]
+        at: usize,
+    },
 }
 
 impl Framer {
@@ -123,43 +125,41 @@ pub(crate) async fn run(
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = tokio::io::split(server);
     let client_write = tokio::sync::Mutex::new(client_write);
-    let due = due_query(&link.nonce);
     tokio::select! {
-        _ = upstream(client_read, server_write, &client_write, &flow, &session, due.as_bytes()) => {}
+        _ = upstream(client_read, server_write, &flow, &session, link.retire_at) => {}
         _ = downstream(server_read, &client_write, &flow) => {}
     }
     drop(session);
 }
 
-/// The question a pool's callback asks, as the simple-query message sqlx sends for it.
-fn due_message(due: &[u8]) -> Vec<u8> {
-    let mut message = BytesMut::new();
-    let query = std::str::from_utf8(due).unwrap_or_default();
-    let _ = frontend::query(query, &mut message);
-    message.to_vec()
+/// Which of sqlx's pings (a bare `Sync` on an idle connection) may end a session that is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RetireAt {
+    /// The ping before a checkout (`test_before_acquire`, sqlx's default): the one that follows a
+    /// ping (the one made when the connection was given back) or the login. sqlx takes the failed
+    /// ping for a dead connection, closes it and hands out another.
+    AcquirePing,
+    /// Any ping, for a pool that does not ping before a checkout: the one made when a connection
+    /// is given back fails (sqlx logs a warning and closes it).
+    AnyPing,
 }
 
-/// A stretch of what the client sent: bytes to pass on, or a whole message that is the size of
-/// the pool's question.
-enum Piece {
-    Forward(usize, usize),
-    Candidate(Vec<u8>),
-}
+/// The Terminate message.
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
-/// Client to server, except the pool's question, answered here when the connection is idle.
+/// Client to server. A ping that may end the session (see [`RetireAt`]), made when it is due,
+/// closes the connection instead: the server is told (Terminate) and sqlx's ping fails.
 async fn upstream(
     mut client: tokio::net::unix::OwnedReadHalf,
     mut server: tokio::io::WriteHalf<Server>,
-    client_write: &tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>,
     flow: &Flow,
     session: &Session,
-    due: &[u8],
+    retire_at: RetireAt,
 ) -> io::Result<()> {
-    let question = due_message(due);
     let mut framer = Framer::default();
     let mut buffer = vec![0u8; BUFFER];
-    // A message that may be the question, held until it is complete.
-    let mut held: Option<Vec<u8>> = None;
+    // The type of the client's last whole message since the login.
+    let mut last: Option<u8> = None;
     loop {
         let n = client.read(&mut buffer).await?;
         if n == 0 {
@@ -167,10 +167,24 @@ async fn upstream(
             return Ok(());
         }
         let chunk = &buffer[..n];
-        let mut pieces = Vec::new();
-        let mut cursor = 0;
+        let mut retire_from = None;
         framer.feed(chunk, |found| match found {
+            _ if retire_from.is_some() => {}
             Found::Start { tag, length, at } => {
+                let ping = tag == b'S'
+                    && length == 0
+                    // Its header in this chunk (sqlx writes a ping at once).
+                    && at >= 5
+                    && flow.owed.load(Ordering::SeqCst) == 0
+                    && !flow.unsynced.load(Ordering::SeqCst);
+                let may_retire = match retire_at {
+                    RetireAt::AcquirePing => matches!(last, None | Some(b'S')),
+                    RetireAt::AnyPing => true,
+                };
+                if ping && may_retire && session.is_due() {
+                    retire_from = Some(at - 5);
+                    return;
+                }
                 match tag {
                     b'Q' | b'S' | b'F' => {
                         flow.owed.fetch_add(1, Ordering::SeqCst);
@@ -184,68 +198,20 @@ async fn upstream(
                     }
                     _ => {}
                 }
-                // Only a message whose header is in this chunk is held (a header split across
-                // reads, which sqlx's single write of the question never makes, is passed on).
-                if tag == b'Q' && length + 5 == question.len() && at >= 5 && at - 5 >= cursor {
-                    pieces.push(Piece::Forward(cursor, at - 5));
-                    held = Some(chunk[at - 5..at].to_vec());
-                    cursor = at;
-                }
             }
-            Found::End { at, .. } => {
-                if let Some(mut message) = held.take() {
-                    message.extend_from_slice(&chunk[cursor..at]);
-                    pieces.push(Piece::Candidate(message));
-                    cursor = at;
-                }
-            }
+            Found::End { tag, .. } => last = Some(tag),
             Found::FirstByte { .. } => {}
         })?;
-        match &mut held {
-            Some(message) => message.extend_from_slice(&chunk[cursor..]),
-            None => pieces.push(Piece::Forward(cursor, chunk.len())),
+        if let Some(end) = retire_from {
+            server.write_all(&chunk[..end]).await?;
+            server.write_all(&TERMINATE).await?;
+            let _ = server.shutdown().await;
+            session.retired();
+            return Ok(());
         }
-        for piece in pieces {
-            match piece {
-                Piece::Forward(from, to) if from < to => server.write_all(&chunk[from..to]).await?,
-                Piece::Forward(..) => {}
-                Piece::Candidate(message) => {
-                    let question_asked = message == question;
-                    // Asked before the client's lock is taken: it may log and start a request.
-                    let due = question_asked && session.is_due();
-                    let mut writer = client_write.lock().await;
-                    // The question itself is owed an answer; nothing else may be.
-                    let idle = flow.owed.load(Ordering::SeqCst) == 1
-                        && !flow.unsynced.load(Ordering::SeqCst);
-                    if question_asked && idle {
-                        let status = flow.status.load(Ordering::SeqCst);
-                        writer.write_all(&due_answer(due, status)).await?;
-                        flow.owed.fetch_sub(1, Ordering::SeqCst);
-                        drop(writer);
-                        if due {
-                            session.retired();
-                        }
-                    } else {
-                        drop(writer);
-                        server.write_all(&message).await?;
-                    }
-                }
-            }
-        }
+        server.write_all(chunk).await?;
         server.flush().await?;
     }
-}
-
-/// The answer to the pool's question: `SELECT 1` (due) or `SELECT 0`, then `ReadyForQuery` with
-/// the connection's transaction status.
-fn due_answer(due: bool, status: u8) -> Vec<u8> {
-    let tag: &[u8] = if due { b"SELECT 1\0" } else { b"SELECT 0\0" };
-    let mut answer = Vec::with_capacity(32);
-    answer.push(b'C');
-    answer.extend_from_slice(&(tag.len() as u32 + 4).to_be_bytes());
-    answer.extend_from_slice(tag);
-    answer.extend_from_slice(&[b'Z', 0, 0, 0, 5, status]);
-    answer
 }
 
 /// Server to client, counting the `ReadyForQuery` messages owed (under the client's write lock,
@@ -279,12 +245,6 @@ async fn downstream(
             flow.owed.fetch_sub(ready, Ordering::SeqCst);
         }
     }
-}
-
-/// The query by which a pool's callback asks whether its connection's session is due, with the
-/// relay's nonce.
-pub(crate) fn due_query(nonce: &str) -> String {
-    format!("/* postgres-entra: is this session due for retirement? {nonce} */")
 }
 
 #[cfg(test)]
