@@ -11,7 +11,10 @@ use crate::error::TokenError;
 /// An access token: the secret, sent as the PostgreSQL password, and when it expires.
 ///
 /// `Debug` never shows the secret.
+// Aligned to a cache line pair: the token cache hands out one copy per thread (see `HIT_SHARDS`
+// in the cache), and copies in lines of their own keep their reference counts apart.
 #[derive(Clone)]
+#[repr(align(128))]
 pub struct AccessToken {
     secret: String,
     expires_on: SystemTime,

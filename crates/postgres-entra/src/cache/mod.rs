@@ -22,7 +22,7 @@
 use arc_swap::ArcSwapOption;
 use crossbeam_utils::CachePadded;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
@@ -157,7 +157,9 @@ impl CacheOptions {
 /// back (NTP, a restored VM) neither keeps a token longer nor delays a refresh, and one that jumps
 /// ahead (a resumed VM) retires it at once.
 pub struct Entry {
-    token: Arc<AccessToken>,
+    /// The token, one copy per hit shard: a hit clones its thread's copy, so that threads on
+    /// several cores do not share one reference count.
+    tokens: [Arc<AccessToken>; HIT_SHARDS],
     received_at: SystemTime,
     refresh_at: SystemTime,
     usable_until: SystemTime,
@@ -173,17 +175,17 @@ pub struct Entry {
 impl Entry {
     /// The token.
     pub fn token(&self) -> &AccessToken {
-        &self.token
+        &self.tokens[0]
     }
 
     /// The token itself: the PostgreSQL password.
     pub fn secret(&self) -> &str {
-        self.token.secret()
+        self.tokens[0].secret()
     }
 
     /// When the token expires.
     pub fn expires_on(&self) -> SystemTime {
-        self.token.expires_on()
+        self.tokens[0].expires_on()
     }
 
     /// When the cache received it.
@@ -227,7 +229,7 @@ impl Entry {
         let mono = Instant::now();
         let after = |at: SystemTime| mono + at.duration_since(received_at).unwrap_or_default();
         Entry {
-            token: Arc::new(AccessToken::new(secret, expires_on)),
+            tokens: copies(AccessToken::new(secret, expires_on)),
             received_at,
             refresh_at: expires_on,
             usable_until: expires_on,
@@ -264,7 +266,7 @@ pub struct Now {
 impl fmt::Debug for Entry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Entry")
-            .field("token", &self.token)
+            .field("token", &self.tokens[0])
             .field("refresh_at", &self.refresh_at)
             .field("usable_until", &self.usable_until)
             .field("claims", &self.claims)
@@ -304,11 +306,29 @@ struct Counters {
     successes: AtomicU64,
     unchanged: AtomicU64,
     failures: AtomicU64,
-    /// Written on every hit: on a cache line of its own, so that counting a hit does not evict
-    /// the line the next reader of the current token needs.
-    hits: CachePadded<AtomicU64>,
+    /// Written on every hit: spread over cache lines of their own, one per thread (modulo
+    /// [`HIT_SHARDS`]), so that threads counting hits on several cores do not take one line from
+    /// each other, nor the line the next reader of the current token needs.
+    hits: [CachePadded<AtomicU64>; HIT_SHARDS],
     waits: AtomicU64,
     invalidations: AtomicU64,
+}
+
+/// How many counters the hits are spread over.
+const HIT_SHARDS: usize = 8;
+
+/// `token` once per hit shard, each copy its own allocation.
+fn copies(token: AccessToken) -> [Arc<AccessToken>; HIT_SHARDS] {
+    std::array::from_fn(|_| Arc::new(token.clone()))
+}
+
+/// This thread's hit counter and token copy: threads take the shards in turn.
+fn hit_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Relaxed) % HIT_SHARDS;
+    }
+    SHARD.with(|shard| *shard)
 }
 
 type FetchResult = Result<Arc<Entry>, TokenError>;
@@ -560,10 +580,12 @@ impl TokenCache {
     /// no token is cached, returns the last error at once until the next attempt is due.
     pub async fn get(&self) -> Result<Arc<AccessToken>, TokenError> {
         // The hit path clones the token alone: one atomic increment per call.
-        if let Some(token) = self.hit(|entry| entry.token.clone()) {
+        if let Some(token) = self.hit(|entry| entry.tokens[hit_shard()].clone()) {
             return Ok(token);
         }
-        self.miss(None).await.map(|entry| entry.token.clone())
+        self.miss(None)
+            .await
+            .map(|entry| entry.tokens[hit_shard()].clone())
     }
 
     /// [`TokenCache::get`], as the cache keeps the token, waiting no later than `deadline`.
@@ -580,7 +602,7 @@ impl TokenCache {
         let now = self.inner.now();
         let current = self.inner.current.load();
         let entry = current.as_ref().filter(|entry| entry.is_usable(now))?;
-        self.inner.counters.hits.fetch_add(1, Relaxed);
+        self.inner.counters.hits[hit_shard()].fetch_add(1, Relaxed);
         if entry.refresh_due(now) {
             // The background timer should be doing this; make sure it happens even if the
             // runtime that owned the timer is gone.
@@ -676,7 +698,7 @@ impl TokenCache {
             successes: c.successes.load(Relaxed),
             unchanged: c.unchanged.load(Relaxed),
             failures: c.failures.load(Relaxed),
-            hits: c.hits.load(Relaxed),
+            hits: c.hits.iter().map(|shard| shard.load(Relaxed)).sum(),
             waits: c.waits.load(Relaxed),
             invalidations: c.invalidations.load(Relaxed),
             consecutive_failures,
@@ -1248,7 +1270,7 @@ impl Inner {
             let left = held.usable_for(now);
             let again = (left / 2).max(MIN_REASK).min(left);
             let token = Arc::new(Entry {
-                token: held.token.clone(),
+                tokens: held.tokens.clone(),
                 received_at: held.received_at,
                 refresh_at: now.wall + again,
                 usable_until: held.usable_until,
@@ -1272,7 +1294,7 @@ impl Inner {
         let on_mono = |at: SystemTime| now.mono + at.duration_since(now.wall).unwrap_or_default();
         let claims = access.claims();
         let token = Arc::new(Entry {
-            token: Arc::new(access),
+            tokens: copies(access),
             received_at: now.wall,
             refresh_at,
             usable_until,
