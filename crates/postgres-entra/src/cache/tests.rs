@@ -6,6 +6,7 @@ use crate::clock::TokioClock;
 use crate::token::TokenFuture;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::time::SystemTime;
 use tokio::time::advance;
 
 /// A token source backed by a closure.
@@ -156,7 +157,9 @@ async fn hits_on_different_threads_share_no_reference_count() {
         .map(|_| {
             let cache = cache.clone();
             std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
                 (hit_shard(), runtime.block_on(cache.get()).unwrap())
             })
         })
@@ -164,7 +167,10 @@ async fn hits_on_different_threads_share_no_reference_count() {
     let got: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
 
     for (shard, token) in &got {
-        assert!(Arc::ptr_eq(token, &entry.tokens[*shard]), "its own shard's copy");
+        assert!(
+            Arc::ptr_eq(token, &entry.tokens[*shard]),
+            "its own shard's copy"
+        );
         assert_eq!(token.secret(), entry.secret());
     }
     assert_eq!(cache.stats().hits, 1 + HIT_SHARDS as u64);

@@ -14,8 +14,8 @@ use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::time::Instant;
 
 pub use crate::cache::Now;
@@ -24,135 +24,19 @@ use crate::connector::EntraConnector;
 use crate::error::{Error, LoginRejected, LoginRetry, Report, RoleSource, human};
 use crate::log::FailureLog;
 
-/// What this library adds to a pool: sessions bounded by their login token, an age limit, the
-/// pool's name in metrics. The same options for every adapter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct SessionOptions {
-    token_bound: bool,
-    token_grace: Duration,
-    retire_jitter: Duration,
-    max_age: Option<Duration>,
-    max_age_jitter: Duration,
-    reap_interval: Duration,
-    pool_name: Option<String>,
-}
+mod core;
+mod options;
+mod session;
 
-impl Default for SessionOptions {
-    fn default() -> Self {
-        Self {
-            token_bound: true,
-            token_grace: Duration::ZERO,
-            retire_jitter: Duration::from_secs(5 * 60),
-            max_age: None,
-            max_age_jitter: Duration::ZERO,
-            reap_interval: Duration::from_secs(30),
-            pool_name: None,
-        }
-    }
-}
+use core::{CoreInner, Refusals, lock};
 
-impl SessionOptions {
-    /// Sessions bounded by their login token, no age limit, idle connections checked every 30 s.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Whether a connection is retired once the token it logged in with has expired (default
-    /// `true`): revoking a principal then takes effect on pooled connections within one token
-    /// lifetime (plus grace and jitter), for the cost of one reconnect per connection per token
-    /// lifetime. Off, sessions outlive their token until the pool drops them.
-    ///
-    /// A connection is never interrupted: it is retired when it is idle or returned, and a
-    /// checkout never fails because of it. While the identity provider is unavailable
-    /// (unreachable, slow, failing, throttling) and no token can be had, nothing could replace
-    /// a session, so none is retired until a token can be had again; a provider that refuses the
-    /// credential, or a server that refuses a fresh token, does not keep them.
-    #[must_use]
-    pub fn token_bound(mut self, on: bool) -> Self {
-        self.token_bound = on;
-        self
-    }
-
-    /// How long after its token's expiry a connection may still be used (default none).
-    #[must_use]
-    pub fn token_grace(mut self, grace: Duration) -> Self {
-        self.token_grace = grace;
-        self
-    }
-
-    /// The most a connection's retirement is delayed at random after its token's expiry (plus
-    /// grace), drawn per connection so that connections that logged in with one (shared) token do
-    /// not all reconnect in the same second. Never more than a tenth of the token's life, so
-    /// revocation takes effect within 1.1 token lifetimes (plus grace). Default five minutes.
-    #[must_use]
-    pub fn retire_jitter(mut self, jitter: Duration) -> Self {
-        self.retire_jitter = jitter;
-        self
-    }
-
-    /// Retire connections older than `max_age` minus up to `jitter`, chosen per connection so
-    /// that connections made together do not all go together, on the same terms as the token
-    /// bound (idle or returned, kept while the provider is unavailable). `jitter` must not exceed
-    /// `max_age`.
-    #[must_use]
-    pub fn max_age(mut self, max_age: Duration, jitter: Duration) -> Self {
-        self.max_age = Some(max_age);
-        self.max_age_jitter = jitter;
-        self
-    }
-
-    /// How often idle connections are checked for retirement, where the pool has no hook that
-    /// does it (deadpool; default 30 s).
-    #[must_use]
-    pub fn reap_interval(mut self, interval: Duration) -> Self {
-        self.reap_interval = interval;
-        self
-    }
-
-    /// The pool's name in its metrics (`db.client.connection.pool.name`) and logs. Default:
-    /// `host:port/database`, from the pool's settings.
-    #[must_use]
-    pub fn pool_name(mut self, name: impl Into<String>) -> Self {
-        self.pool_name = Some(name.into());
-        self
-    }
-
-    fn check(&self) -> Result<(), Error> {
-        if self.reap_interval.is_zero() {
-            return Err(Error::config(
-                "a reap_interval of zero would check the pool without pause",
-            ));
-        }
-        match self.max_age {
-            Some(age) if age.is_zero() => Err(Error::config(
-                "a max_age of zero would retire every connection at once",
-            )),
-            Some(age) if self.max_age_jitter > age => Err(Error::config(format!(
-                "the max_age jitter ({:?}) exceeds the max_age ({age:?})",
-                self.max_age_jitter
-            ))),
-            _ => Ok(()),
-        }
-    }
-}
+pub use options::SessionOptions;
+pub use session::Session;
 
 /// The longest a pool waits between logins after the server refused one.
 const REFUSAL_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// The first wait after a refused login.
 const REFUSAL_BACKOFF_FIRST: Duration = Duration::from_secs(1);
-
-/// Refused logins back off: after a refusal, the pool does not log in again until the wait is
-/// over, and then one login at a time probes whether the refusal still holds.
-#[derive(Debug, Default)]
-struct Refusals {
-    last: Option<LoginRejected>,
-    until: Option<Instant>,
-    step: u32,
-    /// The login let through to probe, by its number, while it runs.
-    probe: Option<u64>,
-    probes: u64,
-}
 
 /// A login's admission past the refusal backoff. A probe's admission holds the pool's one probe
 /// for as long as it lives: however the login ends (an outcome, an error, or its future dropped by
@@ -200,26 +84,6 @@ pub struct PoolCore {
     inner: Arc<CoreInner>,
 }
 
-struct CoreInner {
-    connector: EntraConnector,
-    cache: TokenCache,
-    configured_user: Option<String>,
-    options: SessionOptions,
-    name: String,
-    /// `host:port` of each host, for messages.
-    targets: String,
-    create_limit: Mutex<Option<Duration>>,
-    open: Mutex<HashMap<u64, SystemTime>>,
-    next_id: AtomicU64,
-    retired: AtomicU64,
-    keeping_logged: AtomicBool,
-    refusals: Mutex<Refusals>,
-    log: FailureLog,
-    last_failure: Mutex<Option<Error>>,
-    #[cfg(feature = "opentelemetry_0_33")]
-    observed: crate::metrics::Observed,
-}
-
 /// How long a login waits for a token while the identity provider is unavailable, when its pool
 /// sets no limit of its own (bb8's connects, deadpool without a create timeout): bb8's default
 /// connection timeout, so that a bb8 connect failing after it has no backoff left to serve.
@@ -227,11 +91,6 @@ pub(crate) const OUTAGE_WAIT: Duration = Duration::from_secs(30);
 
 /// The shortest pause between two waits for a token.
 const MIN_PAUSE: Duration = Duration::from_millis(20);
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every update is a single assignment, insert or remove: consistent across a panic elsewhere.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 impl fmt::Debug for PoolCore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -644,7 +503,7 @@ impl PoolCore {
     /// Reads the pool's counts for its metrics while `reader` lives (a reader that holds the pool
     /// itself must be kept beside the pool, not in it).
     #[cfg(feature = "opentelemetry_0_33")]
-    pub fn observe(&self, reader: Weak<crate::metrics::PoolReader>) {
+    pub fn observe(&self, reader: std::sync::Weak<crate::metrics::PoolReader>) {
         self.inner.observed.set_reader(reader);
     }
 
@@ -683,168 +542,13 @@ impl crate::metrics::ObservedPool for CoreInner {
     }
 }
 
-/// When a session is due for retirement: on the wall clock (token expiries are wall-clock times)
-/// and, from its login, on the monotonic clock; due once either says so.
-#[derive(Debug, Clone, Copy)]
-struct Retirement {
-    at: SystemTime,
-    deadline: Instant,
-}
-
-impl CoreInner {
-    /// When a connection that logged in with `entry` at `now` is due: the earlier of the token
-    /// bound (its expiry plus grace plus `token_jitter`'s share of the jitter) and the age limit
-    /// (minus `age_jitter`'s share), decided once, when it logs in.
-    fn retirement(
-        &self,
-        entry: &Entry,
-        now: Now,
-        token_jitter: f64,
-        age_jitter: f64,
-    ) -> Option<Retirement> {
-        let options = &self.options;
-        let token_bound = if options.token_bound {
-            // Jitter in proportion to the token's life, so short tokens are retired promptly too.
-            let life = entry
-                .expires_on()
-                .duration_since(entry.received_at())
-                .unwrap_or_default();
-            let spread = options.retire_jitter.min(life / 10);
-            entry
-                .expires_on()
-                .checked_add(options.token_grace)
-                .and_then(|at| at.checked_add(spread.mul_f64(token_jitter.clamp(0.0, 1.0))))
-                .map(|at| at.duration_since(now.wall).unwrap_or_default())
-        } else {
-            None
-        };
-        let age_limit = options.max_age.map(|age| {
-            age.saturating_sub(options.max_age_jitter.mul_f64(age_jitter.clamp(0.0, 1.0)))
-        });
-        let after = match (token_bound, age_limit) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b)?,
-        };
-        Some(Retirement {
-            at: now.wall.checked_add(after)?,
-            deadline: now.mono.checked_add(after)?,
-        })
-    }
-
-    fn may_retire(&self) -> bool {
-        if self.cache.provider_unavailable() {
-            self.cache.wanted();
-            if !self.keeping_logged.swap(true, Ordering::Relaxed) {
-                tracing::info!(
-                    pool = %self.name,
-                    "keeping sessions past their retirement time: the identity provider is unavailable, so no new login could replace them; they are retired once a token can be had again"
-                );
-            }
-            return false;
-        }
-        self.keeping_logged.store(false, Ordering::Relaxed);
-        true
-    }
-
-    fn count_retired(&self, token_expires_on: SystemTime) {
-        self.retired.fetch_add(1, Ordering::Relaxed);
-        #[cfg(feature = "opentelemetry_0_33")]
-        self.connector
-            .inner
-            .telemetry
-            .record_retired(&self.observed);
-        tracing::debug!(
-            pool = %self.name,
-            token_expired = human(
-                self.cache.now().wall.duration_since(token_expires_on).unwrap_or_default()
-            ),
-            "retiring a connection whose login token expired or that reached its age limit"
-        );
-    }
-
-    /// How long ago the oldest token still in use by an open connection was received.
-    #[cfg_attr(not(feature = "opentelemetry_0_33"), allow(dead_code))]
-    fn oldest_token_age(&self) -> Option<Duration> {
-        let oldest = lock(&self.open).values().min().copied()?;
-        Some(
-            self.cache
-                .now()
-                .wall
-                .duration_since(oldest)
-                .unwrap_or_default(),
-        )
-    }
-}
-
-/// One open connection's login token and retirement time, decided once when it logged in and kept
-/// with the connection. Dropping it (with its connection) forgets it.
-pub struct Session {
-    id: u64,
-    token_expires_on: SystemTime,
-    retire: Option<Retirement>,
-    core: Weak<CoreInner>,
-}
-
-impl fmt::Debug for Session {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Session")
-            .field("token_expires_on", &self.token_expires_on)
-            .field("retire_at", &self.retire_at())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Session {
-    /// When the token the connection logged in with expires.
-    pub fn token_expires_on(&self) -> SystemTime {
-        self.token_expires_on
-    }
-
-    /// When the connection is due for retirement, if its pool retires sessions.
-    pub fn retire_at(&self) -> Option<SystemTime> {
-        self.retire.map(|r| r.at)
-    }
-
-    /// Whether the connection's retirement time has passed at `now` ([`PoolCore::now`]): reads
-    /// nothing but the session, so a pool may call it under its own lock (then retire the session
-    /// only if [`PoolCore::may_retire`], asked before, allowed it).
-    pub fn is_past_due(&self, now: Now) -> bool {
-        self.retire
-            .is_some_and(|r| now.wall >= r.at || now.mono >= r.deadline)
-    }
-
-    /// Whether the connection is due for retirement now. A due connection is kept while the
-    /// identity provider is unavailable and no token can be had: nothing could replace it. May log
-    /// and start a token request: not for a pool's own lock (see [`Session::is_past_due`]).
-    pub fn is_due(&self) -> bool {
-        let Some(core) = self.core.upgrade() else {
-            return false;
-        };
-        self.is_past_due(core.cache.now()) && core.may_retire()
-    }
-
-    /// Counts the connection as retired (drop the session with it).
-    pub fn retired(&self) {
-        if let Some(core) = self.core.upgrade() {
-            core.count_retired(self.token_expires_on);
-        }
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        if let Some(core) = self.core.upgrade() {
-            lock(&core.open).remove(&self.id);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::TokenError;
     use crate::token::{AccessToken, TokenFuture, TokenSource};
     use std::sync::atomic::AtomicU32;
+    use std::time::SystemTime;
 
     #[derive(Debug)]
     struct Never;
