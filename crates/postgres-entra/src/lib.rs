@@ -10,6 +10,7 @@ pub use crate::claims::{ClaimsError, TokenClaims};
 pub use crate::clock::{Clock, TokioClock};
 pub use crate::connector::{EntraConnector, EntraConnectorBuilder};
 pub use crate::error::{Error, LoginRejected, LoginRetry, RoleSource, TokenError, TokenErrorKind};
+#[cfg(feature = "azure")]
 pub use crate::from_env::{CredentialKind, EnvCredential};
 pub use crate::host::ALLOWED_HOSTS_VARIABLE;
 pub use crate::pool::SessionOptions;
@@ -28,6 +29,7 @@ mod claims;
 mod clock;
 mod connector;
 mod error;
+#[cfg(feature = "azure")]
 mod from_env;
 mod host;
 mod log;
