@@ -368,16 +368,7 @@ impl PoolUnderTest for Bb8 {
             options = options.max_age(age, age / 5);
         }
         let manager = EntraConnectionManager::new(spec.server_config(), &spec.connector, options)?;
-        // As the README configures bb8: the token bound retires connections, not bb8's own
-        // lifetime and idle timeout (which close connections whatever the provider's state).
-        let pool = bb8::Pool::builder()
-            .max_size(spec.max_size as u32)
-            .connection_timeout(spec.timeout)
-            .max_lifetime(None)
-            .idle_timeout(None)
-            .test_on_check_out(true)
-            .build(manager.clone())
-            .await?;
+        let pool = bb8_builder(&spec).build(manager.clone()).await?;
         let observed = Arc::new(manager.observe(&pool));
         Ok(Self {
             pool,
@@ -401,11 +392,7 @@ impl PoolUnderTest for Bb8 {
     }
 
     fn counts(&self) -> Counts {
-        let state = self.pool.state();
-        Counts {
-            open: state.connections as usize,
-            idle: state.idle_connections as usize,
-        }
+        bb8_counts(self.pool.state())
     }
 
     fn token_cache(&self) -> TokenCache {
@@ -507,6 +494,26 @@ async fn diesel_first_value(
     })
 }
 
+/// bb8's builder for `spec`, as the README configures bb8: the token bound retires connections,
+/// not bb8's own lifetime and idle timeout (which close connections whatever the provider's
+/// state).
+fn bb8_builder<M: bb8::ManageConnection>(spec: &PoolSpec) -> bb8::Builder<M> {
+    bb8::Pool::builder()
+        .max_size(spec.max_size as u32)
+        .connection_timeout(spec.timeout)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .test_on_check_out(true)
+}
+
+/// A bb8 pool's connections, open and idle.
+fn bb8_counts(state: bb8::State) -> Counts {
+    Counts {
+        open: state.connections as usize,
+        idle: state.idle_connections as usize,
+    }
+}
+
 /// diesel-async's deadpool pool of `AsyncPgConnection`s, on `EntraDiesel::manager`.
 #[derive(Clone)]
 pub(crate) struct DieselDeadpool {
@@ -589,12 +596,7 @@ impl PoolUnderTest for DieselBb8 {
             options = options.max_age(age, age / 5);
         }
         let entra = EntraDiesel::new(spec.server_config(), &spec.connector, options)?;
-        let pool = bb8::Pool::builder()
-            .max_size(spec.max_size as u32)
-            .connection_timeout(spec.timeout)
-            .max_lifetime(None)
-            .idle_timeout(None)
-            .test_on_check_out(true)
+        let pool = bb8_builder(&spec)
             .build(entra.manager())
             .await
             .map_err(|e| postgres_entra::__private::config_error(e.to_string()))?;
@@ -621,11 +623,7 @@ impl PoolUnderTest for DieselBb8 {
     }
 
     fn counts(&self) -> Counts {
-        let state = self.pool.state();
-        Counts {
-            open: state.connections as usize,
-            idle: state.idle_connections as usize,
-        }
+        bb8_counts(self.pool.state())
     }
 
     fn token_cache(&self) -> TokenCache {

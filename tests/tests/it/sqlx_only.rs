@@ -33,6 +33,15 @@ async fn removed(path: &std::path::Path) -> bool {
     !path.exists()
 }
 
+/// The server process behind the connection a checkout of `pool` gets.
+async fn backend_pid(pool: &sqlx::PgPool) -> i32 {
+    let pid: (i32,) = sqlx::query_as("select pg_backend_pid()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    pid.0
+}
+
 /// A pool for the emulator's service principal, with sqlx's default pool options, one login made.
 async fn plain_pool(emulator: &Suite) -> postgres_entra_sqlx::EntraPgPool {
     postgres_entra_sqlx::connect_with(
@@ -306,13 +315,7 @@ async fn an_idle_session_is_retired_however_many_tokens_came_since() {
     )
     .await
     .unwrap();
-    let pid = || async {
-        let pid: (i32,) = sqlx::query_as("select pg_backend_pid()")
-            .fetch_one(&*pool)
-            .await
-            .unwrap();
-        pid.0
-    };
+    let pid = || backend_pid(&pool);
     let first = pid().await;
     // The connection sits idle while the cache goes through a dozen tokens.
     let until = Instant::now() + 6 * LIFETIME;
@@ -362,13 +365,7 @@ async fn the_users_callbacks_run_and_sessions_still_end_with_their_token() {
         )
         .await
         .unwrap();
-        let pid = || async {
-            let pid: (i32,) = sqlx::query_as("select pg_backend_pid()")
-                .fetch_one(&*pool)
-                .await
-                .unwrap();
-            pid.0
-        };
+        let pid = || backend_pid(&pool);
 
         let first = pid().await;
         assert_eq!(pid().await, first, "kept while its token is valid");

@@ -483,6 +483,21 @@ struct JumpClock {
     stepped_back: Arc<Mutex<Duration>>,
 }
 
+/// A provider of hour-long tokens, and a cache over it named `name` whose clock can jump.
+fn jumping(name: &str) -> (Arc<Provider>, JumpClock, TokenCache) {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
+    let clock = JumpClock {
+        base: provider.clock.clone(),
+        jumped: Arc::default(),
+        stepped_back: Arc::default(),
+    };
+    let cache = TokenCache::builder(provider.source(name))
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .unwrap();
+    (provider, clock, cache)
+}
+
 impl Clock for JumpClock {
     fn now(&self) -> SystemTime {
         self.base.now() + *self.jumped.lock().unwrap() - *self.stepped_back.lock().unwrap()
@@ -491,16 +506,7 @@ impl Clock for JumpClock {
 
 #[tokio::test(start_paused = true)]
 async fn after_the_wall_clock_jumps_past_expiry_no_expired_token_is_handed_out() {
-    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
-    let clock = JumpClock {
-        base: provider.clock.clone(),
-        jumped: Arc::default(),
-        stepped_back: Arc::default(),
-    };
-    let cache = TokenCache::builder(provider.source("suspended"))
-        .clock(Arc::new(clock.clone()))
-        .build()
-        .unwrap();
+    let (provider, clock, cache) = jumping("suspended");
     let first = cache.get().await.unwrap();
 
     // Two hours pass on the wall clock while no timer fires.
@@ -515,16 +521,7 @@ async fn after_the_wall_clock_jumps_past_expiry_no_expired_token_is_handed_out()
 
 #[tokio::test(start_paused = true)]
 async fn a_wall_clock_stepped_back_delays_no_refresh_no_retry_and_serves_no_expired_token() {
-    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
-    let clock = JumpClock {
-        base: provider.clock.clone(),
-        jumped: Arc::default(),
-        stepped_back: Arc::default(),
-    };
-    let cache = TokenCache::builder(provider.source("stepped back"))
-        .clock(Arc::new(clock.clone()))
-        .build()
-        .unwrap();
+    let (provider, clock, cache) = jumping("stepped back");
     let first = cache.get().await.unwrap();
 
     // The wall clock is stepped back an hour, and the provider fails from then on.
