@@ -250,3 +250,187 @@ fn paths_to_hidden_items_are_read_with_every_crate_on_them() {
         ]
     );
 }
+
+/// Names of the standard prelude a path may start with.
+const PRELUDE: [&str; 8] = [
+    "Box", "Vec", "String", "Option", "Result", "Ok", "Some", "Err",
+];
+
+/// Whether a fence's info string makes a Rust block for rustdoc: none, or only `rust` and
+/// rustdoc's attributes (`no_run`, `ignore`, ...).
+fn is_rust(info: &str) -> bool {
+    info.split(',').map(str::trim).all(|word| {
+        [
+            "",
+            "rust",
+            "no_run",
+            "ignore",
+            "should_panic",
+            "compile_fail",
+            "test_harness",
+        ]
+        .contains(&word)
+            || word.starts_with("edition")
+    })
+}
+
+/// The Rust blocks of `markdown` (as rustdoc reads fences, with its hidden `# ` lines), string
+/// literals blanked.
+fn rust_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut current, line.trim_start().strip_prefix("```")) {
+            (None, Some(info)) if is_rust(info) => current = Some(String::new()),
+            (Some(_), Some(_)) => blocks.extend(current.take()),
+            (Some(block), None) => {
+                let code = line.strip_prefix("# ").unwrap_or(line);
+                let code = code.split("//").next().unwrap_or_default();
+                // Strings hold SQL, whose casts (`::text`) are not paths.
+                let blanked = code
+                    .split('"')
+                    .enumerate()
+                    .map(|(i, part)| if i % 2 == 0 { part } else { "" })
+                    .collect::<Vec<_>>()
+                    .join("\"\"");
+                block.push_str(&blanked);
+                block.push('\n');
+            }
+            _ => {}
+        }
+    }
+    blocks
+}
+
+/// The first segment of every path in `code` (`a` of `a::b::c`), and every name a `use` of
+/// `krate` or of the standard library brings in (`x` of `use krate::{x, y::z}`, and `z`).
+fn path_roots_and_imports(code: &str, krate: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut roots = BTreeSet::new();
+    // A `use` names its root first; the paths inside its braces hang off that root.
+    let mut rest = String::new();
+    for statement in code.split_inclusive(';') {
+        match statement.trim().strip_prefix("use ") {
+            Some(tree) => {
+                roots.insert(
+                    tree.split("::")
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned(),
+                );
+            }
+            None => rest.push_str(statement),
+        }
+    }
+    let chars: Vec<char> = rest.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let starts = ident(chars[i]) && (i == 0 || !(ident(chars[i - 1]) || chars[i - 1] == ':'));
+        if starts {
+            let end = (i..chars.len())
+                .find(|&j| !ident(chars[j]))
+                .unwrap_or(chars.len());
+            if chars.get(end) == Some(&':') && chars.get(end + 1) == Some(&':') {
+                roots.insert(chars[i..end].iter().collect());
+            }
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    let mut imported = BTreeSet::new();
+    for statement in code.split(';') {
+        let Some(tree) = statement.trim().strip_prefix("use ") else {
+            continue;
+        };
+        let from = tree.split("::").next().unwrap_or_default();
+        if ![krate, "std", "core", "alloc"].contains(&from) {
+            continue;
+        }
+        for piece in tree.split([',', '{', '}']) {
+            let name = piece.rsplit(" as ").next().unwrap_or(piece);
+            let name = name.rsplit("::").next().unwrap_or(name).trim();
+            if !name.is_empty() && name != "self" {
+                imported.insert(name.to_owned());
+            }
+        }
+    }
+    (roots, imported)
+}
+
+/// Each adapter alone is enough: its README's snippets and its doc comments' examples (compiled as
+/// its doc tests, a token source of your own among them) name nothing but the adapter, what they
+/// import from it, and the standard library; so a user's one
+/// dependency, the adapter, carries every crate they need (its pool, tokio-postgres, the core
+/// crate for a token source of their own).
+#[test]
+fn each_adapters_readme_names_only_what_the_adapter_gives() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for adapter in ["deadpool", "bb8", "sqlx", "diesel"] {
+        let krate = format!("postgres_entra_{adapter}");
+        let path = root.join(format!("crates/postgres-entra-{adapter}/README.md"));
+        let readme = std::fs::read_to_string(&path).unwrap();
+        let lib = std::fs::read_to_string(
+            root.join(format!("crates/postgres-entra-{adapter}/src/lib.rs")),
+        )
+        .unwrap();
+        assert!(
+            lib.starts_with("#![doc = include_str!(\"../README.md\")]"),
+            "{adapter}: the README is the crate's doc, its snippets its doc tests"
+        );
+        // And the examples in the crate's own doc comments (a token source of your own).
+        let docs: String = lib
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim_start();
+                l.strip_prefix("/// ")
+                    .or_else(|| l.strip_prefix("//! "))
+                    .or_else(|| (l == "///" || l == "//!").then_some(""))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let (readme_blocks, doc_blocks) = (rust_blocks(&readme), rust_blocks(&docs));
+        assert!(
+            !readme_blocks.is_empty() && !doc_blocks.is_empty(),
+            "{adapter}: a snippet in the README and an example in the docs"
+        );
+        let blocks: Vec<_> = readme_blocks.into_iter().chain(doc_blocks).collect();
+        for block in blocks {
+            let (roots, imported) = path_roots_and_imports(&block, &krate);
+            let foreign: Vec<_> = roots
+                .iter()
+                .filter(|root| {
+                    !["std", "core", "alloc", "crate", "self", "super", "Self"]
+                        .contains(&root.as_str())
+                        && !PRELUDE.contains(&root.as_str())
+                        && **root != krate
+                        && !imported.contains(*root)
+                })
+                .collect();
+            assert!(
+                foreign.is_empty(),
+                "{adapter}: the README names {foreign:?}, which the adapter does not give:\n{block}"
+            );
+        }
+    }
+}
+
+#[test]
+fn snippet_paths_are_read_from_code_not_strings_or_comments() {
+    let code = r#"use postgres_entra_x::{diesel, tokio_postgres::Config as Pg};
+let c: Pg = "host=x".parse()?; // bb8::Pool
+let q = diesel::sql::<Text>("current_user::text");
+other::thing();"#;
+    let (roots, imported) = path_roots_and_imports(
+        &rust_blocks(&format!("```rust\n{code}\n```"))[0],
+        "postgres_entra_x",
+    );
+    assert_eq!(
+        roots,
+        ["diesel", "other", "postgres_entra_x"]
+            .map(String::from)
+            .into()
+    );
+    assert_eq!(imported, ["Pg", "diesel"].map(String::from).into());
+}
