@@ -17,6 +17,19 @@ pub fn in_child() -> bool {
     std::env::var_os(CHILD_MARKER).is_some()
 }
 
+/// Whether this process is a child started by [`run_test_in_child`] with the App Service
+/// variables, `IDENTITY_ENDPOINT` checked to point at loopback: no managed-identity credential
+/// built in it can fall through to the instance metadata address. `false` outside a child (the
+/// test returns at once).
+pub fn in_app_service_child() -> bool {
+    if !in_child() {
+        return false;
+    }
+    let endpoint = std::env::var("IDENTITY_ENDPOINT").expect("IDENTITY_ENDPOINT is set");
+    assert!(endpoint.starts_with("http://127.0.0.1:"), "{endpoint}");
+    true
+}
+
 /// Runs the test named `test` (its full path, e.g. `provider_errors::child`) of the current test
 /// binary in a child process with `env` added (and [`CHILD_MARKER`]), for at most `timeout`.
 /// Returns what the child printed; an error carrying that output if the child failed.

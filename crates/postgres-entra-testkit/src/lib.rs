@@ -1,7 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 // The public interface is:
-pub use crate::child::{CHILD_MARKER, in_child, run_test_in_child};
+pub use crate::child::{CHILD_MARKER, in_app_service_child, in_child, run_test_in_child};
 pub use crate::emulator::{Emulator, EmulatorBuilder, TENANT_ID};
 pub use crate::faults::{Endpoint, Fault};
 pub use crate::identity::{Identity, IdentityKind};
