@@ -2,6 +2,7 @@
 
 // The public interface is:
 pub use crate::child::{CHILD_MARKER, in_app_service_child, in_child, run_test_in_child};
+pub use crate::connector::TestConnector;
 pub use crate::emulator::{Emulator, EmulatorBuilder, TENANT_ID};
 pub use crate::faults::{Endpoint, Fault};
 pub use crate::identity::{Identity, IdentityKind};
@@ -19,6 +20,7 @@ pub use crate::trace::{TraceCapture, trace_capture};
 pub use crate::transport::LoopbackTransport;
 
 mod child;
+mod connector;
 mod emulator;
 mod entra;
 mod faults;

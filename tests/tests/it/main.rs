@@ -75,6 +75,7 @@ mod sqlx_only;
 use postgres_entra::{
     AzureTokenSource, CacheOptions, EntraConnector, EntraConnectorBuilder, TlsRoots, TokenCache,
 };
+pub use postgres_entra_testkit::TestConnector;
 use postgres_entra_testkit::{Emulator, EmulatorBuilder, MetricsReader, trace_capture};
 use std::ops::Deref;
 use std::sync::Arc;
@@ -195,41 +196,6 @@ impl Drop for Suite {
     }
 }
 
-/// A connector over a token cache the test can read.
-#[derive(Debug, Clone)]
-pub struct TestConnector {
-    connector: EntraConnector,
-    cache: TokenCache,
-}
-
-impl TestConnector {
-    /// `builder`'s connector, over `cache`.
-    pub fn over(builder: EntraConnectorBuilder, cache: TokenCache) -> Self {
-        Self {
-            connector: builder.build().unwrap(),
-            cache,
-        }
-    }
-
-    /// The cache the connector's logins take their tokens from.
-    pub fn cache(&self) -> &TokenCache {
-        &self.cache
-    }
-}
-
-impl Deref for TestConnector {
-    type Target = EntraConnector;
-    fn deref(&self) -> &EntraConnector {
-        &self.connector
-    }
-}
-
-impl From<TestConnector> for EntraConnector {
-    fn from(test: TestConnector) -> Self {
-        test.connector
-    }
-}
-
 /// The service principal's token source for `emulator`: azure_identity's `ClientSecretCredential`,
 /// a new one per request and without azure_core's own retries, as `AzureTokenSource::client_secret`
 /// builds it.
@@ -247,14 +213,12 @@ pub fn connector(emulator: &Emulator) -> TestConnector {
 /// [`connector`] with cache `options`.
 pub fn connector_with(emulator: &Emulator, options: CacheOptions) -> TestConnector {
     let cache = service_principal_cache(emulator, options);
-    TestConnector {
-        connector: EntraConnector::builder_with_cache(cache.clone())
+    TestConnector::over(
+        EntraConnector::builder_with_cache(cache.clone())
             .role_name(emulator.service_principal().role_name)
-            .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
-            .build()
-            .unwrap(),
+            .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned())),
         cache,
-    }
+    )
 }
 
 /// A connector for the service principal, to finish building; told nothing of the cloud, so

@@ -9,32 +9,10 @@ mod sharing;
 mod tls;
 
 use postgres_entra::{AccessToken, EntraConnector, TlsRoots, TokenCache, TokenSource};
-use postgres_entra_testkit::{Emulator, FnTokenSource, Identity, TokenOptions};
-use std::ops::Deref;
+use postgres_entra_testkit::{Emulator, FnTokenSource, Identity, TestConnector, TokenOptions};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
-
-/// A connector over a token cache the test can read.
-#[derive(Debug, Clone)]
-pub struct TestConnector {
-    connector: EntraConnector,
-    cache: TokenCache,
-}
-
-impl TestConnector {
-    /// The cache the connector's logins take their tokens from.
-    pub fn cache(&self) -> &TokenCache {
-        &self.cache
-    }
-}
-
-impl Deref for TestConnector {
-    type Target = EntraConnector;
-    fn deref(&self) -> &EntraConnector {
-        &self.connector
-    }
-}
 
 /// A connector for `emulator` trusting its CA.
 pub fn connector(
@@ -48,10 +26,7 @@ pub fn connector(
     if let Some(role) = role {
         builder = builder.role_name(role);
     }
-    TestConnector {
-        connector: builder.build().unwrap(),
-        cache,
-    }
+    TestConnector::over(builder, cache)
 }
 
 /// Connects and returns `current_user`.
