@@ -306,12 +306,7 @@ async fn serve(mut client: UnixStream, link: Arc<Link>) {
     if client.write_all(&greeting).await.is_err() {
         return;
     }
-    let status = after_ok
-        .last()
-        .copied()
-        .filter(|_| after_ok.len() >= 6)
-        .unwrap_or(b'I');
-    pipe::run(client, server, &link, session, status).await;
+    pipe::run(client, server, &link, session).await;
 }
 
 /// Completes when the client hangs up (or sends anything before its login is answered).

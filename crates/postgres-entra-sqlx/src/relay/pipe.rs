@@ -2,7 +2,7 @@
 //! messages the server owes and to find sqlx's pings, one of which ends a session that is due.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -20,8 +20,6 @@ struct Flow {
     owed: AtomicI64,
     /// The client sent extended-protocol messages not yet followed by a sync.
     unsynced: AtomicBool,
-    /// The transaction status of the last `ReadyForQuery`.
-    status: AtomicU8,
 }
 
 /// Walks a byte stream of messages, message by message, across reads.
@@ -37,8 +35,6 @@ pub(crate) struct Framer {
 pub(crate) enum Found {
     /// A message of type `tag` and body length `length` starts here (its header ends at `at`).
     Start { tag: u8, length: usize, at: usize },
-    /// A message's body byte at `at` (only the first is reported: the status of `Z`).
-    FirstByte { tag: u8, at: usize },
     /// The message in progress ends at `at`.
     End {
         tag: u8,
@@ -48,7 +44,7 @@ pub(crate) enum Found {
 }
 
 impl Framer {
-    /// Feeds `chunk`, calling `found` for each message start, first body byte and end.
+    /// Feeds `chunk`, calling `found` for each message start and end.
     pub(crate) fn feed(&mut self, chunk: &[u8], mut found: impl FnMut(Found)) -> io::Result<()> {
         let mut i = 0;
         while i < chunk.len() {
@@ -87,13 +83,6 @@ impl Framer {
                 }
             } else {
                 let take = self.remaining.min(chunk.len() - i);
-                if self.have == 5 {
-                    found(Found::FirstByte {
-                        tag: self.tag,
-                        at: i,
-                    });
-                    self.have = 6;
-                }
                 self.remaining -= take;
                 i += take;
                 if self.remaining == 0 {
@@ -110,24 +99,16 @@ impl Framer {
 }
 
 /// Bytes both ways until either side closes; the session ends with the connection.
-pub(crate) async fn run(
-    client: UnixStream,
-    server: Server,
-    link: &Link,
-    session: Session,
-    status: u8,
-) {
+pub(crate) async fn run(client: UnixStream, server: Server, link: &Link, session: Session) {
     let flow = Flow {
         owed: AtomicI64::new(0),
         unsynced: AtomicBool::new(false),
-        status: AtomicU8::new(status),
     };
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = tokio::io::split(server);
-    let client_write = tokio::sync::Mutex::new(client_write);
     tokio::select! {
         _ = upstream(client_read, server_write, &flow, &session, link.retire_at) => {}
-        _ = downstream(server_read, &client_write, &flow) => {}
+        _ = downstream(server_read, client_write, &flow) => {}
     }
     drop(session);
 }
@@ -200,7 +181,6 @@ async fn upstream(
                 }
             }
             Found::End { tag, .. } => last = Some(tag),
-            Found::FirstByte { .. } => {}
         })?;
         if let Some(end) = retire_from {
             server.write_all(&chunk[..end]).await?;
@@ -214,11 +194,10 @@ async fn upstream(
     }
 }
 
-/// Server to client, counting the `ReadyForQuery` messages owed (under the client's write lock,
-/// once written, so that an answer from the relay never overtakes them).
+/// Server to client, counting the `ReadyForQuery` messages owed once written.
 async fn downstream(
     mut server: tokio::io::ReadHalf<Server>,
-    client_write: &tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>,
+    mut client: tokio::net::unix::OwnedWriteHalf,
     flow: &Flow,
 ) -> io::Result<()> {
     let mut framer = Framer::default();
@@ -230,17 +209,12 @@ async fn downstream(
         }
         let chunk = &buffer[..n];
         let mut ready = 0;
-        let mut status = None;
-        framer.feed(chunk, |found| match found {
-            Found::FirstByte { tag: b'Z', at } => status = Some(chunk[at]),
-            Found::End { tag: b'Z', .. } => ready += 1,
-            _ => {}
+        framer.feed(chunk, |found| {
+            if let Found::End { tag: b'Z', .. } = found {
+                ready += 1;
+            }
         })?;
-        let mut writer = client_write.lock().await;
-        writer.write_all(chunk).await?;
-        if let Some(status) = status {
-            flow.status.store(status, Ordering::SeqCst);
-        }
+        client.write_all(chunk).await?;
         if ready > 0 {
             flow.owed.fetch_sub(ready, Ordering::SeqCst);
         }
@@ -273,7 +247,6 @@ mod tests {
                     .feed(part, |found| {
                         events.push(match found {
                             Found::Start { tag, length, at } => (tag, 's', length, offset + at),
-                            Found::FirstByte { tag, at } => (tag, 'f', 0, offset + at),
                             Found::End { tag, at } => (tag, 'e', 0, offset + at),
                         })
                     })
@@ -283,10 +256,8 @@ mod tests {
                 events,
                 [
                     (b'Z', 's', 1, 5),
-                    (b'Z', 'f', 0, 5),
                     (b'Z', 'e', 0, 6),
                     (b'D', 's', 3, 11),
-                    (b'D', 'f', 0, 11),
                     (b'D', 'e', 0, 14),
                     (b'S', 's', 0, 19),
                     (b'S', 'e', 0, 19),
