@@ -227,7 +227,7 @@ pub fn credential_from_env(force: Option<CredentialKind>) -> Result<ChosenCreden
         _ => CredentialKind::DeveloperTools,
     };
     let source = chosen
-        .source()
+        .token_source()
         .map_err(|e| format!("{kind:?} credential: {e}"))?;
     Ok(ChosenCredential {
         source: Arc::new(source),

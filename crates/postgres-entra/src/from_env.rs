@@ -207,13 +207,13 @@ impl EnvCredential {
 
     /// The token source over this credential, built as [`AzureTokenSource`]'s constructors build
     /// it.
-    pub fn source(&self) -> Result<AzureTokenSource, Error> {
-        self.source_over(new_http_client(None))
+    pub fn token_source(&self) -> Result<AzureTokenSource, Error> {
+        self.token_source_over(new_http_client(None))
     }
 
-    /// [`EnvCredential::source`] with its requests sent through `http` (your proxy or client).
+    /// [`EnvCredential::token_source`] with its requests sent through `http` (your proxy or client).
     /// The developer tools make no request of their own and do not use it.
-    pub fn source_over(&self, http: Arc<dyn HttpClient>) -> Result<AzureTokenSource, Error> {
+    pub fn token_source_over(&self, http: Arc<dyn HttpClient>) -> Result<AzureTokenSource, Error> {
         let text = |value: &Option<String>| value.clone().unwrap_or_default();
         match self.kind {
             CredentialKind::ClientSecret => AzureTokenSource::client_secret_over(
@@ -296,7 +296,7 @@ impl AzureTokenSource {
             reason = chosen.reason(),
             "Entra ID credential chosen from the environment"
         );
-        chosen.source()
+        chosen.token_source()
     }
 }
 

@@ -21,7 +21,7 @@ fn choose(vars: &[(&str, String)]) -> EnvCredential {
 
 /// The app id (client id) in the token `chosen`'s credential gets from the emulator.
 async fn app_id_of_token(emulator: &Suite, chosen: &EnvCredential) -> String {
-    let source = chosen.source_over(emulator.transport()).unwrap();
+    let source = chosen.token_source_over(emulator.transport()).unwrap();
     let token = source.get_token(SCOPE).await.unwrap();
     token
         .claims()
@@ -108,7 +108,7 @@ async fn each_rule_picks_its_credential_which_gets_its_identitys_token() {
     // Nothing set: the developer tools (built, not run: `az` could reach Azure).
     let chosen = choose(&[]);
     assert_eq!(chosen.kind(), CredentialKind::DeveloperTools);
-    chosen.source().unwrap();
+    chosen.token_source().unwrap();
 }
 
 /// App Service: the real `from_env()`, in a child process with the platform's variables; its
