@@ -57,6 +57,17 @@ fn connector_builder(
 }
 
 impl Bench {
+    /// sqlx's connect options for the emulator's server over sqlx's own TLS (rustls,
+    /// verify-full, the emulator's CA), no user yet.
+    pub(crate) fn sqlx_options(&self) -> sqlx::postgres::PgConnectOptions {
+        sqlx::postgres::PgConnectOptions::new_without_pgpass()
+            .host(self.emulator.host())
+            .port(self.emulator.port())
+            .database(self.emulator.database())
+            .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
+            .ssl_root_cert_from_pem(self.emulator.ca_pem().as_bytes().to_vec())
+    }
+
     pub(crate) fn new() -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

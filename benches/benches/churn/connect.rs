@@ -12,6 +12,10 @@ use crate::support::recorder::Recorder;
 pub(crate) const CONNECT: &str = "connect: TLS login + select 1 + close";
 /// The strategy of sqlx's own connect with a password (tokio-postgres's is the baseline).
 const SQLX_OWN: &str = "sqlx's own connect, static password";
+/// sqlx's own connect with the password again, as the baseline of its connect with the token.
+const SQLX_BASE: &str = "sqlx connect, static password";
+/// sqlx's connect through the adapter's relay, with the cached token.
+const SQLX_TOKEN: &str = "sqlx connect, cached token (relay)";
 const SCOPE: &str = "https://ossrdbms-aad.database.windows.net/.default";
 
 /// Finishes a connection: the query, then close, waiting for the connection task to end.
@@ -34,19 +38,12 @@ async fn with_static_password(bench: &Bench) {
     use_and_close(client, connection).await;
 }
 
-/// sqlx's own connect, over its own TLS (rustls, verify-full) with the password: what sqlx users
-/// pay today, against tokio-postgres's connect to the same server.
-async fn with_sqlx_static_password(bench: &Bench) {
+/// A sqlx connect with `options`, `select 1`, close: with the password over sqlx's own TLS (rustls,
+/// verify-full), what sqlx users pay today; with the adapter's options, a login through its relay
+/// with the cached token.
+async fn with_sqlx(options: &sqlx::postgres::PgConnectOptions) {
     use sqlx::{Connection as _, Executor as _};
-    let options = sqlx::postgres::PgConnectOptions::new_without_pgpass()
-        .host(bench.emulator.host())
-        .port(bench.emulator.port())
-        .database(bench.emulator.database())
-        .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
-        .ssl_root_cert_from_pem(bench.emulator.ca_pem().as_bytes().to_vec())
-        .username(STATIC_ROLE)
-        .password(STATIC_PASSWORD);
-    let mut connection = sqlx::PgConnection::connect_with(&options).await.unwrap();
+    let mut connection = sqlx::PgConnection::connect_with(options).await.unwrap();
     connection.execute("select 1").await.unwrap();
     connection.close().await.unwrap();
 }
@@ -98,10 +95,33 @@ pub(crate) fn paired(bench: &Bench, scale: usize) {
     // sqlx's own connect against tokio-postgres's, both with the password: whether sqlx's
     // connects are as fast (sqlx 0.9.0 left Nagle's algorithm on and waited out delayed ACKs,
     // transact-rs/sqlx#4335; 0.9.1 sets TCP_NODELAY).
+    let sqlx_static = bench
+        .sqlx_options()
+        .username(STATIC_ROLE)
+        .password(STATIC_PASSWORD);
     bench.paired(
         CONNECT,
         || with_static_password(bench),
-        (SQLX_OWN, || with_sqlx_static_password(bench)),
+        (SQLX_OWN, || with_sqlx(&sqlx_static)),
+        rounds(40),
+        20,
+    );
+    // sqlx with the token against sqlx with the password: the relay's cost on a connect.
+    let sqlx_token = {
+        let _entered = bench.runtime.enter();
+        postgres_entra_sqlx::connect_lazy_with(
+            bench.sqlx_options().username(""),
+            sqlx::postgres::PgPoolOptions::new(),
+            &bench.connector,
+            postgres_entra::SessionOptions::new(),
+        )
+        .unwrap()
+    };
+    let relayed = (*sqlx_token.connect_options()).clone();
+    bench.paired_with(
+        CONNECT,
+        (SQLX_BASE, || with_sqlx(&sqlx_static)),
+        (SQLX_TOKEN, || with_sqlx(&relayed)),
         rounds(40),
         20,
     );
@@ -150,6 +170,12 @@ pub(crate) fn targets(recorder: &Recorder) -> Vec<String> {
         lines.push(format!(
             "sqlx's own connect ÷ tokio-postgres's, both with the password (median): {r:.3} (target ≤ 1.2: {})",
             if r <= 1.2 { "met" } else { "missed" }
+        ));
+    }
+    if let Some(r) = recorder.median_ratio(CONNECT, SQLX_TOKEN) {
+        lines.push(format!(
+            "sqlx connect with the cached token (through the relay) ÷ sqlx's own with the password (median): {r:.3} (target ≤ 1.03: {})",
+            if r <= 1.03 { "met" } else { "missed" }
         ));
     }
     if let (Some((cached, base)), Some(naive)) = (

@@ -234,14 +234,7 @@ impl Pools {
         let (bb8_unbound, _no_op) = bb8_with(&bench.connector, false);
         let (bb8_metered, _bb8_observed) = bb8_with(&metered, bound);
         // sqlx: its own TLS (rustls, verify-full) against the emulator's CA, for both.
-        let sqlx_options = || {
-            sqlx::postgres::PgConnectOptions::new_without_pgpass()
-                .host(bench.emulator.host())
-                .port(bench.emulator.port())
-                .database(bench.emulator.database())
-                .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
-                .ssl_root_cert_from_pem(bench.emulator.ca_pem().as_bytes().to_vec())
-        };
+        let sqlx_options = || bench.sqlx_options();
         let sqlx_pool = || {
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(4)
