@@ -83,19 +83,34 @@ pub(crate) const CREDENTIAL_VARIABLES: [&str; 12] = [
 /// else the system-assigned one.
 #[derive(Clone)]
 pub struct EnvCredential {
-    kind: CredentialKind,
+    chosen: Chosen,
     reason: String,
     seen: Vec<&'static str>,
-    tenant_id: Option<String>,
-    client_id: Option<String>,
-    secret: Option<Secret>,
-    token_file: Option<PathBuf>,
+}
+
+/// The credential chosen, with the values it is built from.
+#[derive(Clone)]
+enum Chosen {
+    ClientSecret {
+        tenant_id: String,
+        client_id: String,
+        secret: Secret,
+    },
+    WorkloadIdentity {
+        tenant_id: String,
+        client_id: String,
+        token_file: PathBuf,
+    },
+    ManagedIdentity {
+        client_id: Option<String>,
+    },
+    DeveloperTools,
 }
 
 impl fmt::Debug for EnvCredential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EnvCredential")
-            .field("kind", &self.kind)
+            .field("kind", &self.kind())
             .field("reason", &self.reason)
             .field("seen", &self.seen)
             .finish_non_exhaustive()
@@ -120,78 +135,72 @@ impl EnvCredential {
                 ))
             })
         };
-        let wanted = var("AZURE_TOKEN_CREDENTIALS");
-        let (kind, reason) = match wanted.as_deref().map(str::trim) {
-            Some(value) => match value.to_ascii_lowercase().as_str() {
-                "managedidentitycredential" => (CredentialKind::ManagedIdentity, None),
-                "workloadidentitycredential" => (CredentialKind::WorkloadIdentity, None),
-                "environmentcredential" => (CredentialKind::ClientSecret, None),
-                "azureclicredential" | "azuredeveloperclicredential" | "dev" => {
-                    (CredentialKind::DeveloperTools, None)
-                }
-                "prod" => match by_variables(&var)? {
-                    Some(found) => (found.0, Some(found.1)),
-                    None => (CredentialKind::ManagedIdentity, None),
-                },
-                _ => {
-                    return Err(Error::config(format!(
-                        "AZURE_TOKEN_CREDENTIALS is `{value}`; give ManagedIdentityCredential, \
-                         WorkloadIdentityCredential, EnvironmentCredential, AzureCliCredential, \
-                         AzureDeveloperCliCredential, dev or prod"
-                    )));
-                }
-            },
-            None => match by_variables(&var)? {
-                Some(found) => (found.0, Some(found.1)),
-                None => (
+        let (kind, reason) = match var("AZURE_TOKEN_CREDENTIALS").as_deref().map(str::trim) {
+            None => by_variables(&var)?.unwrap_or_else(|| {
+                (
                     CredentialKind::DeveloperTools,
-                    Some(
-                        "none of AZURE_CLIENT_SECRET, AZURE_FEDERATED_TOKEN_FILE, \
-                         IDENTITY_ENDPOINT, MSI_ENDPOINT or AZURE_MANAGED_IDENTITY is set"
-                            .to_owned(),
-                    ),
-                ),
+                    "none of AZURE_CLIENT_SECRET, AZURE_FEDERATED_TOKEN_FILE, IDENTITY_ENDPOINT, \
+                     MSI_ENDPOINT or AZURE_MANAGED_IDENTITY is set"
+                        .to_owned(),
+                )
+            }),
+            Some(value) => {
+                let named = format!("AZURE_TOKEN_CREDENTIALS={value}");
+                match value.to_ascii_lowercase().as_str() {
+                    "managedidentitycredential" => (CredentialKind::ManagedIdentity, named),
+                    "workloadidentitycredential" => (CredentialKind::WorkloadIdentity, named),
+                    "environmentcredential" => (CredentialKind::ClientSecret, named),
+                    "azureclicredential" | "azuredeveloperclicredential" | "dev" => {
+                        (CredentialKind::DeveloperTools, named)
+                    }
+                    "prod" => match by_variables(&var)? {
+                        Some((kind, why)) => (kind, format!("{named}, {why}")),
+                        None => (CredentialKind::ManagedIdentity, named),
+                    },
+                    _ => {
+                        return Err(Error::config(format!(
+                            "AZURE_TOKEN_CREDENTIALS is `{value}`; give ManagedIdentityCredential, \
+                             WorkloadIdentityCredential, EnvironmentCredential, AzureCliCredential, \
+                             AzureDeveloperCliCredential, dev or prod"
+                        )));
+                    }
+                }
+            }
+        };
+        let chosen = match kind {
+            CredentialKind::ClientSecret => Chosen::ClientSecret {
+                tenant_id: required("AZURE_TENANT_ID", kind)?,
+                client_id: required("AZURE_CLIENT_ID", kind)?,
+                secret: Secret::new(required("AZURE_CLIENT_SECRET", kind)?),
             },
+            CredentialKind::WorkloadIdentity => Chosen::WorkloadIdentity {
+                tenant_id: required("AZURE_TENANT_ID", kind)?,
+                client_id: required("AZURE_CLIENT_ID", kind)?,
+                token_file: required("AZURE_FEDERATED_TOKEN_FILE", kind)?.into(),
+            },
+            CredentialKind::ManagedIdentity => Chosen::ManagedIdentity {
+                client_id: var("AZURE_CLIENT_ID"),
+            },
+            CredentialKind::DeveloperTools => Chosen::DeveloperTools,
         };
-        let reason = match (reason, &wanted) {
-            (Some(reason), Some(wanted)) => format!("AZURE_TOKEN_CREDENTIALS={wanted}, {reason}"),
-            (Some(reason), None) => reason,
-            (None, wanted) => format!(
-                "AZURE_TOKEN_CREDENTIALS={}",
-                wanted.as_deref().unwrap_or_default()
-            ),
-        };
-        let mut chosen = Self {
-            kind,
+        Ok(Self {
+            chosen,
             reason,
             seen: CREDENTIAL_VARIABLES
                 .into_iter()
                 .filter(|name| var(name).is_some())
                 .collect(),
-            tenant_id: None,
-            client_id: var("AZURE_CLIENT_ID"),
-            secret: None,
-            token_file: None,
-        };
-        match kind {
-            CredentialKind::ClientSecret => {
-                chosen.tenant_id = Some(required("AZURE_TENANT_ID", kind)?);
-                chosen.client_id = Some(required("AZURE_CLIENT_ID", kind)?);
-                chosen.secret = Some(Secret::new(required("AZURE_CLIENT_SECRET", kind)?));
-            }
-            CredentialKind::WorkloadIdentity => {
-                chosen.tenant_id = Some(required("AZURE_TENANT_ID", kind)?);
-                chosen.client_id = Some(required("AZURE_CLIENT_ID", kind)?);
-                chosen.token_file = Some(required("AZURE_FEDERATED_TOKEN_FILE", kind)?.into());
-            }
-            CredentialKind::ManagedIdentity | CredentialKind::DeveloperTools => {}
-        }
-        Ok(chosen)
+        })
     }
 
     /// Which credential.
     pub fn kind(&self) -> CredentialKind {
-        self.kind
+        match self.chosen {
+            Chosen::ClientSecret { .. } => CredentialKind::ClientSecret,
+            Chosen::WorkloadIdentity { .. } => CredentialKind::WorkloadIdentity,
+            Chosen::ManagedIdentity { .. } => CredentialKind::ManagedIdentity,
+            Chosen::DeveloperTools => CredentialKind::DeveloperTools,
+        }
     }
 
     /// Why this one: the variables that decided (names, never values).
@@ -214,28 +223,35 @@ impl EnvCredential {
     /// [`EnvCredential::token_source`] with its requests sent through `http` (your proxy or client).
     /// The developer tools make no request of their own and do not use it.
     pub fn token_source_over(&self, http: Arc<dyn HttpClient>) -> Result<AzureTokenSource, Error> {
-        let text = |value: &Option<String>| value.clone().unwrap_or_default();
-        match self.kind {
-            CredentialKind::ClientSecret => AzureTokenSource::client_secret_over(
-                &text(&self.tenant_id),
-                text(&self.client_id),
-                self.secret.clone().unwrap_or_else(|| Secret::new("")),
+        match &self.chosen {
+            Chosen::ClientSecret {
+                tenant_id,
+                client_id,
+                secret,
+            } => AzureTokenSource::client_secret_over(
+                tenant_id,
+                client_id.clone(),
+                secret.clone(),
                 http,
             ),
-            CredentialKind::WorkloadIdentity => AzureTokenSource::workload_identity_over(
+            Chosen::WorkloadIdentity {
+                tenant_id,
+                client_id,
+                token_file,
+            } => AzureTokenSource::workload_identity_over(
                 WorkloadIdentityCredentialOptions {
-                    client_id: self.client_id.clone(),
-                    tenant_id: self.tenant_id.clone(),
-                    token_file_path: self.token_file.clone(),
+                    client_id: Some(client_id.clone()),
+                    tenant_id: Some(tenant_id.clone()),
+                    token_file_path: Some(token_file.clone()),
                     ..Default::default()
                 },
                 http,
             ),
-            CredentialKind::ManagedIdentity => AzureTokenSource::managed_identity_over(
-                self.client_id.clone().map(UserAssignedId::ClientId),
+            Chosen::ManagedIdentity { client_id } => AzureTokenSource::managed_identity_over(
+                client_id.clone().map(UserAssignedId::ClientId),
                 http,
             ),
-            CredentialKind::DeveloperTools => AzureTokenSource::developer_tools(),
+            Chosen::DeveloperTools => AzureTokenSource::developer_tools(),
         }
     }
 }
