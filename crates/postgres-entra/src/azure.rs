@@ -270,7 +270,6 @@ fn classify(error: azure_core::Error) -> TokenError {
 
 /// The classification of `error`, with no message: the error itself is the source.
 fn what_failed(error: &azure_core::Error) -> TokenError {
-    let message = "";
     let mut kind = TokenErrorKind::Other;
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = next {
@@ -282,9 +281,8 @@ fn what_failed(error: &azure_core::Error) -> TokenError {
                     raw_response,
                 } => {
                     let status = u16::from(*status);
-                    let mut result =
-                        TokenError::new(TokenErrorKind::from_http_status(status), message)
-                            .with_http_status(status);
+                    let mut result = TokenError::new(TokenErrorKind::from_http_status(status), "")
+                        .with_http_status(status);
                     let oauth_error = raw_response.as_deref().and_then(|response| {
                         serde_json::from_slice::<serde_json::Value>(response.body().as_ref())
                             .ok()?
@@ -320,7 +318,7 @@ fn what_failed(error: &azure_core::Error) -> TokenError {
         }
         next = e.source();
     }
-    TokenError::new(kind, message)
+    TokenError::new(kind, "")
 }
 
 /// How long the provider asked to be left alone: `retry-after-ms`, `x-ms-retry-after-ms`, or

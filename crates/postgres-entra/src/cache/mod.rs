@@ -189,8 +189,8 @@ impl TokenCache {
     /// grace). Never returns a token past its usable lifetime. While the provider is failing and
     /// no token is cached, returns the last error at once until the next attempt is due.
     pub async fn get(&self) -> Result<Arc<AccessToken>, TokenError> {
-        // The hit path clones the token alone: one atomic increment per call.
-        if let Some(token) = self.hit(|entry| entry.tokens[hit_shard()].clone()) {
+        // The hit path clones the token alone (this thread's copy): one atomic increment per call.
+        if let Some(token) = self.hit(|entry, shard| entry.tokens[shard].clone()) {
             return Ok(token);
         }
         self.miss(None)
@@ -200,25 +200,27 @@ impl TokenCache {
 
     /// [`TokenCache::get`], as the cache keeps the token, waiting no later than `deadline`.
     pub(crate) async fn entry(&self, deadline: Option<Instant>) -> Result<Arc<Entry>, TokenError> {
-        match self.hit(Arc::clone) {
+        match self.hit(|entry, _| entry.clone()) {
             Some(entry) => Ok(entry),
             None => self.miss(deadline).await,
         }
     }
 
-    /// `take` of the cached entry if it is usable now (counted as a hit).
+    /// `take` of the cached entry and this thread's shard, if the entry is usable now (counted as
+    /// a hit).
     #[inline]
-    fn hit<T>(&self, take: impl FnOnce(&Arc<Entry>) -> T) -> Option<T> {
+    fn hit<T>(&self, take: impl FnOnce(&Arc<Entry>, usize) -> T) -> Option<T> {
         let now = self.inner.now();
         let current = self.inner.current.load();
         let entry = current.as_ref().filter(|entry| entry.is_usable(now))?;
-        self.inner.counters.hits[hit_shard()].fetch_add(1, Relaxed);
+        let shard = hit_shard();
+        self.inner.counters.hits[shard].fetch_add(1, Relaxed);
         if entry.refresh_due(now) {
             // The background timer should be doing this; make sure it happens even if the
             // runtime that owned the timer is gone.
             self.inner.refresh_if_due(false);
         }
-        Some(take(entry))
+        Some(take(entry, shard))
     }
 
     async fn miss(&self, deadline: Option<Instant>) -> Result<Arc<Entry>, TokenError> {
