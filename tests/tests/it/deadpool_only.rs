@@ -113,64 +113,13 @@ async fn a_create_timeout_set_in_customize_bounds_the_login() {
 /// whether sessions may go (and logs) before it takes deadpool's lock.
 #[test]
 fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Condvar, Mutex, mpsc};
+    use std::sync::mpsc;
     // Long enough for the set-up's token and two logins on a loaded machine.
     const LIFETIME: Duration = Duration::from_secs(6);
-    /// A log sink that, once armed, holds up every thread writing the reaper's line until
-    /// released. Armed only after the set-up: a set-up slower than the token's life would
-    /// otherwise have its own threads held up (and wait for ever).
-    #[derive(Clone)]
-    struct Stuck(
-        mpsc::SyncSender<()>,
-        Arc<(Mutex<bool>, Condvar)>,
-        Arc<AtomicBool>,
-    );
-    impl std::io::Write for Stuck {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            if self.2.load(Ordering::SeqCst)
-                && String::from_utf8_lossy(buf).contains("keeping sessions past their retirement")
-            {
-                let _ = self.0.try_send(());
-                let (released, wake) = &*self.1;
-                let mut released = released.lock().unwrap();
-                while !*released {
-                    released = wake.wait(released).unwrap();
-                }
-            }
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    /// Lets every stuck writer go when dropped: a failing assertion must not leave the reaper's
-    /// thread stuck, or the runtime's shutdown would wait for it for ever.
-    struct Release(Arc<(Mutex<bool>, Condvar)>);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            let (released, wake) = &*self.0;
-            *released.lock().unwrap_or_else(|e| e.into_inner()) = true;
-            wake.notify_all();
-        }
-    }
-    let (stuck_tx, stuck_rx) = mpsc::sync_channel(1);
-    let sink = Stuck(stuck_tx, Arc::default(), Arc::default());
-    let make = sink.clone();
-    let dispatch = tracing::Dispatch::new(
-        tracing_subscriber::fmt()
-            .with_writer(move || make.clone())
-            .with_max_level(tracing::Level::INFO)
-            .finish(),
-    );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(3)
-        .enable_all()
-        .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&dispatch)))
-        .build()
-        .unwrap();
-    // Dropped before the runtime (declared after it), whatever ends the test.
-    let release = Release(sink.1.clone());
+    // Armed only after the set-up: a set-up slower than the token's life would otherwise have its
+    // own threads held up (and wait for ever).
+    let sink = postgres_entra_testkit::StuckSink::new("keeping sessions past their retirement");
+    let runtime = sink.runtime(tracing::Level::INFO);
     let (emulator, pool) = runtime.block_on(async {
         let emulator = Suite::start(LIFETIME).await;
         let mut config =
@@ -194,10 +143,11 @@ fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
         drop(held);
         (emulator, pool)
     });
-    sink.2.store(true, Ordering::SeqCst);
-    stuck_rx
-        .recv_timeout(LIFETIME * 5)
-        .expect("the reaper said it keeps the sessions");
+    sink.arm();
+    assert!(
+        sink.wait_stuck(LIFETIME * 5),
+        "the reaper said it keeps the sessions"
+    );
 
     // A checkout from another thread, while the line is stuck.
     let (done_tx, done_rx) = mpsc::channel();
@@ -208,7 +158,7 @@ fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
         let _ = done_tx.send(got.is_ok());
     });
     let answered = done_rx.recv_timeout(Duration::from_secs(10));
-    drop(release);
+    sink.release();
     assert_eq!(
         answered,
         Ok(true),

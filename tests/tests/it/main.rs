@@ -70,6 +70,7 @@ mod reports;
 mod scenarios;
 mod secrecy;
 mod sessions;
+mod slow_logs;
 mod sqlx_only;
 
 use postgres_entra::{
