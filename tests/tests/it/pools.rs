@@ -112,6 +112,14 @@ impl PoolSpec {
         self
     }
 
+    /// The options with the age limit, as deadpool and bb8 adapters take it (a fifth as jitter).
+    pub(crate) fn session_options(&self) -> SessionOptions {
+        match self.max_age {
+            Some(age) => self.options.clone().max_age(age, age / 5),
+            None => self.options.clone(),
+        }
+    }
+
     /// The settings as tokio-postgres takes them.
     pub(crate) fn server_config(&self) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
@@ -162,6 +170,16 @@ impl Reason {
             variant,
             text: crate::chain(error),
             error: error.clone(),
+        }
+    }
+}
+
+impl Failure {
+    /// The pool's words, and our error underneath where the adapter finds one.
+    fn new(text: String, ours: Option<Error>) -> Self {
+        Self {
+            text,
+            reason: ours.as_ref().map(Reason::of),
         }
     }
 }
@@ -264,10 +282,10 @@ async fn simple_first_value(
     client: &tokio_postgres::Client,
     sql: &'static str,
 ) -> Result<String, Failure> {
-    let messages = client.simple_query(sql).await.map_err(|e| Failure {
-        text: chain(&e),
-        reason: None,
-    })?;
+    let messages = client
+        .simple_query(sql)
+        .await
+        .map_err(|e| Failure::new(chain(&e), None))?;
     Ok(messages
         .into_iter()
         .find_map(|m| match m {
@@ -315,18 +333,15 @@ impl PoolUnderTest for Deadpool {
     const COUNTS_TIMEOUTS: bool = false;
 
     async fn build(spec: PoolSpec) -> Result<Self, Error> {
-        let mut options = spec.options.clone();
-        if let Some(age) = spec.max_age {
-            options = options.max_age(age, age / 5);
-        }
+        let options = spec.session_options();
         create_pool(&Self::user_config(&spec), &spec.connector, options).map(Deadpool)
     }
 
     async fn checkout(&self) -> Result<Self::Connection, Failure> {
-        self.0.get().await.map_err(|error| Failure {
-            text: chain(&error),
-            reason: self.0.manager().explain(&error).map(|e| Reason::of(&e)),
-        })
+        self.0
+            .get()
+            .await
+            .map_err(|error| Failure::new(chain(&error), self.0.manager().explain(&error)))
     }
 
     async fn first_value(
@@ -337,11 +352,7 @@ impl PoolUnderTest for Deadpool {
     }
 
     fn counts(&self) -> Counts {
-        let status = self.0.status();
-        Counts {
-            open: status.size,
-            idle: status.available,
-        }
+        deadpool_counts(self.0.status())
     }
 
     fn token_cache(&self) -> TokenCache {
@@ -363,10 +374,7 @@ impl PoolUnderTest for Bb8 {
     const COUNTS_TIMEOUTS: bool = true;
 
     async fn build(spec: PoolSpec) -> Result<Self, Error> {
-        let mut options = spec.options.clone();
-        if let Some(age) = spec.max_age {
-            options = options.max_age(age, age / 5);
-        }
+        let options = spec.session_options();
         let manager = EntraConnectionManager::new(spec.server_config(), &spec.connector, options)?;
         let pool = bb8_builder(&spec).build(manager.clone()).await?;
         let observed = Arc::new(manager.observe(&pool));
@@ -378,10 +386,10 @@ impl PoolUnderTest for Bb8 {
     }
 
     async fn checkout(&self) -> Result<Self::Connection, Failure> {
-        self.pool.get_owned().await.map_err(|error| Failure {
-            text: format!("{error:?}"),
-            reason: self.manager.explain(&error).map(|e| Reason::of(&e)),
-        })
+        self.pool
+            .get_owned()
+            .await
+            .map_err(|error| Failure::new(format!("{error:?}"), self.manager.explain(&error)))
     }
 
     async fn first_value(
@@ -438,10 +446,10 @@ impl PoolUnderTest for Sqlx {
     }
 
     async fn checkout(&self) -> Result<Self::Connection, Failure> {
-        self.0.acquire().await.map_err(|error| Failure {
-            text: error.to_string(),
-            reason: self.0.explain(&error).map(|e| Reason::of(&e)),
-        })
+        self.0
+            .acquire()
+            .await
+            .map_err(|error| Failure::new(error.to_string(), self.0.explain(&error)))
     }
 
     async fn first_value(
@@ -452,10 +460,7 @@ impl PoolUnderTest for Sqlx {
         let row = sqlx::query(sql)
             .fetch_one(&mut **connection)
             .await
-            .map_err(|e| Failure {
-                text: e.to_string(),
-                reason: None,
-            })?;
+            .map_err(|e| Failure::new(e.to_string(), None))?;
         Ok(row
             .try_get::<String, _>(0)
             .or_else(|_| row.try_get::<i32, _>(0).map(|v| v.to_string()))
@@ -488,10 +493,7 @@ async fn diesel_first_value(
     )))
     .get_result(connection)
     .await
-    .map_err(|e| Failure {
-        text: e.to_string(),
-        reason: None,
-    })
+    .map_err(|e| Failure::new(e.to_string(), None))
 }
 
 /// bb8's builder for `spec`, as the README configures bb8: the token bound retires connections,
@@ -504,6 +506,14 @@ fn bb8_builder<M: bb8::ManageConnection>(spec: &PoolSpec) -> bb8::Builder<M> {
         .max_lifetime(None)
         .idle_timeout(None)
         .test_on_check_out(true)
+}
+
+/// A deadpool pool's connections, open and idle.
+fn deadpool_counts(status: deadpool_postgres::Status) -> Counts {
+    Counts {
+        open: status.size,
+        idle: status.available,
+    }
 }
 
 /// A bb8 pool's connections, open and idle.
@@ -529,10 +539,7 @@ impl PoolUnderTest for DieselDeadpool {
     const SEES_POOL_LIMIT: bool = false;
 
     async fn build(spec: PoolSpec) -> Result<Self, Error> {
-        let mut options = spec.options.clone();
-        if let Some(age) = spec.max_age {
-            options = options.max_age(age, age / 5);
-        }
+        let options = spec.session_options();
         let entra = EntraDiesel::new(spec.server_config(), &spec.connector, options)?;
         let pool = postgres_entra_diesel::DeadpoolPool::builder(entra.manager())
             .max_size(spec.max_size)
@@ -551,10 +558,10 @@ impl PoolUnderTest for DieselDeadpool {
     }
 
     async fn checkout(&self) -> Result<Self::Connection, Failure> {
-        self.pool.get().await.map_err(|error| Failure {
-            text: chain(&error),
-            reason: self.entra.explain(&error).map(|e| Reason::of(&e)),
-        })
+        self.pool
+            .get()
+            .await
+            .map_err(|error| Failure::new(chain(&error), self.entra.explain(&error)))
     }
 
     async fn first_value(
@@ -565,11 +572,7 @@ impl PoolUnderTest for DieselDeadpool {
     }
 
     fn counts(&self) -> Counts {
-        let status = self.pool.status();
-        Counts {
-            open: status.size,
-            idle: status.available,
-        }
+        deadpool_counts(self.pool.status())
     }
 
     fn token_cache(&self) -> TokenCache {
@@ -591,10 +594,7 @@ impl PoolUnderTest for DieselBb8 {
     const COUNTS_TIMEOUTS: bool = true;
 
     async fn build(spec: PoolSpec) -> Result<Self, Error> {
-        let mut options = spec.options.clone();
-        if let Some(age) = spec.max_age {
-            options = options.max_age(age, age / 5);
-        }
+        let options = spec.session_options();
         let entra = EntraDiesel::new(spec.server_config(), &spec.connector, options)?;
         let pool = bb8_builder(&spec)
             .build(entra.manager())
@@ -609,10 +609,10 @@ impl PoolUnderTest for DieselBb8 {
     }
 
     async fn checkout(&self) -> Result<Self::Connection, Failure> {
-        self.pool.get_owned().await.map_err(|error| Failure {
-            text: format!("{error:?}"),
-            reason: self.entra.explain(&error).map(|e| Reason::of(&e)),
-        })
+        self.pool
+            .get_owned()
+            .await
+            .map_err(|error| Failure::new(format!("{error:?}"), self.entra.explain(&error)))
     }
 
     async fn first_value(
