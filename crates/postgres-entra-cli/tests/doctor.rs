@@ -437,7 +437,7 @@ async fn the_binary_reads_the_environment_and_exits_with_the_verdict() {
     assert_eq!(healthy.status.code(), Some(0), "{text}");
     for expected in [
         "ManagedIdentityCredential (ManagedIdentity)",
-        "why: IDENTITY_ENDPOINT is set",
+        "why: IDENTITY_ENDPOINT and IDENTITY_HEADER are set (App Service, Functions, Container Apps)",
         "credential variables set: IDENTITY_ENDPOINT, IDENTITY_HEADER (values not shown)",
         &format!("{} (from the token's xms_mirid claim)", mi.role_name),
         &format!("OK: logged in to localhost as {}", mi.role_name),

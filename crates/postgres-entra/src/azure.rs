@@ -77,6 +77,76 @@ fn credential_error(kind: &str, error: azure_core::Error) -> Error {
     ))
 }
 
+/// Where azure_identity's `ManagedIdentityCredential` asks for tokens: the endpoints it supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ManagedIdentityEndpoint {
+    /// App Service, Functions, Container Apps: `IDENTITY_ENDPOINT` with `IDENTITY_HEADER`.
+    AppService,
+    /// The instance metadata service of a VM (no variable).
+    Imds,
+}
+
+impl ManagedIdentityEndpoint {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::AppService => "App Service's endpoint (IDENTITY_ENDPOINT)",
+            Self::Imds => "the instance metadata service",
+        }
+    }
+}
+
+/// The endpoint azure_identity's `ManagedIdentityCredential` takes given the variables that `set`
+/// says are set, decided as it decides (azure_identity 1.0, `managed_identity_credential.rs`
+/// `get_source`). The platforms it does not support are an error naming them, and so is
+/// `IDENTITY_ENDPOINT` without `IDENTITY_HEADER`, which azure_identity would pass over to ask the
+/// instance metadata service instead.
+pub(crate) fn managed_identity_endpoint(
+    set: impl Fn(&str) -> bool,
+) -> Result<ManagedIdentityEndpoint, Error> {
+    let unsupported = |platform: &str, variables: &str| {
+        Err(Error::config(format!(
+            "{variables} set: the {platform} managed identity, which azure_identity does not \
+             support (App Service's IDENTITY_ENDPOINT with IDENTITY_HEADER, or a VM's instance \
+             metadata service, are)"
+        )))
+    };
+    if set("IDENTITY_ENDPOINT") {
+        if set("IDENTITY_HEADER") {
+            if set("IDENTITY_SERVER_THUMBPRINT") {
+                return unsupported(
+                    "Service Fabric",
+                    "IDENTITY_ENDPOINT, IDENTITY_HEADER and IDENTITY_SERVER_THUMBPRINT are",
+                );
+            }
+            return Ok(ManagedIdentityEndpoint::AppService);
+        }
+        if set("IMDS_ENDPOINT") {
+            return unsupported("Azure Arc", "IDENTITY_ENDPOINT and IMDS_ENDPOINT are");
+        }
+        return Err(Error::config(
+            "IDENTITY_ENDPOINT is set without IDENTITY_HEADER: azure_identity would pass it over \
+             and ask the instance metadata service instead; set both (as App Service does) or \
+             neither",
+        ));
+    }
+    if set("MSI_ENDPOINT") {
+        return if set("MSI_SECRET") {
+            unsupported("Azure ML", "MSI_ENDPOINT and MSI_SECRET are")
+        } else {
+            unsupported("Cloud Shell", "MSI_ENDPOINT is")
+        };
+    }
+    Ok(ManagedIdentityEndpoint::Imds)
+}
+
+/// The managed-identity endpoint this process's environment gives azure_identity, which reads it
+/// itself (a variable set to the empty string counts as unset, as in [`EnvCredential`]'s rules).
+///
+/// [`EnvCredential`]: crate::EnvCredential
+pub(crate) fn process_managed_identity_endpoint() -> Result<ManagedIdentityEndpoint, Error> {
+    managed_identity_endpoint(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+}
+
 impl AzureTokenSource {
     /// A source over `credential`, built as you chose, named after the credential's kind and
     /// client id. Its own cache decides when the identity provider is asked (see above).
@@ -128,6 +198,13 @@ impl AzureTokenSource {
     /// The managed identity of the Azure resource this code runs on (App Service, Functions,
     /// Container Apps, a VM, AKS with pod identity): the system-assigned one, or the user-assigned
     /// one `user_assigned` names by client, object or resource id.
+    ///
+    /// azure_identity reads the endpoint from the environment: `IDENTITY_ENDPOINT` with
+    /// `IDENTITY_HEADER` (App Service and the platforms built on it), else a VM's instance metadata
+    /// service. An error, before any request: the platforms azure_identity does not support
+    /// (Service Fabric, Azure Arc, Cloud Shell, Azure ML: `IDENTITY_SERVER_THUMBPRINT`,
+    /// `IMDS_ENDPOINT`, `MSI_ENDPOINT`), and `IDENTITY_ENDPOINT` without `IDENTITY_HEADER`, which
+    /// azure_identity would pass over to ask the instance metadata service.
     pub fn managed_identity(user_assigned: Option<UserAssignedId>) -> Result<Self, Error> {
         Self::managed_identity_over(user_assigned, new_http_client(None))
     }
@@ -136,6 +213,7 @@ impl AzureTokenSource {
         user_assigned: Option<UserAssignedId>,
         http: Arc<dyn HttpClient>,
     ) -> Result<Self, Error> {
+        process_managed_identity_endpoint()?;
         Self::fresh_as("managed identity", move || {
             // `..Default::default()` for the fields azure_identity may add.
             #[allow(clippy::needless_update)]

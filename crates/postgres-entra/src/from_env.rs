@@ -10,7 +10,10 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::azure::AzureTokenSource;
+use crate::azure::{
+    AzureTokenSource, ManagedIdentityEndpoint, managed_identity_endpoint,
+    process_managed_identity_endpoint,
+};
 use crate::error::Error;
 
 /// The credentials [`EnvCredential`] chooses from.
@@ -43,7 +46,7 @@ impl CredentialKind {
 }
 
 /// The variables the rules read. Their names may be shown; their values never are.
-pub(crate) const CREDENTIAL_VARIABLES: [&str; 12] = [
+pub(crate) const CREDENTIAL_VARIABLES: [&str; 14] = [
     "AZURE_TOKEN_CREDENTIALS",
     "AZURE_TENANT_ID",
     "AZURE_CLIENT_ID",
@@ -52,6 +55,8 @@ pub(crate) const CREDENTIAL_VARIABLES: [&str; 12] = [
     "AZURE_FEDERATED_TOKEN_FILE",
     "IDENTITY_ENDPOINT",
     "IDENTITY_HEADER",
+    "IDENTITY_SERVER_THUMBPRINT",
+    "IMDS_ENDPOINT",
     "MSI_ENDPOINT",
     "MSI_SECRET",
     "AZURE_MANAGED_IDENTITY",
@@ -72,15 +77,23 @@ pub(crate) const CREDENTIAL_VARIABLES: [&str; 12] = [
 ///    `client_certificate` feature (OpenSSL); build that credential with
 ///    [`AzureTokenSource::fresh`].
 /// 3. `AZURE_FEDERATED_TOKEN_FILE`: workload identity (the variables AKS's webhook sets).
-/// 4. `IDENTITY_ENDPOINT` (App Service, Functions, Container Apps, Azure Arc, Service Fabric) or
-///    `MSI_ENDPOINT` (Cloud Shell, Azure ML): the managed identity at that endpoint.
+/// 4. `IDENTITY_ENDPOINT` with `IDENTITY_HEADER` (App Service, Functions, Container Apps): the
+///    managed identity at that endpoint. The managed identities azure_identity does not support are
+///    an error naming them: Service Fabric (`IDENTITY_SERVER_THUMBPRINT` too), Azure Arc
+///    (`IDENTITY_ENDPOINT` with `IMDS_ENDPOINT`), Cloud Shell and Azure ML (`MSI_ENDPOINT`); so
+///    is `IDENTITY_ENDPOINT` without `IDENTITY_HEADER`, which azure_identity would pass over to
+///    ask the instance metadata service.
 /// 5. `AZURE_MANAGED_IDENTITY` (this library's, for a VM): the managed identity from the
 ///    instance metadata service. A VM sets no variable, and the rules never probe the address.
 /// 6. Otherwise the developer tools (`az`, then `azd`): they run a local program, no request is
 ///    made to find out.
 ///
 /// A managed identity is the user-assigned one with client id `AZURE_CLIENT_ID` when that is set,
-/// else the system-assigned one.
+/// else the system-assigned one. Its endpoint (App Service's, or a VM's instance metadata
+/// service) follows rule 4's variables whichever rule chose it, and azure_identity reads them
+/// from the process's environment itself: a choice made from other values
+/// ([`EnvCredential::choose_from`]) builds only where the process's environment names the same
+/// endpoint.
 #[derive(Clone)]
 pub struct EnvCredential {
     chosen: Chosen,
@@ -103,6 +116,7 @@ enum Chosen {
     },
     ManagedIdentity {
         client_id: Option<String>,
+        endpoint: ManagedIdentityEndpoint,
     },
     DeveloperTools,
 }
@@ -180,6 +194,7 @@ impl EnvCredential {
             },
             CredentialKind::ManagedIdentity => Chosen::ManagedIdentity {
                 client_id: var("AZURE_CLIENT_ID"),
+                endpoint: managed_identity_endpoint(|name| var(name).is_some())?,
             },
             CredentialKind::DeveloperTools => Chosen::DeveloperTools,
         };
@@ -209,7 +224,7 @@ impl EnvCredential {
     }
 
     /// The credential variables that are set (names only): those the rules read, and
-    /// `IDENTITY_HEADER`, `MSI_SECRET` and `AZURE_AUTHORITY_HOST`, which the credentials read.
+    /// `AZURE_AUTHORITY_HOST`, which the credentials read.
     pub fn variables_set(&self) -> &[&'static str] {
         &self.seen
     }
@@ -247,10 +262,24 @@ impl EnvCredential {
                 },
                 http,
             ),
-            Chosen::ManagedIdentity { client_id } => AzureTokenSource::managed_identity_over(
-                client_id.clone().map(UserAssignedId::ClientId),
-                http,
-            ),
+            Chosen::ManagedIdentity {
+                client_id,
+                endpoint,
+            } => {
+                let here = process_managed_identity_endpoint()?;
+                if here != *endpoint {
+                    return Err(Error::config(format!(
+                        "the values given name {} for the managed identity, but azure_identity \
+                         reads this process's environment, which names {}",
+                        endpoint.as_str(),
+                        here.as_str()
+                    )));
+                }
+                AzureTokenSource::managed_identity_over(
+                    client_id.clone().map(UserAssignedId::ClientId),
+                    http,
+                )
+            }
             Chosen::DeveloperTools => AzureTokenSource::developer_tools(),
         }
     }
@@ -279,19 +308,14 @@ fn by_variables(
             "AZURE_FEDERATED_TOKEN_FILE is set (and no AZURE_CLIENT_SECRET)".to_owned(),
         )));
     }
-    for (name, hosts) in [
-        (
-            "IDENTITY_ENDPOINT",
-            "App Service, Functions, Container Apps, Azure Arc, Service Fabric",
-        ),
-        ("MSI_ENDPOINT", "Cloud Shell, Azure ML"),
-    ] {
-        if var(name).is_some() {
-            return Ok(Some((
-                CredentialKind::ManagedIdentity,
-                format!("{name} is set ({hosts})"),
-            )));
-        }
+    if var("IDENTITY_ENDPOINT").is_some() || var("MSI_ENDPOINT").is_some() {
+        // The platforms azure_identity does not support are refused with the endpoint.
+        return Ok(Some((
+            CredentialKind::ManagedIdentity,
+            "IDENTITY_ENDPOINT and IDENTITY_HEADER are set (App Service, Functions, Container \
+             Apps)"
+                .to_owned(),
+        )));
     }
     if var("AZURE_MANAGED_IDENTITY").is_some() {
         return Ok(Some((
@@ -357,18 +381,122 @@ mod tests {
             kind(&[wif[0], wif[1], wif[2], ("IDENTITY_ENDPOINT", "http://x")]),
             WorkloadIdentity
         );
-        assert_eq!(kind(&[("IDENTITY_ENDPOINT", "http://x")]), ManagedIdentity);
-        assert_eq!(kind(&[("MSI_ENDPOINT", "http://x")]), ManagedIdentity);
+        assert_eq!(kind(&APP_SERVICE), ManagedIdentity);
         assert_eq!(kind(&[("AZURE_MANAGED_IDENTITY", "1")]), ManagedIdentity);
         assert_eq!(kind(&[]), DeveloperTools);
         // An empty variable is unset.
         assert_eq!(kind(&[("AZURE_CLIENT_SECRET", "")]), DeveloperTools);
-        let chosen = choose(&[("MSI_ENDPOINT", "http://x")]).unwrap();
+        let chosen = choose(&APP_SERVICE).unwrap();
         assert_eq!(
             chosen.reason(),
-            "MSI_ENDPOINT is set (Cloud Shell, Azure ML)"
+            "IDENTITY_ENDPOINT and IDENTITY_HEADER are set (App Service, Functions, Container Apps)"
         );
-        assert_eq!(chosen.variables_set(), ["MSI_ENDPOINT"]);
+        assert_eq!(
+            chosen.variables_set(),
+            ["IDENTITY_ENDPOINT", "IDENTITY_HEADER"]
+        );
+    }
+
+    const APP_SERVICE: [(&str, &str); 2] = [
+        ("IDENTITY_ENDPOINT", "http://127.0.0.1:8081/msi/token"),
+        ("IDENTITY_HEADER", "h"),
+    ];
+
+    /// azure_identity 1.0 (`managed_identity_credential.rs`, `get_source`) passes over
+    /// `IDENTITY_ENDPOINT` without `IDENTITY_HEADER` and asks the instance metadata service, and
+    /// refuses Service Fabric, Azure Arc, Cloud Shell and Azure ML: each is refused here, by
+    /// whichever rule the managed identity was chosen, naming what is set.
+    #[test]
+    fn a_managed_identity_endpoint_azure_identity_would_not_use_is_refused_by_name() {
+        let endpoint = APP_SERVICE[0];
+        for (vars, says) in [
+            (
+                vec![endpoint],
+                "IDENTITY_ENDPOINT is set without IDENTITY_HEADER",
+            ),
+            (
+                vec![endpoint, ("AZURE_MANAGED_IDENTITY", "1")],
+                "ask the instance metadata service instead",
+            ),
+            (
+                vec![
+                    endpoint,
+                    ("AZURE_TOKEN_CREDENTIALS", "ManagedIdentityCredential"),
+                ],
+                "without IDENTITY_HEADER",
+            ),
+            (
+                vec![endpoint, ("IMDS_ENDPOINT", "http://127.0.0.1:1")],
+                "the Azure Arc managed identity",
+            ),
+            (
+                vec![
+                    APP_SERVICE[0],
+                    APP_SERVICE[1],
+                    ("IDENTITY_SERVER_THUMBPRINT", "ab"),
+                ],
+                "the Service Fabric managed identity",
+            ),
+            (
+                vec![("MSI_ENDPOINT", "http://127.0.0.1:1")],
+                "MSI_ENDPOINT is set: the Cloud Shell managed identity",
+            ),
+            (
+                vec![("MSI_ENDPOINT", "http://x"), ("MSI_SECRET", "s")],
+                "the Azure ML managed identity, which azure_identity does not support",
+            ),
+            (
+                vec![
+                    ("AZURE_TOKEN_CREDENTIALS", "prod"),
+                    ("MSI_ENDPOINT", "http://x"),
+                ],
+                "Cloud Shell",
+            ),
+        ] {
+            let text = refusal(&vars);
+            assert!(text.contains(says), "{vars:?}: {text}");
+        }
+        // Not a managed identity: its variables are not looked at.
+        assert_eq!(
+            kind(&[SP[0], SP[1], SP[2], ("MSI_ENDPOINT", "http://x")]),
+            CredentialKind::ClientSecret
+        );
+    }
+
+    /// azure_identity reads the managed identity's endpoint from the process's environment, not
+    /// from the values a choice was made from: the source builds only where both name the same.
+    #[test]
+    fn a_managed_identity_chosen_from_other_values_builds_only_where_the_process_agrees() {
+        let here = process_managed_identity_endpoint();
+        for (vars, there) in [
+            (&APP_SERVICE[..], ManagedIdentityEndpoint::AppService),
+            (
+                &[("AZURE_MANAGED_IDENTITY", "1")][..],
+                ManagedIdentityEndpoint::Imds,
+            ),
+        ] {
+            let built = choose(vars).unwrap().token_source();
+            match &here {
+                Ok(here) if *here == there => {
+                    built.unwrap();
+                }
+                Ok(here) => {
+                    let text = built.unwrap_err().to_string();
+                    assert!(
+                        text.contains(&format!(
+                            "name {} for the managed identity, but azure_identity reads this \
+                             process's environment, which names {}",
+                            there.as_str(),
+                            here.as_str()
+                        )),
+                        "{text}"
+                    );
+                }
+                Err(_) => {
+                    built.unwrap_err();
+                }
+            }
+        }
     }
 
     #[test]

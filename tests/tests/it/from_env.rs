@@ -149,10 +149,150 @@ async fn app_service_child() {
         .unwrap_or_else(|| panic!("no line in {log}"));
     assert!(line.contains("INFO"), "{line}");
     assert!(line.contains("managed_identity"), "{line}");
-    assert!(line.contains("IDENTITY_ENDPOINT is set"), "{line}");
+    assert!(
+        line.contains("IDENTITY_ENDPOINT and IDENTITY_HEADER are set"),
+        "{line}"
+    );
     let token = source.get_token(SCOPE).await.unwrap();
     println!(
         "child: app id {}",
         token.claims().unwrap().app_id().unwrap()
     );
+}
+
+/// The developer tools, the rule when no variable is set: the real `from_env()`, in a child whose
+/// variables are all empty (unset, by the rules) and whose `az` is a script on its PATH answering
+/// as the Azure CLI does (`az account get-access-token -o json --scope ...`, azure_identity 1.0
+/// `azure_cli_credential.rs`) with a token the emulator issued to its user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_variable_set_the_developer_tools_run_az_for_the_users_token() {
+    use postgres_entra_testkit::TokenOptions;
+    use std::os::unix::fs::PermissionsExt;
+    const EXPIRES_IN: i64 = 3000;
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
+    let user = emulator.user();
+    let token = emulator
+        .issue_token(&user, TokenOptions::default().expires_in(EXPIRES_IN))
+        .unwrap();
+    let bin = emulator.directory().join("developer-tools");
+    std::fs::create_dir_all(&bin).unwrap();
+    let expires_on = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + EXPIRES_IN;
+    std::fs::write(
+        bin.join("answer.json"),
+        format!(
+            r#"{{"accessToken":"{token}","expiresOn":"","expires_on":{expires_on},"tenant":"{TENANT_ID}","tokenType":"Bearer"}}"#
+        ),
+    )
+    .unwrap();
+    let asked = bin.join("asked");
+    let az = bin.join("az");
+    std::fs::write(
+        &az,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$*\" > '{}'\ncat '{}'\n",
+            asked.display(),
+            bin.join("answer.json").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&az, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Every variable the rules read, empty (the child checks that none is left set).
+    let mut env: Vec<(String, String)> = [
+        "AZURE_TOKEN_CREDENTIALS",
+        "AZURE_TENANT_ID",
+        "AZURE_CLIENT_ID",
+        "AZURE_CLIENT_SECRET",
+        "AZURE_CLIENT_CERTIFICATE_PATH",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "IDENTITY_ENDPOINT",
+        "IDENTITY_HEADER",
+        "IDENTITY_SERVER_THUMBPRINT",
+        "IMDS_ENDPOINT",
+        "MSI_ENDPOINT",
+        "MSI_SECRET",
+        "AZURE_MANAGED_IDENTITY",
+        "AZURE_AUTHORITY_HOST",
+    ]
+    .map(|name| (name.to_owned(), String::new()))
+    .into();
+    env.push(("PATH".into(), format!("{}:/usr/bin:/bin", bin.display())));
+
+    let output = run_test_in_child(
+        "from_env::developer_tools_child",
+        env,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+
+    assert!(
+        output.contains(&format!("child: upn {}", user.role_name)),
+        "{output}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&asked).unwrap().trim(),
+        format!("account get-access-token -o json --scope {SCOPE}")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by with_no_variable_set_the_developer_tools_run_az_for_the_users_token"]
+async fn developer_tools_child() {
+    if !postgres_entra_testkit::in_child() {
+        return;
+    }
+    let _capture = captured_text();
+    assert_eq!(
+        EnvCredential::choose().unwrap().variables_set(),
+        [] as [&str; 0]
+    );
+
+    let source = AzureTokenSource::from_env().unwrap();
+
+    let log = captured_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("credential chosen from the environment"))
+        .unwrap_or_else(|| panic!("no line in {log}"));
+    assert!(line.contains("developer_tools"), "{line}");
+    let token = source.get_token(SCOPE).await.unwrap();
+    println!("child: upn {}", token.claims().unwrap().upn().unwrap());
+}
+
+/// `IDENTITY_ENDPOINT` without `IDENTITY_HEADER`: azure_identity would pass it over and ask the
+/// instance metadata service; every managed-identity constructor refuses it before any request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_endpoint_without_its_header_builds_no_managed_identity() {
+    let emulator = Suite::start(Duration::from_secs(3600)).await;
+    let [endpoint, _header] = emulator.app_service_env();
+    run_test_in_child(
+        "from_env::endpoint_without_header_child",
+        [endpoint],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by an_identity_endpoint_without_its_header_builds_no_managed_identity"]
+async fn endpoint_without_header_child() {
+    if !postgres_entra_testkit::in_child() {
+        return;
+    }
+    assert!(std::env::var_os("IDENTITY_HEADER").is_none());
+    for error in [
+        AzureTokenSource::managed_identity(None).unwrap_err(),
+        AzureTokenSource::from_env().unwrap_err(),
+    ] {
+        let text = error.to_string();
+        assert!(
+            text.contains("IDENTITY_ENDPOINT is set without IDENTITY_HEADER"),
+            "{text}"
+        );
+    }
 }

@@ -108,7 +108,7 @@ async fn the_binary_prints_working_exports_and_cleans_up_on_sigterm() {
     let credential = report["steps"][0]["details"].to_string();
     assert!(
         credential.contains("ManagedIdentityCredential")
-            && credential.contains("IDENTITY_ENDPOINT is set"),
+            && credential.contains("IDENTITY_ENDPOINT and IDENTITY_HEADER are set"),
         "{report:#}"
     );
     assert!(
