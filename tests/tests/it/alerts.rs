@@ -318,16 +318,8 @@ async fn token_expiring_fires_when_refreshes_fail_as_the_token_runs_down<P: Pool
 async fn logins_rejected_fires_when_the_principal_is_revoked<P: PoolUnderTest>() {
     let emulator = Suite::start(Duration::from_secs(3600)).await;
     let mut scrapes = Scrapes::new();
-    let sp = emulator.service_principal();
-    let readers = emulator
-        .add_group("db-readers", std::slice::from_ref(&sp))
-        .await
-        .unwrap();
-    let connector = crate::connector_builder(&emulator)
-        .role_name("db-readers")
-        .meter(scrapes.meter())
-        .build()
-        .unwrap();
+    let (sp, readers, connector) = crate::member_of_group(&emulator, "db-readers").await;
+    let connector = connector.meter(scrapes.meter()).build().unwrap();
     let pool: P = failing_pool(&emulator, connector).await;
     pool.checkout_as("db-readers").await.unwrap();
     emulator.remove_group_member(&readers, &sp).unwrap();

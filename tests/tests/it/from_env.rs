@@ -31,6 +31,19 @@ async fn app_id_of_token(emulator: &Suite, chosen: &EnvCredential) -> String {
         .to_owned()
 }
 
+/// The real `from_env()` (in a child), and the line it logged about its choice.
+fn from_env_and_its_line() -> (AzureTokenSource, String) {
+    let _capture = captured_text();
+    let source = AzureTokenSource::from_env().unwrap();
+    let log = captured_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("credential chosen from the environment"))
+        .unwrap_or_else(|| panic!("no line in {log}"))
+        .to_owned();
+    (source, line)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_rule_picks_its_credential_which_gets_its_identitys_token() {
     let emulator = Suite::start(Duration::from_secs(3600)).await;
@@ -138,15 +151,7 @@ async fn app_service_child() {
     if !in_app_service_child() {
         return;
     }
-    let _capture = captured_text();
-
-    let source = AzureTokenSource::from_env().unwrap();
-
-    let log = captured_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("credential chosen from the environment"))
-        .unwrap_or_else(|| panic!("no line in {log}"));
+    let (source, line) = from_env_and_its_line();
     assert!(line.contains("INFO"), "{line}");
     assert!(line.contains("managed_identity"), "{line}");
     assert!(
@@ -200,25 +205,17 @@ async fn with_no_variable_set_the_developer_tools_run_az_for_the_users_token() {
     )
     .unwrap();
     std::fs::set_permissions(&az, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // Every variable the rules read, empty (the child checks that none is left set).
-    let mut env: Vec<(String, String)> = [
-        "AZURE_TOKEN_CREDENTIALS",
-        "AZURE_TENANT_ID",
-        "AZURE_CLIENT_ID",
-        "AZURE_CLIENT_SECRET",
-        "AZURE_CLIENT_CERTIFICATE_PATH",
-        "AZURE_FEDERATED_TOKEN_FILE",
-        "IDENTITY_ENDPOINT",
-        "IDENTITY_HEADER",
-        "IDENTITY_SERVER_THUMBPRINT",
-        "IMDS_ENDPOINT",
-        "MSI_ENDPOINT",
-        "MSI_SECRET",
-        "AZURE_MANAGED_IDENTITY",
-        "AZURE_AUTHORITY_HOST",
-    ]
-    .map(|name| (name.to_owned(), String::new()))
-    .into();
+    // Every credential variable of this process's, empty (unset, by the rules): the child checks
+    // that none is left set.
+    let mut env: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| {
+            ["AZURE_", "IDENTITY_", "MSI_", "IMDS_"]
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+        })
+        .map(|name| (name, String::new()))
+        .collect();
     env.push(("PATH".into(), format!("{}:/usr/bin:/bin", bin.display())));
 
     let output = run_test_in_child(
@@ -245,19 +242,11 @@ async fn developer_tools_child() {
     if !postgres_entra_testkit::in_child() {
         return;
     }
-    let _capture = captured_text();
     assert_eq!(
         EnvCredential::choose().unwrap().variables_set(),
         [] as [&str; 0]
     );
-
-    let source = AzureTokenSource::from_env().unwrap();
-
-    let log = captured_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("credential chosen from the environment"))
-        .unwrap_or_else(|| panic!("no line in {log}"));
+    let (source, line) = from_env_and_its_line();
     assert!(line.contains("developer_tools"), "{line}");
     let token = source.get_token(SCOPE).await.unwrap();
     println!("child: upn {}", token.claims().unwrap().upn().unwrap());

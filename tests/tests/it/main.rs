@@ -231,6 +231,25 @@ pub fn connector_builder(emulator: &Emulator) -> EntraConnectorBuilder {
         .tls_roots(TlsRoots::CaPem(emulator.ca_pem().to_owned()))
 }
 
+/// The service principal made a member of a new group named `group`, and [`connector_builder`]
+/// logging in as the group: (the principal, the group, the builder). Revoked by taking the
+/// principal out of the group.
+pub async fn member_of_group(
+    emulator: &Emulator,
+    group: &str,
+) -> (
+    postgres_entra_testkit::Identity,
+    postgres_entra_testkit::Identity,
+    EntraConnectorBuilder,
+) {
+    let sp = emulator.service_principal();
+    let readers = emulator
+        .add_group(group, std::slice::from_ref(&sp))
+        .await
+        .unwrap();
+    (sp, readers, connector_builder(emulator).role_name(group))
+}
+
 /// [`connector`] recording its metrics (and its pools') into a reader of its own.
 pub fn metered_connector(emulator: &Emulator) -> (MetricsReader, EntraConnector) {
     let reader = MetricsReader::new();

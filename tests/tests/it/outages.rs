@@ -245,15 +245,8 @@ async fn during_a_stalled_provider_every_failed_checkout_carries_our_typed_cause
 async fn refused_logins_back_off_after_a_revocation<P: PoolUnderTest>() {
     const LIFETIME: Duration = Duration::from_secs(2);
     let emulator = Suite::start(LIFETIME).await;
-    let sp = emulator.service_principal();
-    let readers = emulator
-        .add_group("db-readers", std::slice::from_ref(&sp))
-        .await
-        .unwrap();
-    let connector = crate::connector_builder(&emulator)
-        .role_name("db-readers")
-        .build()
-        .unwrap();
+    let (sp, readers, connector) = crate::member_of_group(&emulator, "db-readers").await;
+    let connector = connector.build().unwrap();
     let spec = PoolSpec::new(&emulator, connector)
         .size(4)
         .timeout(Duration::from_millis(500))

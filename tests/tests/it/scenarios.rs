@@ -438,15 +438,8 @@ async fn a_login_dropped_at_any_point_never_wedges_the_pool<P: PoolUnderTest>() 
     const BACKOFF: Duration = Duration::from_secs(30);
     const SIZE: usize = 4;
     let emulator = Suite::start(LIFETIME).await;
-    let sp = emulator.service_principal();
-    let readers = emulator
-        .add_group("late-readers", std::slice::from_ref(&sp))
-        .await
-        .unwrap();
-    let connector = connector_builder(&emulator)
-        .role_name("late-readers")
-        .build()
-        .unwrap();
+    let (sp, readers, connector) = crate::member_of_group(&emulator, "late-readers").await;
+    let connector = connector.build().unwrap();
     let spec = PoolSpec::new(&emulator, connector)
         .size(SIZE)
         .timeout(Duration::from_secs(2));

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::pools::{Failure, PoolSpec, PoolUnderTest};
-use crate::{Suite, connector_builder, metered_connector};
+use crate::{Suite, metered_connector};
 
 for_pools!([deadpool, bb8, sqlx, diesel_deadpool, diesel_bb8] {
     revoking_principals_mid_churn_ends_their_sessions_and_spares_the_others,
@@ -88,11 +88,7 @@ async fn revoking_principals_mid_churn_ends_their_sessions_and_spares_the_others
     const RUN: Duration = Duration::from_secs(10);
     let emulator = Suite::start(LIFETIME).await;
     // Revoked by leaving a group: the service principal, logging in as the group.
-    let sp = emulator.service_principal();
-    let readers = emulator
-        .add_group("db-readers", std::slice::from_ref(&sp))
-        .await
-        .unwrap();
+    let (sp, readers, group_connector) = crate::member_of_group(&emulator, "db-readers").await;
     // Revoked by disabling it: the workload identity.
     let wi = emulator.workload_identity();
     // Left alone: the managed identity.
@@ -126,19 +122,10 @@ async fn revoking_principals_mid_churn_ends_their_sessions_and_spares_the_others
     control.warm(CONTROL_SIZE).await;
     // The revoked principals' pools after the control pool is warm, so that their tokens (sqlx's
     // pool fetches one when it is built) are young at the revocation however long that took.
-    let group_pool = P::build(
-        spec(
-            connector_builder(&emulator)
-                .role_name("db-readers")
-                .build()
-                .unwrap(),
-            4,
-            quick.clone(),
-        )
-        .user("db-readers"),
-    )
-    .await
-    .unwrap();
+    let group_pool =
+        P::build(spec(group_connector.build().unwrap(), 4, quick.clone()).user("db-readers"))
+            .await
+            .unwrap();
     let wi_pool = P::build(spec(
         emulator_connector(
             &emulator,
