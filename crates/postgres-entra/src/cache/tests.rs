@@ -124,6 +124,14 @@ fn cache(provider: &Arc<Provider>, options: CacheOptions) -> TokenCache {
         .unwrap()
 }
 
+/// A cache whose provider (hour-long tokens) fails with `error`, backing off from `min` to `max`.
+fn failing(min: Duration, max: Duration, error: TokenError) -> (Arc<Provider>, TokenCache) {
+    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
+    let cache = cache(&provider, CacheOptions::default().backoff(min, max));
+    provider.fail_with(Some(error));
+    (provider, cache)
+}
+
 fn setup(lifetime: Duration) -> (Arc<Provider>, TokenCache) {
     let provider = Provider::new(TokioClock::new(SystemTime::now()), lifetime);
     let cache = cache(&provider, CacheOptions::default());
@@ -264,12 +272,11 @@ async fn short_lived_tokens_refresh_at_half_their_life_too() {
 
 #[tokio::test(start_paused = true)]
 async fn failures_back_off_exponentially_with_jitter_up_to_the_cap() {
-    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
-    let cache = cache(
-        &provider,
-        CacheOptions::default().backoff(Duration::from_secs(1), Duration::from_secs(8)),
+    let (provider, cache) = failing(
+        Duration::from_secs(1),
+        Duration::from_secs(8),
+        failure("AADSTS7000215: invalid client secret"),
     );
-    provider.fail_with(Some(failure("AADSTS7000215: invalid client secret")));
 
     let error = cache.get().await.unwrap_err();
     assert_eq!(error.kind(), TokenErrorKind::Other);
@@ -364,14 +371,11 @@ async fn a_valid_token_is_served_through_an_outage_and_an_expired_one_never() {
 
 #[tokio::test(start_paused = true)]
 async fn without_a_token_callers_make_the_cache_ask_once_a_second_and_recovery_is_prompt() {
-    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
-    let cache = cache(
-        &provider,
-        CacheOptions::default().backoff(Duration::from_secs(1), Duration::from_secs(60)),
-    );
-    provider.fail_with(Some(
+    let (provider, cache) = failing(
+        Duration::from_secs(1),
+        Duration::from_secs(60),
         TokenError::new(TokenErrorKind::ServerError, "AADSTS50001").with_http_status(500),
-    ));
+    );
 
     // 60 s of 8 callers, each asking again 10 ms after its last answer: about one request a
     // second, never a storm, never a long exponential wait; a caller waits at most for the next
@@ -703,6 +707,11 @@ fn caching_like_azure_identity(provider: &Arc<Provider>) -> FnSource {
     })
 }
 
+/// Whether the cache, told `token` was rejected, has no other token to offer.
+async fn no_replacement(cache: &TokenCache, token: &Arc<Entry>) -> bool {
+    cache.replacement_for(token, None).await.unwrap().is_none()
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_source_that_returns_the_same_token_gets_asked_once_per_rejected_token() {
     let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
@@ -715,16 +724,10 @@ async fn a_source_that_returns_the_same_token_gets_asked_once_per_rejected_token
     // However many logins fail with it, the provider is asked at most once, and it hands back
     // the same token: no retry can help.
     for _ in 0..50 {
-        assert!(cache.replacement_for(&token, None).await.unwrap().is_none());
+        assert!(no_replacement(&cache, &token).await);
         let current = cache.entry(None).await.unwrap();
         assert_eq!(current.secret(), token.secret());
-        assert!(
-            cache
-                .replacement_for(&current, None)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(no_replacement(&cache, &current).await);
     }
     assert_eq!(provider.calls(), 1, "the source's own cache answered");
     assert_eq!(cache.stats().invalidations, 1);
@@ -736,13 +739,7 @@ async fn a_source_that_returns_the_same_token_gets_asked_once_per_rejected_token
     settle().await;
     let refreshed = cache.entry(None).await.unwrap();
     assert_eq!(refreshed.secret(), token.secret());
-    assert!(
-        cache
-            .replacement_for(&refreshed, None)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(no_replacement(&cache, &refreshed).await);
     assert_eq!(cache.stats().invalidations, 1);
 }
 
@@ -818,16 +815,13 @@ fn options_that_cannot_work_are_refused_at_build_time() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_is_capped_by_the_longest_backoff() {
-    let provider = Provider::new(TokioClock::new(SystemTime::now()), HOUR);
-    let cache = cache(
-        &provider,
-        CacheOptions::default().backoff(Duration::from_secs(1), Duration::from_secs(20)),
-    );
-    provider.fail_with(Some(
+    let (provider, cache) = failing(
+        Duration::from_secs(1),
+        Duration::from_secs(20),
         TokenError::new(TokenErrorKind::Throttled, "throttled")
             .with_http_status(429)
             .with_retry_after(Duration::from_secs(3600)),
-    ));
+    );
     let error = cache.get().await.unwrap_err();
     assert_eq!(error.kind(), TokenErrorKind::Throttled);
     assert!(error.retry_in().is_none());
