@@ -11,6 +11,7 @@ use azure_identity::{
     UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
 };
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -147,6 +148,31 @@ pub(crate) fn process_managed_identity_endpoint() -> Result<ManagedIdentityEndpo
     managed_identity_endpoint(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
 }
 
+/// The most a federated token file may hold: a Kubernetes service-account token is a JWT of a
+/// kilobyte or two.
+const MAX_FEDERATED_TOKEN_FILE: u64 = 64 * 1024;
+
+/// That the federated token file is a regular file of a token's size: azure_identity reads the
+/// whole file (`std::fs::read_to_string`), which never ends on a device such as `/dev/zero` or a
+/// pipe nobody writes to.
+fn check_federated_token_file(path: &Path) -> azure_core::Result<()> {
+    let refuse = |why: String| {
+        Err(azure_core::Error::with_message(
+            ErrorKind::Credential,
+            format!("the federated token file {}: {why}", path.display()),
+        ))
+    };
+    match std::fs::metadata(path) {
+        Err(error) => refuse(error.to_string()),
+        Ok(file) if !file.is_file() => refuse("not a regular file".to_owned()),
+        Ok(file) if file.len() > MAX_FEDERATED_TOKEN_FILE => refuse(format!(
+            "{} bytes, more than a token's {MAX_FEDERATED_TOKEN_FILE}",
+            file.len()
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
 impl AzureTokenSource {
     /// A source over `credential`, built as you chose, named after the credential's kind and
     /// client id. Its own cache decides when the identity provider is asked (see above).
@@ -246,6 +272,16 @@ impl AzureTokenSource {
             ..
         } = settings;
         Self::fresh_as("workload identity", move || {
+            // azure_identity reads the whole file, from AZURE_FEDERATED_TOKEN_FILE when no path
+            // is given.
+            let file = token_file_path.clone().or_else(|| {
+                std::env::var_os("AZURE_FEDERATED_TOKEN_FILE")
+                    .filter(|path| !path.is_empty())
+                    .map(PathBuf::from)
+            });
+            if let Some(file) = &file {
+                check_federated_token_file(file)?;
+            }
             // `..Default::default()` for the fields azure_identity may add.
             #[allow(clippy::needless_update)]
             let options = WorkloadIdentityCredentialOptions {
@@ -438,6 +474,53 @@ impl TokenSource for AzureTokenSource {
 mod tests {
     use super::*;
     use azure_core::http::{AsyncRawResponse, Request, StatusCode, headers::Headers};
+
+    /// A federated token file that never ends (a device, a pipe) or is far larger than a token is
+    /// refused before azure_identity reads it (it would read for ever, or all of it).
+    #[test]
+    fn a_federated_token_file_that_is_no_token_is_refused_before_it_is_read() {
+        let directory =
+            std::env::temp_dir().join(format!("postgres-entra-federated-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let large = directory.join("large");
+        std::fs::write(&large, vec![b'a'; 65 * 1024]).unwrap();
+        let pipe = directory.join("pipe");
+        let _ = std::fs::remove_file(&pipe);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&pipe)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for (file, says) in [
+            (PathBuf::from("/dev/zero"), "not a regular file"),
+            (pipe, "not a regular file"),
+            (directory.clone(), "not a regular file"),
+            (large, "66560 bytes, more than a token's 65536"),
+            (directory.join("missing"), "No such file"),
+        ] {
+            let options = WorkloadIdentityCredentialOptions {
+                client_id: Some("c".into()),
+                tenant_id: Some("t".into()),
+                token_file_path: Some(file.clone()),
+                ..Default::default()
+            };
+            let error = AzureTokenSource::workload_identity_over(
+                options,
+                Arc::new(InProcessProvider::default()),
+            )
+            .err()
+            .unwrap_or_else(|| panic!("{} was taken", file.display()));
+            let text = error.to_string();
+            assert!(
+                text.contains(&format!(
+                    "the federated token file {}: {says}",
+                    file.display()
+                )),
+                "{text}"
+            );
+        }
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// An identity provider inside the test process, standing for Entra and the managed-identity
