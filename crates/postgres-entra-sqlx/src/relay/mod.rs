@@ -7,7 +7,7 @@
 //! its trust roots are never used.
 //!
 //! The socket lives in a directory only this user can open (`$XDG_RUNTIME_DIR/postgres-entra`,
-//! else `postgres-entra-<uid>` in the temporary directory), and only this process may use it
+//! else `postgres-entra-<uid>` in the temporary directory; an absolute path), and only this process may use it
 //! (checked by the peer's credentials). Its file is removed when the pool is dropped or closed; a
 //! process killed before that leaves the file, which the next pool of this user removes.
 //!
@@ -84,10 +84,11 @@ fn socket_path(directory: &Path, port: u16) -> PathBuf {
 fn private_directory() -> io::Result<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let uid = nix::unistd::geteuid().as_raw();
-    let directory = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(runtime) => PathBuf::from(runtime).join("postgres-entra"),
-        None => std::env::temp_dir().join(format!("postgres-entra-{uid}")),
-    };
+    let directory = directory_for(
+        std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
+        &std::env::temp_dir(),
+        uid,
+    )?;
     match std::fs::DirBuilder::new().mode(0o700).create(&directory) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -101,6 +102,17 @@ fn private_directory() -> io::Result<PathBuf> {
         )));
     }
     Ok(directory)
+}
+
+/// Where the sockets go: `$XDG_RUNTIME_DIR/postgres-entra` when that is an absolute path (the XDG
+/// base directory specification has relative paths ignored), else `postgres-entra-<uid>` in the
+/// temporary directory, made absolute now: sqlx opens the socket by path, later, from whatever
+/// the process's working directory is then.
+fn directory_for(runtime: Option<PathBuf>, temporary: &Path, uid: u32) -> io::Result<PathBuf> {
+    match runtime.filter(|runtime| runtime.is_absolute()) {
+        Some(runtime) => Ok(runtime.join("postgres-entra")),
+        None => std::path::absolute(temporary.join(format!("postgres-entra-{uid}"))),
+    }
 }
 
 /// Removes the sockets in `directory` that nothing listens on any more (left by a process that
@@ -393,6 +405,36 @@ fn error_response(error: &Error) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::relay::login::error_fields;
+
+    #[test]
+    fn the_socket_directory_is_an_absolute_path_whatever_the_variables_say() {
+        let cwd = std::env::current_dir().unwrap();
+        let tmp = Path::new("/tmp");
+        for (runtime, temporary, expected) in [
+            (
+                Some("/run/user/7"),
+                tmp,
+                PathBuf::from("/run/user/7/postgres-entra"),
+            ),
+            // A relative XDG_RUNTIME_DIR is ignored, as the XDG specification says.
+            (
+                Some("run/user/7"),
+                tmp,
+                PathBuf::from("/tmp/postgres-entra-7"),
+            ),
+            (Some(""), tmp, PathBuf::from("/tmp/postgres-entra-7")),
+            (None, tmp, PathBuf::from("/tmp/postgres-entra-7")),
+            // A relative TMPDIR is taken from the working directory now.
+            (
+                None,
+                Path::new("scratch"),
+                cwd.join("scratch/postgres-entra-7"),
+            ),
+        ] {
+            let directory = directory_for(runtime.map(PathBuf::from), temporary, 7).unwrap();
+            assert_eq!(directory, expected, "{runtime:?} {temporary:?}");
+        }
+    }
 
     #[test]
     fn startup_parameters_and_error_fields_are_read_whole_or_not_at_all() {
