@@ -48,3 +48,82 @@ fn a_stuck_log_sink_holds_up_no_other_caller_of_the_cache() {
     other.join().unwrap();
     runtime.block_on(first).unwrap().unwrap_err();
 }
+
+/// A log sink that panics on the lines containing `needle` (a faulty layer or writer of the
+/// application's).
+#[derive(Clone)]
+struct PanickingWriter(&'static str);
+
+impl std::io::Write for PanickingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if String::from_utf8_lossy(buf).contains(self.0) {
+            panic!("the log sink failed");
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A log sink that panics while the cache's fetch writes its lines: the line before the request
+/// fails that fetch and the next caller's fetch runs; the line after the answer leaves the waiters
+/// their token and the refresh scheduled. No caller waits for ever, the cache is never stuck.
+#[test]
+fn a_panicking_log_sink_leaves_no_caller_waiting_nor_the_cache_stuck() {
+    const LIFETIME: Duration = Duration::from_secs(4);
+    for needle in ["requesting a token", "token fetched"] {
+        let writer = PanickingWriter(needle);
+        let dispatch = tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_max_level(tracing::Level::TRACE)
+                .finish(),
+        );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&dispatch)))
+            .build()
+            .unwrap();
+        let source = FnTokenSource::new("test-identity", |_| async {
+            Ok(postgres_entra::AccessToken::new(
+                "secret",
+                std::time::SystemTime::now() + LIFETIME,
+            ))
+        });
+        let cache = runtime.block_on(async { TokenCache::builder(source).build().unwrap() });
+        let outcomes: Vec<_> = (0..2)
+            .map(|_| {
+                let cache = cache.clone();
+                runtime
+                    .block_on(async move {
+                        tokio::time::timeout(Duration::from_secs(10), cache.get()).await
+                    })
+                    .unwrap_or_else(|_| panic!("{needle}: a caller waited for ever"))
+            })
+            .collect();
+        for outcome in outcomes {
+            match needle {
+                // The line before the request: the fetch dies with it, and says so; every caller
+                // makes the cache ask again.
+                "requesting a token" => {
+                    let error = outcome.unwrap_err();
+                    assert_eq!(error.kind(), TokenErrorKind::Cancelled);
+                    assert!(error.to_string().contains("panicked"), "{error}");
+                }
+                // The line after the answer: the waiters have their token first.
+                _ => {
+                    outcome.unwrap();
+                }
+            }
+        }
+        // Not stuck: the next callers make it ask again, or the refresh at half the token's life
+        // was scheduled whatever its line did.
+        if needle == "token fetched" {
+            std::thread::sleep(LIFETIME * 3 / 4);
+        }
+        assert!(cache.stats().requests >= 2, "{needle}: {:?}", cache.stats());
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+}

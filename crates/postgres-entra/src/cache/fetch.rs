@@ -208,8 +208,9 @@ impl Inner {
         Ok((receiver, effects))
     }
 
-    /// Does what a change of state left to do, with the state's mutex released: logs, aborts a
-    /// replaced wake-up, starts a fetch and a wake-up.
+    /// Does what a change of state left to do, with the state's mutex released: aborts a
+    /// replaced wake-up, starts a fetch and a wake-up, and logs last, so that a log sink that
+    /// fails (panics) cannot keep a refresh from being scheduled.
     pub(super) fn run(self: &Arc<Self>, effects: Effects) {
         let Effects {
             fetch,
@@ -219,6 +220,12 @@ impl Inner {
         } = effects;
         if let Some(abort) = abort {
             abort.abort();
+        }
+        if let Some((generation, at)) = timer {
+            self.start_timer(generation, at);
+        }
+        if let Some(fetch) = fetch {
+            self.spawn_fetch(fetch);
         }
         match log {
             Some(LogLine::Fetched { expires_in }) => {
@@ -235,12 +242,6 @@ impl Inner {
                 "the server rejected a token; asking the identity provider for a different one"
             ),
             None => {}
-        }
-        if let Some((generation, at)) = timer {
-            self.start_timer(generation, at);
-        }
-        if let Some(fetch) = fetch {
-            self.spawn_fetch(fetch);
         }
     }
 

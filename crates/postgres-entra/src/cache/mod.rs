@@ -568,7 +568,8 @@ impl Inner {
         }
         Err(TokenError::new(
             TokenErrorKind::Cancelled,
-            "the token fetch did not complete (its Tokio runtime shut down)",
+            "the token fetch ended without an answer (its Tokio runtime shut down, or its task \
+             panicked: in the token source, or in a log sink or meter it wrote to)",
         )
         .for_cache(&self.identity, &self.scope))
     }

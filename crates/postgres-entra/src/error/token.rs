@@ -28,7 +28,7 @@ pub enum TokenErrorKind {
     /// The provider returned a token that was already expired (or about to) on arrival: clock skew.
     ExpiredOnArrival,
     /// The fetch was abandoned before it finished (its Tokio runtime shut down, or the token
-    /// source panicked).
+    /// source, or a log sink or meter it wrote to, panicked).
     Cancelled,
     /// Any other failure the token source reported (e.g. a developer tool that is not logged in).
     Other,
@@ -117,7 +117,7 @@ impl TokenErrorKind {
             }
             TokenErrorKind::Cancelled => {
                 "the fetch ended before it finished (its Tokio runtime shut down, or the token \
-                 source panicked); the next call fetches again"
+                 source, a log sink or a meter panicked); the next call fetches again"
             }
             TokenErrorKind::Other => {
                 "check the credential's configuration (for developer tools: `az login`)"
