@@ -345,6 +345,27 @@ fn observe(pool: &Pool) {
     let _ = manager.reader.set(reader);
 }
 
+/// One round of the reaper: retires the idle connections due for retirement.
+fn reap(pool: &Pool) {
+    let core = pool.manager().login.core();
+    // Asked before deadpool's lock is taken (it may log and start a token request): under the
+    // lock, only the sessions' own times are read.
+    if !core.may_retire() {
+        return;
+    }
+    let now = core.now();
+    let retired = pool.retain(|object, _| !object.session.is_past_due(now));
+    for object in &retired.removed {
+        object.session.retired();
+    }
+    if !retired.removed.is_empty() {
+        tracing::debug!(
+            retired = retired.removed.len(),
+            "retired idle connections whose login token expired"
+        );
+    }
+}
+
 /// Retires idle connections due for retirement every reap interval, for as long as the pool
 /// lives (deadpool has no reaper of its own). Without a Tokio runtime, connections are retired at
 /// checkout only.
@@ -366,23 +387,9 @@ fn start_reaper(pool: &Pool) {
             let Some(pool) = pool.upgrade() else {
                 return;
             };
-            let core = pool.manager().login.core();
-            // Asked before deadpool's lock is taken (it may log and start a token request): under
-            // the lock, only the sessions' own times are read.
-            if !core.may_retire() {
-                continue;
-            }
-            let now = core.now();
-            let retired = pool.retain(|object, _| !object.session.is_past_due(now));
-            for object in &retired.removed {
-                object.session.retired();
-            }
-            if !retired.removed.is_empty() {
-                tracing::debug!(
-                    retired = retired.removed.len(),
-                    "retired idle connections whose login token expired"
-                );
-            }
+            // A round that panics (in a log sink the application set up, say) is only that
+            // round: the reaper lives as long as the pool.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reap(&pool)));
         }
     });
 }

@@ -15,7 +15,7 @@ pub use crate::relay::Relay;
 pub use crate::servers::AzureServer;
 pub use crate::shared::LoginAttempt;
 pub use crate::source::FnTokenSource;
-pub use crate::stuck::{StuckRuntime, StuckSink};
+pub use crate::stuck::{StuckRuntime, StuckSink, panicking_log_runtime};
 pub use crate::tls::client_config;
 pub use crate::trace::{TraceCapture, trace_capture};
 pub use crate::transport::LoopbackTransport;

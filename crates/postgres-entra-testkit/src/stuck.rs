@@ -1,6 +1,7 @@
-//! A slow log sink: once armed, every thread writing a line that contains a given text is held
-//! there until the sink is released. For tests that no caller of the library waits on another's
-//! log line.
+//! Faulty log sinks: a slow one (once armed, every thread writing a line that contains a given
+//! text is held there until the sink is released), and one that panics on such a line. For tests
+//! that no caller of the library waits on another's log line, and that a failing sink leaves
+//! nothing of the library's stuck.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,20 +80,8 @@ impl StuckSink {
     /// Dropping it releases the sink first, whichever is dropped first.
     pub fn runtime(&self, level: tracing::Level) -> StuckRuntime {
         let writer = Writer(self.shared.clone());
-        let dispatch = tracing::Dispatch::new(
-            tracing_subscriber::fmt()
-                .with_writer(move || writer.clone())
-                .with_max_level(level)
-                .finish(),
-        );
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(3)
-            .enable_all()
-            .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&dispatch)))
-            .build()
-            .expect("a runtime");
         StuckRuntime {
-            runtime: Some(runtime),
+            runtime: Some(logging_runtime(move || writer.clone(), level)),
             shared: self.shared.clone(),
         }
     }
@@ -156,4 +145,49 @@ impl Drop for StuckRuntime {
         self.shared.release();
         drop(self.runtime.take());
     }
+}
+
+/// A multi-thread runtime (3 workers) whose threads log at `level` and below to `writer`.
+fn logging_runtime<W>(writer: W, level: tracing::Level) -> tokio::runtime::Runtime
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
+    let dispatch = tracing::Dispatch::new(
+        tracing_subscriber::fmt()
+            .with_writer(writer)
+            .with_max_level(level)
+            .finish(),
+    );
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(3)
+        .enable_all()
+        .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&dispatch)))
+        .build()
+        .expect("a runtime")
+}
+
+/// A log writer that panics on the lines containing its text.
+#[derive(Clone)]
+struct Panicking(&'static str);
+
+impl std::io::Write for Panicking {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if String::from_utf8_lossy(buf).contains(self.0) {
+            panic!("the log sink failed on purpose");
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A multi-thread runtime (3 workers) whose threads log at `level` and below into a sink that
+/// panics on every line containing `needle`: a faulty layer or writer of the application's.
+pub fn panicking_log_runtime(
+    needle: &'static str,
+    level: tracing::Level,
+) -> tokio::runtime::Runtime {
+    let writer = Panicking(needle);
+    logging_runtime(move || writer.clone(), level)
 }

@@ -168,3 +168,47 @@ fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
     drop(pool);
     runtime.block_on(async move { drop(emulator) });
 }
+
+/// A log sink that panics on the reaper's line does not end the reaper: once the identity
+/// provider answers again, the sessions it kept past their token are retired.
+#[test]
+fn a_panicking_log_sink_does_not_end_the_reaper() {
+    use postgres_entra_testkit::{Endpoint, Fault};
+    const LIFETIME: Duration = Duration::from_secs(4);
+    let runtime = postgres_entra_testkit::panicking_log_runtime(
+        "keeping sessions past their retirement",
+        tracing::Level::INFO,
+    );
+    runtime.block_on(async {
+        let emulator = Suite::start(LIFETIME).await;
+        let mut config =
+            Deadpool::user_config(&PoolSpec::new(&emulator, connector(&emulator)).size(2));
+        config.manager = Some(ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        });
+        let options = SessionOptions::new().reap_interval(Duration::from_millis(100));
+        let connector = connector(&emulator);
+        let pool = create_pool(&config, &connector, options).unwrap();
+        connector.cache().get().await.unwrap();
+        emulator.set_fault(Endpoint::Token, Fault::ServerError);
+        drop((pool.get().await.unwrap(), pool.get().await.unwrap()));
+
+        // Past the token's expiry, with the provider failing: the sessions are kept, and the
+        // reaper's line about it panics in the sink.
+        let expired = tokio::time::Instant::now() + LIFETIME + Duration::from_secs(2);
+        tokio::time::sleep_until(expired).await;
+        assert!(connector.cache().stats().consecutive_failures > 0);
+        assert_eq!(pool.status().size, 2, "the sessions were kept");
+
+        emulator.clear_fault(Endpoint::Token);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while pool.status().size > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the reaper retired nothing once a token could be had: {:?}",
+                pool.status()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}

@@ -49,23 +49,6 @@ fn a_stuck_log_sink_holds_up_no_other_caller_of_the_cache() {
     runtime.block_on(first).unwrap().unwrap_err();
 }
 
-/// A log sink that panics on the lines containing `needle` (a faulty layer or writer of the
-/// application's).
-#[derive(Clone)]
-struct PanickingWriter(&'static str);
-
-impl std::io::Write for PanickingWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if String::from_utf8_lossy(buf).contains(self.0) {
-            panic!("the log sink failed");
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A log sink that panics while the cache's fetch writes its lines: the line before the request
 /// fails that fetch and the next caller's fetch runs; the line after the answer leaves the waiters
 /// their token and the refresh scheduled. No caller waits for ever, the cache is never stuck.
@@ -73,19 +56,7 @@ impl std::io::Write for PanickingWriter {
 fn a_panicking_log_sink_leaves_no_caller_waiting_nor_the_cache_stuck() {
     const LIFETIME: Duration = Duration::from_secs(4);
     for needle in ["requesting a token", "token fetched"] {
-        let writer = PanickingWriter(needle);
-        let dispatch = tracing::Dispatch::new(
-            tracing_subscriber::fmt()
-                .with_writer(move || writer.clone())
-                .with_max_level(tracing::Level::TRACE)
-                .finish(),
-        );
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&dispatch)))
-            .build()
-            .unwrap();
+        let runtime = postgres_entra_testkit::panicking_log_runtime(needle, tracing::Level::TRACE);
         let source = FnTokenSource::new("test-identity", |_| async {
             Ok(postgres_entra::AccessToken::new(
                 "secret",
