@@ -109,6 +109,34 @@ async fn a_create_timeout_set_in_customize_bounds_the_login() {
     );
 }
 
+/// A pool of two idle sessions reaped every 100 ms, logged in with `lifetime`-long tokens, whose
+/// provider fails from then on (before its refresh at half the life however slow the machine):
+/// once that token has expired, the sessions are kept, and the reaper says so.
+async fn two_sessions_the_provider_cannot_renew(
+    lifetime: Duration,
+) -> (
+    Suite,
+    postgres_entra_deadpool::Pool,
+    postgres_entra_testkit::TestConnector,
+) {
+    let emulator = Suite::start(lifetime).await;
+    let mut config = Deadpool::user_config(&PoolSpec::new(&emulator, connector(&emulator)).size(2));
+    // No recycling query: a checkout needs no network, only deadpool's lock.
+    config.manager = Some(ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    });
+    let options = SessionOptions::new().reap_interval(Duration::from_millis(100));
+    let connector = connector(&emulator);
+    let pool = create_pool(&config, &connector, options).unwrap();
+    connector.cache().get().await.unwrap();
+    emulator.set_fault(
+        postgres_entra_testkit::Endpoint::Token,
+        postgres_entra_testkit::Fault::ServerError,
+    );
+    drop((pool.get().await.unwrap(), pool.get().await.unwrap()));
+    (emulator, pool, connector)
+}
+
 /// A log line stuck in a slow sink, written by the reaper, holds up no checkout: the reaper asks
 /// whether sessions may go (and logs) before it takes deadpool's lock.
 #[test]
@@ -120,29 +148,7 @@ fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
     // own threads held up (and wait for ever).
     let sink = postgres_entra_testkit::StuckSink::new("keeping sessions past their retirement");
     let runtime = sink.runtime(tracing::Level::INFO);
-    let (emulator, pool) = runtime.block_on(async {
-        let emulator = Suite::start(LIFETIME).await;
-        let mut config =
-            Deadpool::user_config(&PoolSpec::new(&emulator, connector(&emulator)).size(2));
-        // No recycling query: a checkout needs no network, only deadpool's lock.
-        config.manager = Some(ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        });
-        let options = SessionOptions::new().reap_interval(Duration::from_millis(100));
-        let connector = connector(&emulator);
-        let pool = create_pool(&config, &connector, options).unwrap();
-        // The first token, then the provider fails from now on, before its refresh at half the
-        // life however slow the machine: once that token has expired, the sessions logged in
-        // with it are kept, and the reaper says so.
-        connector.cache().get().await.unwrap();
-        emulator.set_fault(
-            postgres_entra_testkit::Endpoint::Token,
-            postgres_entra_testkit::Fault::ServerError,
-        );
-        let held = (pool.get().await.unwrap(), pool.get().await.unwrap());
-        drop(held);
-        (emulator, pool)
-    });
+    let (emulator, pool, _) = runtime.block_on(two_sessions_the_provider_cannot_renew(LIFETIME));
     sink.arm();
     assert!(
         sink.wait_stuck(LIFETIME * 5),
@@ -173,25 +179,13 @@ fn a_stuck_log_sink_holds_up_no_checkout_while_the_reaper_keeps_sessions() {
 /// provider answers again, the sessions it kept past their token are retired.
 #[test]
 fn a_panicking_log_sink_does_not_end_the_reaper() {
-    use postgres_entra_testkit::{Endpoint, Fault};
     const LIFETIME: Duration = Duration::from_secs(4);
     let runtime = postgres_entra_testkit::panicking_log_runtime(
         "keeping sessions past their retirement",
         tracing::Level::INFO,
     );
     runtime.block_on(async {
-        let emulator = Suite::start(LIFETIME).await;
-        let mut config =
-            Deadpool::user_config(&PoolSpec::new(&emulator, connector(&emulator)).size(2));
-        config.manager = Some(ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        });
-        let options = SessionOptions::new().reap_interval(Duration::from_millis(100));
-        let connector = connector(&emulator);
-        let pool = create_pool(&config, &connector, options).unwrap();
-        connector.cache().get().await.unwrap();
-        emulator.set_fault(Endpoint::Token, Fault::ServerError);
-        drop((pool.get().await.unwrap(), pool.get().await.unwrap()));
+        let (emulator, pool, connector) = two_sessions_the_provider_cannot_renew(LIFETIME).await;
 
         // Past the token's expiry, with the provider failing: the sessions are kept, and the
         // reaper's line about it panics in the sink.
@@ -200,7 +194,7 @@ fn a_panicking_log_sink_does_not_end_the_reaper() {
         assert!(connector.cache().stats().consecutive_failures > 0);
         assert_eq!(pool.status().size, 2, "the sessions were kept");
 
-        emulator.clear_fault(Endpoint::Token);
+        emulator.clear_fault(postgres_entra_testkit::Endpoint::Token);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while pool.status().size > 0 {
             assert!(
