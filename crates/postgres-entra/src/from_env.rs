@@ -198,6 +198,14 @@ impl EnvCredential {
             },
             CredentialKind::DeveloperTools => Chosen::DeveloperTools,
         };
+        // Where the secret or assertion goes, when not to Microsoft's public cloud: shown with
+        // the reason (azure_identity sends it to any HTTPS host this variable names).
+        let reason = match (&chosen, var("AZURE_AUTHORITY_HOST")) {
+            (Chosen::ClientSecret { .. } | Chosen::WorkloadIdentity { .. }, Some(authority)) => {
+                format!("{reason}; sent to the authority {authority} (AZURE_AUTHORITY_HOST)")
+            }
+            _ => reason,
+        };
         Ok(Self {
             chosen,
             reason,
@@ -218,7 +226,8 @@ impl EnvCredential {
         }
     }
 
-    /// Why this one: the variables that decided (names, never values).
+    /// Why this one: the variables that decided (names, never their values), and, for a client
+    /// secret or workload identity, the authority host `AZURE_AUTHORITY_HOST` sends it to.
     pub fn reason(&self) -> &str {
         &self.reason
     }
@@ -537,6 +546,27 @@ mod tests {
         assert!(text.contains("AZURE_TENANT_ID is not set"), "{text}");
         let text = refusal(&[("AZURE_CLIENT_CERTIFICATE_PATH", "/c.pfx")]);
         assert!(text.contains("client_certificate feature"), "{text}");
+    }
+
+    #[test]
+    fn the_reason_names_an_authority_host_the_secret_goes_to() {
+        let mut vars = SP.to_vec();
+        vars.push(("AZURE_AUTHORITY_HOST", "https://login.example.net"));
+        assert_eq!(
+            choose(&vars).unwrap().reason(),
+            "AZURE_CLIENT_SECRET is set; sent to the authority https://login.example.net \
+             (AZURE_AUTHORITY_HOST)"
+        );
+        // A managed identity or the developer tools send no secret there.
+        assert_eq!(
+            choose(&[
+                ("AZURE_MANAGED_IDENTITY", "1"),
+                ("AZURE_AUTHORITY_HOST", "https://login.example.net")
+            ])
+            .unwrap()
+            .reason(),
+            "AZURE_MANAGED_IDENTITY is set (the instance metadata service of a VM)"
+        );
     }
 
     #[test]
