@@ -198,8 +198,8 @@ impl EnvCredential {
             },
             CredentialKind::DeveloperTools => Chosen::DeveloperTools,
         };
-        // Where the secret or assertion goes, when not to Microsoft's public cloud: shown with
-        // the reason (azure_identity sends it to any HTTPS host this variable names).
+        // Where the secret or assertion goes when AZURE_AUTHORITY_HOST names the authority: shown
+        // with the reason (azure_identity sends it to any HTTPS host this variable names).
         let reason = match (&chosen, var("AZURE_AUTHORITY_HOST")) {
             (Chosen::ClientSecret { .. } | Chosen::WorkloadIdentity { .. }, Some(authority)) => {
                 format!("{reason}; sent to the authority {authority} (AZURE_AUTHORITY_HOST)")
