@@ -262,11 +262,15 @@ async fn accept(
             Err(error) => {
                 if !said {
                     said = true;
-                    tracing::warn!(
-                        pool = link.core.name(),
-                        %error,
-                        "the sqlx pool's login socket could not accept a connection; trying again"
-                    );
+                    // A log sink that panics (the application's) must not end the accepting:
+                    // the pool could never connect again.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        tracing::warn!(
+                            pool = link.core.name(),
+                            %error,
+                            "the sqlx pool's login socket could not accept a connection; trying again"
+                        );
+                    }));
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
