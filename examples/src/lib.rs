@@ -9,7 +9,7 @@
 //! | `AZURE_TOKEN_CREDENTIALS` | the one it names (`ManagedIdentityCredential`, `dev`, ...) |
 //! | `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET` | `ClientSecretCredential` |
 //! | `AZURE_FEDERATED_TOKEN_FILE` (+ tenant, client id) | `WorkloadIdentityCredential` (AKS) |
-//! | `IDENTITY_ENDPOINT` or `MSI_ENDPOINT`, or `AZURE_MANAGED_IDENTITY=1` (a VM) | `ManagedIdentityCredential` (`AZURE_CLIENT_ID` picks a user-assigned one) |
+//! | `IDENTITY_ENDPOINT` with `IDENTITY_HEADER` (App Service), or `AZURE_MANAGED_IDENTITY=1` (a VM) | `ManagedIdentityCredential` (`AZURE_CLIENT_ID` picks a user-assigned one) |
 //! | none of these | `DeveloperToolsCredential` (`az login` / `azd auth login`) |
 //!
 //! plus `PGPORT` (5432), `PGDATABASE` (postgres), `PGUSER` (the role; needed for service
