@@ -40,32 +40,8 @@ fn feed(input: &[u8], plain: &EntraConnector) -> bool {
 #[tokio::test]
 async fn the_fuzz_corpus_and_its_mutations_never_panic_nor_let_a_non_host_through() {
     let plain = connector(None).unwrap();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/hosts");
-    let corpus: Vec<Vec<u8>> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus at {}: {e}", dir.display()))
-        .map(|entry| std::fs::read(entry.unwrap().path()).unwrap())
-        .collect();
-    assert!(corpus.len() >= 10, "corpus has {} inputs", corpus.len());
-    let mut inputs = corpus.iter().filter(|input| feed(input, &plain)).count();
-    let mut rng = fastrand::Rng::with_seed(0x4057);
-    const SYNTAX: &[u8] = b".-_:,/@?#%*[] \0az09";
-    for _ in 0..20_000 {
-        let mut input = corpus[rng.usize(..corpus.len())].clone();
-        for _ in 0..rng.usize(1..6) {
-            match rng.u8(..3) {
-                0 if !input.is_empty() => {
-                    let i = rng.usize(..input.len());
-                    input[i] = SYNTAX[rng.usize(..SYNTAX.len())];
-                }
-                1 => {
-                    let i = rng.usize(..=input.len());
-                    input.insert(i, SYNTAX[rng.usize(..SYNTAX.len())]);
-                }
-                _ if !input.is_empty() => input.truncate(rng.usize(..input.len())),
-                _ => {}
-            }
-        }
-        inputs += usize::from(feed(&input, &plain));
-    }
+    let syntax = b".-_:,/@?#%*[] \0az09";
+    let inputs = crate::fuzz_corpus_and_mutations("hosts", 0x4057, syntax, 20_000);
+    let inputs = inputs.iter().filter(|input| feed(input, &plain)).count();
     figure!("host guard: {inputs} inputs, no panic, no non-host let through");
 }

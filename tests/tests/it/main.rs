@@ -117,6 +117,47 @@ pub fn record_figure(text: String) {
     writeln!(file, "{test}: {text}").unwrap();
 }
 
+/// The fuzz corpus `fuzz/corpus/<target>` (at least 10 inputs) followed by `count` inputs made from
+/// it by a seeded generator, as `make test` replays what `make fuzz` found: bytes replaced by or
+/// inserted from `syntax`, tails cut, and runs of `syntax[0]` appended (deep nesting, long names).
+pub fn fuzz_corpus_and_mutations(
+    target: &str,
+    seed: u64,
+    syntax: &[u8],
+    count: usize,
+) -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
+    let mut inputs: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("corpus at {}: {e}", dir.display()))
+        .map(|entry| std::fs::read(entry.unwrap().path()).unwrap())
+        .collect();
+    let corpus = inputs.len();
+    assert!(corpus >= 10, "corpus has {corpus} inputs");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let pick = |rng: &mut fastrand::Rng| syntax[rng.usize(..syntax.len())];
+    for _ in 0..count {
+        let mut input = inputs[rng.usize(..corpus)].clone();
+        for _ in 0..rng.usize(1..8) {
+            match rng.u8(..4) {
+                0 if !input.is_empty() => {
+                    let i = rng.usize(..input.len());
+                    input[i] = pick(&mut rng);
+                }
+                1 => {
+                    let i = rng.usize(..=input.len());
+                    input.insert(i, pick(&mut rng));
+                }
+                2 if !input.is_empty() => input.truncate(rng.usize(..input.len())),
+                _ => input.extend(std::iter::repeat_n(syntax[0], rng.usize(..300))),
+            }
+        }
+        inputs.push(input);
+    }
+    inputs
+}
+
 /// `duration` in milliseconds, as the docs quote it.
 pub fn ms(duration: Duration) -> String {
     format!("{:.0} ms", duration.as_secs_f64() * 1000.0)
