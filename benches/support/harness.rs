@@ -155,30 +155,13 @@ impl Bench {
             .set_latency(Endpoint::Token, Duration::from_millis(ms));
     }
 
-    /// Measures `candidate` against the static-password `baseline` in alternating chunks, so
-    /// that drift over the run (a shared machine, sockets piling up in TIME_WAIT) weighs on both
-    /// alike, and records both for the summary: the candidate's median ratio is the median of
-    /// the per-round ratios of each chunk's median to the baseline chunk's beside it (with chunks
-    /// of 50 or more; with smaller ones, the ratio of the medians of all samples), and its p99
-    /// ratio compares all its samples with all the baseline's.
+    /// Measures `candidate` against `baseline`, each under its strategy's name in the summary, in
+    /// alternating chunks, so that drift over the run (a shared machine, sockets piling up in
+    /// TIME_WAIT) weighs on both alike, and records both for the summary: the candidate's median
+    /// ratio is the median of the per-round ratios of each chunk's median to the baseline chunk's
+    /// beside it (with chunks of 50 or more; with smaller ones, the ratio of the medians of all
+    /// samples), and its p99 ratio compares all its samples with all the baseline's.
     pub(crate) fn paired<B, BF, C, CF>(
-        &self,
-        operation: &str,
-        baseline: B,
-        candidate: (&str, C),
-        rounds: usize,
-        chunk: usize,
-    ) where
-        B: Fn() -> BF,
-        BF: Future<Output = ()>,
-        C: Fn() -> CF,
-        CF: Future<Output = ()>,
-    {
-        self.paired_with(operation, (BASELINE, baseline), candidate, rounds, chunk);
-    }
-
-    /// [`Bench::paired`] with another baseline, named `base_strategy`.
-    pub(crate) fn paired_with<B, BF, C, CF>(
         &self,
         operation: &str,
         (base_strategy, baseline): (&str, B),

@@ -101,7 +101,7 @@ pub(crate) fn paired(bench: &Bench, scale: usize) {
         .password(STATIC_PASSWORD);
     bench.paired(
         CONNECT,
-        || with_static_password(bench),
+        (BASELINE, || with_static_password(bench)),
         (SQLX_OWN, || with_sqlx(&sqlx_static)),
         rounds(40),
         20,
@@ -118,7 +118,7 @@ pub(crate) fn paired(bench: &Bench, scale: usize) {
         .unwrap()
     };
     let relayed = (*sqlx_token.connect_options()).clone();
-    bench.paired_with(
+    bench.paired(
         CONNECT,
         (SQLX_BASE, || with_sqlx(&sqlx_static)),
         (SQLX_TOKEN, || with_sqlx(&relayed)),
@@ -136,7 +136,7 @@ pub(crate) fn paired(bench: &Bench, scale: usize) {
         bench.set_provider_latency(latency_ms);
         bench.paired(
             CONNECT,
-            || with_static_password(bench),
+            (BASELINE, || with_static_password(bench)),
             (strategy, || async move {
                 if cached {
                     with_cached_token(bench).await

@@ -365,7 +365,7 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
     let rounds = (60 / scale).max(2);
     bench.paired(
         DEADPOOL,
-        || checkout_deadpool(&pools.deadpool_static),
+        (BASELINE, || checkout_deadpool(&pools.deadpool_static)),
         ("cached token", || {
             checkout_entra_deadpool(&pools.deadpool_token)
         }),
@@ -374,7 +374,7 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
     );
     bench.paired(
         BB8,
-        || checkout_bb8(&pools.bb8_static),
+        (BASELINE, || checkout_bb8(&pools.bb8_static)),
         ("cached token", || checkout_bb8(&pools.bb8_token)),
         rounds,
         250,
@@ -383,7 +383,7 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
     // 0.9.0 did not, transact-rs/sqlx#4335, and its logins waited out delayed ACKs).
     bench.paired(
         SQLX,
-        || checkout_sqlx(&pools.sqlx_static),
+        (BASELINE, || checkout_sqlx(&pools.sqlx_static)),
         ("cached token", || checkout_sqlx(&pools.sqlx_token)),
         rounds,
         250,
@@ -392,7 +392,7 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
     // server against the relay's Unix socket and its TLS.
     bench.paired(
         SQLX_HELD,
-        || query_held(&pools.sqlx_static_held),
+        (BASELINE, || query_held(&pools.sqlx_static_held)),
         ("cached token (relay)", || {
             query_held(&pools.sqlx_token_held)
         }),
@@ -401,7 +401,7 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
     );
     bench.paired(
         DIESEL,
-        || checkout_diesel(&pools.diesel_static),
+        (BASELINE, || checkout_diesel(&pools.diesel_static)),
         ("cached token", || checkout_diesel(&pools.diesel_token)),
         rounds,
         250,
@@ -410,7 +410,7 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
     // checkout each, in ABBA order), so that the pools' background reconnects weigh on both
     // alike, and enough checkouts (50,000 each in a full run) for the medians to settle.
     let (rounds, chunk) = (rounds * 2500, 1);
-    bench.paired_with(
+    bench.paired(
         DEADPOOL_METRICS,
         (METRICS_OFF, || {
             checkout_entra_deadpool(&pools.deadpool_token)
@@ -421,14 +421,14 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
         rounds,
         chunk,
     );
-    bench.paired_with(
+    bench.paired(
         BB8_METRICS,
         (METRICS_OFF, || checkout_bb8(&pools.bb8_token)),
         (METRICS_ON, || checkout_bb8(&pools.bb8_metered)),
         rounds,
         chunk,
     );
-    bench.paired_with(
+    bench.paired(
         DEADPOOL_BOUND,
         (BOUND_OFF, || {
             checkout_entra_deadpool(&pools.deadpool_unbound)
@@ -437,7 +437,7 @@ pub(crate) fn paired(bench: &Bench, pools: &Pools, scale: usize) {
         rounds,
         chunk,
     );
-    bench.paired_with(
+    bench.paired(
         BB8_BOUND,
         (BOUND_OFF, || checkout_bb8(&pools.bb8_unbound)),
         (BOUND_ON, || checkout_bb8(&pools.bb8_token)),
