@@ -1053,3 +1053,25 @@ async fn a_day_long_managed_identity_token_is_renewed_at_half_its_life() {
     let (direct, _) = provider_calls(DAY, DAY, false).await;
     assert_eq!(direct, [Duration::ZERO, DAY / 2, DAY]);
 }
+
+/// A source may return any `SystemTime` as the expiry (a custom source's bug, a provider's
+/// far-future `expires_on`): one within a factor of two of the latest the platform represents is
+/// served without a panic on the way to the monotonic clock or the refresh timer.
+#[tokio::test(start_paused = true)]
+async fn a_token_expiring_at_the_end_of_time_is_served_without_overflow() {
+    let latest = (0..=63u32)
+        .find_map(|bits| SystemTime::now().checked_add(Duration::from_secs(u64::MAX >> bits)))
+        .unwrap();
+    let lifetime = latest.duration_since(SystemTime::now()).unwrap();
+    assert!(lifetime > Duration::from_secs(1 << 40), "{lifetime:?}");
+    let (provider, cache) = setup(lifetime);
+
+    let token = cache.get().await.unwrap();
+    advance(Duration::from_secs(86_400)).await;
+    settle().await;
+    let again = cache.get().await.unwrap();
+
+    assert_eq!(token.secret(), again.secret());
+    assert_eq!(provider.calls(), 1);
+    assert!(cache.stats().expires_in.unwrap() > Duration::from_secs(1 << 40));
+}
