@@ -233,7 +233,16 @@ async fn summarize(state: Weak<Mutex<State>>, subject: Arc<str>) {
     }
 }
 
+/// Writes `line` through the application's subscriber. One that panics loses that line only: the
+/// panic is not let into the caller (a pool's login, the summary timer, which would end and leave
+/// the failures after it unsummarized); the panic hook has reported it.
 fn write(subject: &str, key: &str, line: &Line, error: Option<&dyn fmt::Display>) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        write_line(subject, key, line, error);
+    }));
+}
+
+fn write_line(subject: &str, key: &str, line: &Line, error: Option<&dyn fmt::Display>) {
     match (line, error) {
         (Line::First { earlier: 0 }, Some(error)) => {
             tracing::warn!(kind = key, "{subject}: {error}");
@@ -277,6 +286,7 @@ fn write(subject: &str, key: &str, line: &Line, error: Option<&dyn fmt::Display>
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     /// Log lines written on this thread, as text.
     #[derive(Clone, Default)]
@@ -292,6 +302,26 @@ mod tests {
         }
     }
 
+    #[derive(Clone)]
+    struct PanickingOnce {
+        lines: Lines,
+        needle: &'static str,
+        panicked: Arc<AtomicBool>,
+    }
+
+    impl Write for PanickingOnce {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let text = String::from_utf8_lossy(buf);
+            if text.contains(self.needle) && !self.panicked.swap(true, Ordering::SeqCst) {
+                panic!("the application's log layer failed on: {text}");
+            }
+            self.lines.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     impl Lines {
         fn take(&self) -> Vec<String> {
             let text = String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap();
@@ -301,8 +331,21 @@ mod tests {
 
     /// Captures what this (current-thread) test logs.
     fn capture() -> (Lines, tracing::subscriber::DefaultGuard) {
+        capture_panicking_once_on("")
+    }
+
+    /// [`capture`], with a writer that panics, once, instead of writing the first line that
+    /// contains `needle` (none if empty): an application's log layer that fails.
+    fn capture_panicking_once_on(
+        needle: &'static str,
+    ) -> (Lines, tracing::subscriber::DefaultGuard) {
         let lines = Lines::default();
-        let writer = lines.clone();
+        let panicked = Arc::new(AtomicBool::new(needle.is_empty()));
+        let writer = PanickingOnce {
+            lines: lines.clone(),
+            needle,
+            panicked,
+        };
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
             .with_ansi(false)
@@ -419,5 +462,34 @@ mod tests {
                 .any(|l| l.contains("kind=\"token/timeout\"") && l.contains("2 more failures")),
             "{written:#?}"
         );
+    }
+
+    /// A log layer that panics on a summary loses that line only: the timer goes on, and the
+    /// failures after it are summarized 30 s after that line (a timer that died with the panic
+    /// left them unsummarized until the next failure).
+    #[tokio::test(start_paused = true)]
+    async fn a_log_layer_that_panics_on_a_summary_loses_that_line_only() {
+        let (lines, _guard) = capture_panicking_once_on("more failures");
+        let log = FailureLog::new("token requests for x");
+        for _ in 0..4 {
+            log.failure("token/server_error", &"HTTP 500");
+            pass(Duration::from_secs(1)).await;
+        }
+        pass(Duration::from_secs(30)).await;
+        let before = lines.take();
+        assert_eq!(
+            before.len(),
+            1,
+            "the first line, the summary lost: {before:#?}"
+        );
+        for _ in 0..2 {
+            log.failure("token/server_error", &"HTTP 500");
+            pass(Duration::from_secs(1)).await;
+        }
+        pass(Duration::from_secs(30)).await;
+        let after = lines.take();
+        // The lost line may come back with it: tracing-subscriber's fmt layer keeps the text it
+        // was writing in its buffer when the writer panics.
+        assert_eq!(summarized(&after).last(), Some(&2), "{after:#?}");
     }
 }
