@@ -8,6 +8,7 @@ mod lifecycle;
 mod login;
 mod loopback;
 mod mock_entra;
+mod relay;
 
 use postgres_entra_testkit::Emulator;
 
