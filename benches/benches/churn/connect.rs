@@ -41,7 +41,7 @@ async fn with_static_password(bench: &Bench) {
 /// A sqlx connect with `options`, `select 1`, close: with the password over sqlx's own TLS (rustls,
 /// verify-full), what sqlx users pay today; with the adapter's options, a login through its relay
 /// with the cached token.
-async fn with_sqlx(options: &sqlx::postgres::PgConnectOptions) {
+pub(crate) async fn with_sqlx(options: &sqlx::postgres::PgConnectOptions) {
     use sqlx::{Connection as _, Executor as _};
     let mut connection = sqlx::PgConnection::connect_with(options).await.unwrap();
     connection.execute("select 1").await.unwrap();

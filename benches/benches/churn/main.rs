@@ -15,6 +15,7 @@ mod support;
 
 mod cache;
 mod connect;
+mod far;
 mod pool;
 
 use criterion::Criterion;
@@ -47,6 +48,7 @@ fn main() {
         eprintln!("paired runs: each strategy alternating with its static-password baseline...");
         connect::paired(&bench, scale);
         pool::paired(&bench, &pools, scale);
+        far::paired(&bench, scale);
     }
     let pool_targets = pool::targets(&bench.recorder, &pools);
     pools.close(&bench);
@@ -60,6 +62,7 @@ fn main() {
     for line in connect::targets(&bench.recorder)
         .into_iter()
         .chain(pool_targets)
+        .chain(far::targets(&bench.recorder))
         .chain(cache::targets(&bench.recorder))
     {
         report.push_str(&format!("- {line}\n"));

@@ -21,7 +21,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::support::harness::{BASELINE, Bench, STATIC_PASSWORD, STATIC_ROLE};
 use crate::support::recorder::Recorder;
 
-const POOL_MAX_AGE: Duration = Duration::from_millis(50);
+pub(crate) const POOL_MAX_AGE: Duration = Duration::from_millis(50);
 const DEADPOOL: &str = "deadpool checkout + select 1 (max age 50 ms)";
 const BB8: &str = "bb8 checkout + select 1 (max lifetime 50 ms)";
 const SQLX: &str = "sqlx checkout + select 1 (max lifetime 50 ms)";
@@ -128,7 +128,7 @@ fn diesel_static(bench: &Bench) -> DeadpoolPool {
         .unwrap()
 }
 
-async fn checkout_sqlx(pool: &sqlx::PgPool) {
+pub(crate) async fn checkout_sqlx(pool: &sqlx::PgPool) {
     let mut connection = pool.acquire().await.unwrap();
     sqlx::query("select 1")
         .execute(&mut *connection)
@@ -137,7 +137,9 @@ async fn checkout_sqlx(pool: &sqlx::PgPool) {
 }
 
 /// `select 1` on a connection held out of a sqlx pool: the cost of a query alone.
-async fn query_held(connection: &tokio::sync::Mutex<sqlx::pool::PoolConnection<sqlx::Postgres>>) {
+pub(crate) async fn query_held(
+    connection: &tokio::sync::Mutex<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+) {
     let mut connection = connection.lock().await;
     sqlx::query("select 1")
         .execute(&mut **connection)
