@@ -11,7 +11,7 @@ use postgres_entra_testkit::Relay;
 use std::time::Duration;
 
 use crate::connect::with_sqlx;
-use crate::pool::{POOL_MAX_AGE, checkout_sqlx, query_held};
+use crate::pool::{POOL_MAX_AGE, checkout_sqlx, held, query_held};
 use crate::support::harness::{BASELINE, Bench, STATIC_PASSWORD, STATIC_ROLE};
 use crate::support::recorder::Recorder;
 
@@ -51,16 +51,12 @@ pub(crate) fn paired(bench: &Bench, scale: usize) {
         with_token(4),
     );
     let relayed = (*token_pool.connect_options()).clone();
-    let held = |pool: &sqlx::PgPool| {
-        let pool = pool.clone();
-        let connection = bench
-            .runtime
-            .block_on(async move { pool.acquire().await.unwrap() });
-        tokio::sync::Mutex::new(connection)
-    };
     let (static_held, token_held) = (
-        held(&pool_options(1).connect_lazy_with(with_password.clone())),
-        held(&with_token(1)),
+        held(
+            bench,
+            &pool_options(1).connect_lazy_with(with_password.clone()),
+        ),
+        held(bench, &with_token(1)),
     );
 
     let rounds = |n: usize| (n / scale).max(2);

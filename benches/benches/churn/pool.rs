@@ -50,8 +50,8 @@ pub(crate) struct Pools {
     sqlx_token: postgres_entra_sqlx::EntraPgPool,
     /// One connection of each sqlx strategy, held: sqlx's own TLS to the server, and the
     /// adapter's relay (a Unix socket to this process, its TLS to the server).
-    sqlx_static_held: tokio::sync::Mutex<sqlx::pool::PoolConnection<sqlx::Postgres>>,
-    sqlx_token_held: tokio::sync::Mutex<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+    sqlx_static_held: Held,
+    sqlx_token_held: Held,
     diesel_static: DeadpoolPool,
     diesel_token: DeadpoolPool,
     _bb8_observed: PoolObservation,
@@ -136,10 +136,21 @@ pub(crate) async fn checkout_sqlx(pool: &sqlx::PgPool) {
         .unwrap();
 }
 
+/// A connection of `pool`, held for [`query_held`].
+pub(crate) type Held = tokio::sync::Mutex<sqlx::pool::PoolConnection<sqlx::Postgres>>;
+
+/// Takes a connection out of `pool` to hold: a connection checked out is never retired by the
+/// pool's age limit.
+pub(crate) fn held(bench: &Bench, pool: &sqlx::PgPool) -> Held {
+    let pool = pool.clone();
+    let connection = bench
+        .runtime
+        .block_on(async move { pool.acquire().await.unwrap() });
+    tokio::sync::Mutex::new(connection)
+}
+
 /// `select 1` on a connection held out of a sqlx pool: the cost of a query alone.
-pub(crate) async fn query_held(
-    connection: &tokio::sync::Mutex<sqlx::pool::PoolConnection<sqlx::Postgres>>,
-) {
+pub(crate) async fn query_held(connection: &Held) {
     let mut connection = connection.lock().await;
     sqlx::query("select 1")
         .execute(&mut **connection)
@@ -254,13 +265,7 @@ impl Pools {
             SessionOptions::new(),
         )
         .unwrap();
-        let held = |pool: &sqlx::PgPool| {
-            let pool = pool.clone();
-            let connection = bench
-                .runtime
-                .block_on(async move { pool.acquire().await.unwrap() });
-            tokio::sync::Mutex::new(connection)
-        };
+        let held = |pool: &sqlx::PgPool| held(bench, pool);
         let (sqlx_static_held, sqlx_token_held) = (
             held(
                 &sqlx_pool().connect_lazy_with(
