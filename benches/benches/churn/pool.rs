@@ -265,9 +265,9 @@ impl Pools {
             SessionOptions::new(),
         )
         .unwrap();
-        let held = |pool: &sqlx::PgPool| held(bench, pool);
         let (sqlx_static_held, sqlx_token_held) = (
             held(
+                bench,
                 &sqlx_pool().connect_lazy_with(
                     sqlx_options()
                         .username(STATIC_ROLE)
@@ -275,6 +275,7 @@ impl Pools {
                 ),
             ),
             held(
+                bench,
                 &postgres_entra_sqlx::connect_lazy_with(
                     sqlx_options().username(""),
                     sqlx::postgres::PgPoolOptions::new().max_connections(1),
